@@ -1,0 +1,3 @@
+"""Root conftest: kept thin; fixtures live in `fixtures/`."""
+
+pytest_plugins = ["fixtures.sessions"]

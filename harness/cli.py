@@ -1,0 +1,113 @@
+"""`python -m harness train|evaluate`: argument parsing and one-line usage errors (exit 4)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+from harness.codi import ModelLoadError
+from harness.data import DataError
+
+USAGE_ERROR = 4
+
+
+def _train(args: argparse.Namespace) -> int:
+    from harness.training import TrainConfig, train
+
+    cfg = TrainConfig(
+        arch=args.arch,
+        out=args.out,
+        seed=args.seed,
+        data_seed=args.data_seed,
+        teacher_steps=args.teacher_steps,
+        codi_steps=args.codi_steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        distill_weight=args.distill_weight,
+        n_latent=args.n_latent,
+        threads=args.threads,
+    )
+    command = "python -m harness " + shlex.join(sys.argv[1:])
+    train(cfg, command=command)
+    card = json.loads((Path(args.out) / "card.json").read_text())
+    print(json.dumps(card["accuracy"], indent=2))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from harness.data import load_problems
+    from harness.evaluation import evaluate, mean_patch, thought_means
+    from harness.models import load
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    problems = load_problems(args.data, args.n)
+    codi = load(args.model, args.base)
+    patch = mean_patch(thought_means(codi, problems, args.batch_size)) if args.latent_patch == "mean" else None
+    result = evaluate(codi, problems, args.batch_size, patch, args.max_new_tokens, progress=not args.json)
+    summary = {"model": codi.name, "data": args.data, "latent_patch": args.latent_patch, **result.summary()}
+    if args.records:
+        with open(args.records, "w") as f:
+            for row in result.as_rows():
+                f.write(json.dumps(row) + "\n")
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"model {codi.name}  data {args.data}  latent patch {args.latent_patch}")
+        print(f"accuracy {result.accuracy:.1%} on {result.n} problems ({result.problems_per_second:.1f} problems/s)")
+        for steps, acc in result.accuracy_by_steps().items():
+            print(f"  {steps} step(s): {acc:.1%}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tr = sub.add_parser("train", help="train a tiny CODI model on synthetic arithmetic")
+    tr.add_argument("--arch", choices=["gpt2", "llama"], required=True)
+    tr.add_argument("--out", required=True, help="output directory (checkpoint + card.json)")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--data-seed", type=int, default=0)
+    tr.add_argument("--teacher-steps", type=int, default=2000, help="explicit-CoT warm-up steps")
+    tr.add_argument("--codi-steps", type=int, default=4000, help="joint CODI objective steps")
+    tr.add_argument("--batch-size", type=int, default=64)
+    tr.add_argument("--lr", type=float, default=2e-3)
+    tr.add_argument("--distill-weight", type=float, default=20.0)
+    tr.add_argument("--n-latent", type=int, default=6)
+    tr.add_argument("--threads", type=int, default=1)
+    tr.set_defaults(func=_train)
+
+    ev = sub.add_parser("evaluate", help="latent-mode accuracy of a CODI model")
+    ev.add_argument("--model", default="tiny-gpt2", help="tiny-gpt2, tiny-llama, codi-gpt2, codi-llama or a path")
+    ev.add_argument("--base", help="base model (HF id or directory) for hub-format checkpoints")
+    ev.add_argument("--data", default="synthetic", help="synthetic, gsm8k, a GSM8K-format .jsonl or a datasets id")
+    ev.add_argument("--n", type=int, help="first N problems (default: all)")
+    ev.add_argument("--latent-patch", choices=["none", "mean"], default="none")
+    ev.add_argument("--batch-size", type=int, default=128)
+    ev.add_argument("--max-new-tokens", type=int, default=256)
+    ev.add_argument("--threads", type=int, help="torch CPU threads")
+    ev.add_argument("--records", help="write per-problem records to this .jsonl")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.set_defaults(func=_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return USAGE_ERROR if e.code else 0
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return args.func(args)
+    except (ModelLoadError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return USAGE_ERROR

@@ -1,0 +1,233 @@
+"""The CODI module: a causal LM plus the projection `prj` that turns a final hidden state into
+the next continuous thought, and the loaders for our own and the published checkpoints.
+
+Special ids follow the reference implementation (zhenyi4/codi): pad = V, bot = V+1, eot = V+2,
+with V the base vocabulary size and the embeddings resized to V+3.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from harness.arch import ArchSpec, HeadGeometry, arch_of, backbone, head_geometry
+
+DEFAULT_N_LATENT = 6
+LORA_R, LORA_ALPHA = 128, 32
+HUB_WEIGHTS = "pytorch_model.bin"
+OWN_META = "codi.json"
+OWN_WEIGHTS = "model.safetensors"
+
+
+class ModelLoadError(ValueError):
+    """A model that cannot be loaded; the message names the path, id or key at fault."""
+
+
+def make_prj(d_model: int, dropout: float = 0.0) -> nn.Sequential:
+    """Dropout -> Linear -> GELU -> Linear -> LayerNorm, keys prj.1.*, prj.3.*, prj.ln.*."""
+    prj = nn.Sequential(nn.Dropout(dropout), nn.Linear(d_model, d_model), nn.GELU(), nn.Linear(d_model, d_model))
+    prj.add_module("ln", nn.LayerNorm(d_model))
+    return prj
+
+
+class CODIModel(nn.Module):
+    def __init__(
+        self,
+        lm: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        base_vocab_size: int,
+        n_latent: int = DEFAULT_N_LATENT,
+        name: str = "",
+        prj_dropout: float = 0.0,
+    ):
+        super().__init__()
+        assert lm.get_input_embeddings().num_embeddings == base_vocab_size + 3, (
+            "the embeddings must hold the base vocabulary plus pad, bot and eot"
+        )
+        self.lm = lm
+        self.prj = make_prj(lm.config.hidden_size, prj_dropout)
+        self.tokenizer = tokenizer
+        self.base_vocab_size = base_vocab_size
+        self.n_latent = n_latent
+        self.name = name
+        self.eos_id = tokenizer.eos_token_id
+
+    pad_id = property(lambda self: self.base_vocab_size)
+    bot_id = property(lambda self: self.base_vocab_size + 1)
+    eot_id = property(lambda self: self.base_vocab_size + 2)
+
+    @property
+    def arch(self) -> ArchSpec:
+        return arch_of(self.lm.config)
+
+    @property
+    def geometry(self) -> HeadGeometry:
+        return head_geometry(self.lm.config)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm.get_input_embeddings()(ids)  # [B, T] -> [B, T, d]
+
+    def step(
+        self,
+        attention_mask: torch.Tensor,  # [B, past + T]
+        position_ids: torch.Tensor,  # [B, T]
+        cache,
+        input_ids: torch.Tensor | None = None,  # [B, T]
+        inputs_embeds: torch.Tensor | None = None,  # [B, T, d]
+        output_hidden_states: bool = False,
+    ):
+        """One pass of the backbone over new tokens; returns its output (final-normed states)."""
+        return backbone(self.lm)(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+            output_hidden_states=output_hidden_states,
+        )
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm.get_output_embeddings()(hidden)  # [..., d] -> [..., V+3]
+
+    def fingerprint(self) -> str:
+        """Hash of every weight: the model part of a cache key."""
+        h = hashlib.sha256()
+        for key, value in sorted(self.state_dict().items()):
+            h.update(key.encode())
+            h.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+# --- our own checkpoint format ------------------------------------------------------------
+
+
+def save_codi(codi: CODIModel, directory: str | Path, card: dict | None = None) -> Path:
+    """A directory with model.safetensors (`lm.*`, `prj.*`), config, tokenizer and card."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_model(codi, str(directory / OWN_WEIGHTS))
+    codi.lm.config.save_pretrained(directory)
+    codi.tokenizer.save_pretrained(directory)
+    meta = {"base_vocab_size": codi.base_vocab_size, "n_latent": codi.n_latent, "model_type": codi.arch.model_type}
+    (directory / OWN_META).write_text(json.dumps(meta, indent=2) + "\n")
+    if card is not None:
+        (directory / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    return directory
+
+
+def load_own(directory: Path, name: str = "") -> CODIModel:
+    meta = json.loads((directory / OWN_META).read_text())
+    config = AutoConfig.from_pretrained(directory)
+    lm = AutoModelForCausalLM.from_config(config)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    codi = CODIModel(lm, tokenizer, meta["base_vocab_size"], meta["n_latent"], name=name or directory.name)
+    missing, unexpected = load_model(codi, str(directory / OWN_WEIGHTS), strict=False)
+    if missing or unexpected:
+        raise ModelLoadError(f"{directory}: checkpoint does not fit its config (first: {(missing or unexpected)[0]})")
+    return codi.eval()
+
+
+# --- the published hub format -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HubLayout:
+    """How the published checkpoints store the CODI module (`codi.` + peft keys, `prj.`)."""
+
+    lm_prefix: str = "codi."
+    prj_prefix: str = "prj."
+
+
+def wrap_lora(lm: PreTrainedModel) -> nn.Module:
+    """The peft wrapper the hub checkpoints were trained with (r=128, alpha=32)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=LORA_R,
+        lora_alpha=LORA_ALPHA,
+        lora_dropout=0.0,
+        target_modules=list(arch_of(lm.config).lora_targets),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(lm, config)
+
+
+def load_base(base: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A base LM and its tokenizer from an HF id or a local directory, resized to V+3."""
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(base)
+    except OSError as e:
+        raise ModelLoadError(
+            f"cannot load base model {base!r} ({str(e).splitlines()[0]}); with no network, pass a local "
+            "directory with --base"
+        ) from None
+    lm.resize_token_embeddings(lm.config.vocab_size + 3)
+    return lm, tokenizer
+
+
+def load_hub_format(weights: Path, base: str, n_latent: int = DEFAULT_N_LATENT, name: str = "") -> CODIModel:
+    """Load a hub-format `pytorch_model.bin` onto `base` and merge the LoRA into the weights."""
+    layout = HubLayout()
+    lm, tokenizer = load_base(base)
+    base_vocab = lm.config.vocab_size - 3
+    peft_lm = wrap_lora(lm)
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    lm_state = {k[len(layout.lm_prefix) :]: v for k, v in state.items() if k.startswith(layout.lm_prefix)}
+    prj_state = {k[len(layout.prj_prefix) :]: v for k, v in state.items() if k.startswith(layout.prj_prefix)}
+    other = sorted(set(state) - {layout.lm_prefix + k for k in lm_state} - {layout.prj_prefix + k for k in prj_state})
+    if other:
+        raise ModelLoadError(f"{weights}: unexpected key {other[0]!r} (not under 'codi.' or 'prj.')")
+    _check_fits(weights, peft_lm.state_dict(), lm_state, layout.lm_prefix)
+    peft_lm.load_state_dict(lm_state, strict=False)
+    merged = peft_lm.merge_and_unload()
+    codi = CODIModel(merged, tokenizer, base_vocab, n_latent, name=name or weights.parent.name)
+    _check_fits(weights, codi.prj.state_dict(), prj_state, layout.prj_prefix)
+    codi.prj.load_state_dict(prj_state)
+    return codi.eval()
+
+
+def _check_fits(source: Path, expected: dict, found: dict, prefix: str) -> None:
+    """Name the first key that is missing, unexpected or of the wrong shape."""
+    tied = {"base_model.model.lm_head.weight", "lm_head.weight"}
+    for key in sorted(found):
+        if key not in expected:
+            raise ModelLoadError(f"{source}: key {prefix + key!r} does not exist in the base model")
+        if tuple(found[key].shape) != tuple(expected[key].shape):
+            raise ModelLoadError(
+                f"{source}: key {prefix + key!r} has shape {tuple(found[key].shape)}, "
+                f"the base model expects {tuple(expected[key].shape)}"
+            )
+    missing = sorted(set(expected) - set(found) - tied)
+    if missing:
+        raise ModelLoadError(f"{source}: key {prefix + missing[0]!r} is missing from the checkpoint")
+
+
+def fetch_hub_weights(repo_id: str) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, HUB_WEIGHTS))
+    except Exception as e:  # noqa: BLE001 - any hub failure becomes one usage line
+        raise ModelLoadError(
+            f"cannot fetch {repo_id!r} from the hub ({type(e).__name__}); with no network, download "
+            f"it elsewhere and pass the local directory with --model PATH"
+        ) from None

@@ -1,0 +1,128 @@
+"""Evaluation: per-problem records (prediction, correctness, confidence) from batched inference."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+from harness.codi import CODIModel
+from harness.data import Problem, is_correct, parse_answer
+from harness.runtime import LatentPatch, decode_ids, decode_texts, encode_questions, generate, run_latents
+
+DEFAULT_BATCH_SIZE = 128
+_LAST_NUMBER = re.compile(r"-?\d[\d,]*\.?\d*(?!.*\d)", re.S)
+
+
+@dataclass(frozen=True)
+class Record:
+    id: str
+    gold: float
+    text: str
+    pred: float | None
+    correct: bool
+    confidence: float  # probability of the first token of the predicted number
+    n_steps: int
+
+
+@dataclass
+class EvalResult:
+    records: list[Record]
+    seconds: float
+
+    @property
+    def n(self) -> int:
+        return len(self.records)
+
+    @property
+    def accuracy(self) -> float:
+        return sum(r.correct for r in self.records) / max(1, self.n)
+
+    @property
+    def problems_per_second(self) -> float:
+        return self.n / self.seconds if self.seconds > 0 else float("inf")
+
+    def accuracy_by_steps(self) -> dict[int, float]:
+        groups: dict[int, list[bool]] = defaultdict(list)
+        for r in self.records:
+            groups[r.n_steps].append(r.correct)
+        return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
+
+    def summary(self) -> dict:
+        return {
+            "n": self.n,
+            "accuracy": self.accuracy,
+            "accuracy_by_steps": {str(k): v for k, v in self.accuracy_by_steps().items()},
+            "seconds": round(self.seconds, 3),
+            "problems_per_second": round(self.problems_per_second, 2),
+        }
+
+    def as_rows(self) -> list[dict]:
+        return [asdict(r) for r in self.records]
+
+
+def answer_token_index(codi: CODIModel, ids: list[int]) -> int | None:
+    """Index in `ids` of the token where the last number of the decoded text starts."""
+    text = decode_ids(codi, ids)
+    match = _LAST_NUMBER.search(text)
+    if match is None:
+        return None
+    lo, hi = 0, len(ids) - 1  # smallest j with len(decode(ids[: j + 1])) > match.start()
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(decode_ids(codi, ids[: mid + 1])) > match.start():
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def _batches(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@torch.no_grad()
+def evaluate(
+    codi: CODIModel,
+    problems: list[Problem],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    patch: LatentPatch | None = None,
+    max_new_tokens: int = 256,
+    progress: bool = True,
+) -> EvalResult:
+    """Latent-mode greedy evaluation, `batch_size` problems per batched pass."""
+    records: list[Record] = []
+    start = time.perf_counter()
+    bar = tqdm(total=len(problems), desc=f"evaluate {codi.name}", unit="problem", disable=not progress)
+    for chunk in _batches(problems, batch_size):
+        state = run_latents(codi, encode_questions(codi, [p.question for p in chunk]), patch)
+        gen = generate(codi, state, max_new_tokens)
+        for row, (p, text) in enumerate(zip(chunk, decode_texts(codi, gen))):
+            pred = parse_answer(text)
+            ids = gen.tokens[row, : gen.lengths[row]].tolist()
+            j = answer_token_index(codi, ids)
+            confidence = float(gen.token_probs[row, j]) if j is not None else 0.0
+            records.append(Record(p.id, p.answer, text, pred, is_correct(pred, p.answer), confidence, p.n_steps))
+        bar.update(len(chunk))
+    bar.close()
+    return EvalResult(records, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def thought_means(codi: CODIModel, problems: list[Problem], batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor:
+    """Mean of each continuous thought over `problems`: [K, d]."""
+    total = None
+    for chunk in _batches(problems, batch_size):
+        thoughts = run_latents(codi, encode_questions(codi, [p.question for p in chunk])).thoughts  # [B, K, d]
+        total = thoughts.sum(0) if total is None else total + thoughts.sum(0)
+    return total / len(problems)
+
+
+def mean_patch(means: torch.Tensor) -> LatentPatch:
+    """Replace CT_i by its mean over a reference set (the first causal check of the latents)."""
+    return lambda i, thought: means[i].to(thought.dtype).expand_as(thought)

@@ -1,0 +1,130 @@
+"""Batched CODI inference: question + bot, K continuous thoughts fed back through a KV cache,
+then eot and greedy decoding.
+
+Left padding with an attention mask that grows with every latent and decoding step and
+explicit position ids (cumsum of the mask - 1), so a problem's result does not depend on the
+other problems in its batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from harness.codi import CODIModel
+from harness.positions import PositionMap
+
+# (thought index i, CT_i as computed [B, d]) -> CT_i to feed [B, d]
+LatentPatch = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T] left-padded question tokens, then bot
+    attention_mask: torch.Tensor  # [B, T] 0 on padding
+    question_lengths: list[int]  # tokens per question (with the tokenizer's default specials)
+
+    def positions(self, n_latent: int) -> PositionMap:
+        return PositionMap(self.input_ids.shape[1], n_latent, tuple(self.question_lengths))
+
+
+def encode_questions(codi: CODIModel, questions: list[str]) -> Batch:
+    token_lists = [codi.tokenizer(q)["input_ids"] for q in questions]
+    width = max(len(t) for t in token_lists) + 1
+    input_ids = torch.full((len(questions), width), codi.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(questions), width), dtype=torch.long)
+    for row, tokens in enumerate(token_lists):
+        ids = tokens + [codi.bot_id]
+        input_ids[row, width - len(ids) :] = torch.tensor(ids)
+        mask[row, width - len(ids) :] = 1
+    return Batch(input_ids.to(codi.device), mask.to(codi.device), [len(t) for t in token_lists])
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Positions that ignore left padding: [B, T] mask -> [B, T] ids."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@dataclass
+class LatentState:
+    """Everything after the K-th thought: the cache and mask to continue from."""
+
+    cache: DynamicCache
+    attention_mask: torch.Tensor  # [B, T + K]
+    next_position: torch.Tensor  # [B] position id of the next token
+    thoughts: torch.Tensor  # [B, K, d] CT0..CT{K-1} as fed to the model
+    bot_hidden: torch.Tensor  # [B, d] final-normed state at bot (CT0 = prj of it, unpatched)
+
+
+def _ones(mask: torch.Tensor, n: int = 1) -> torch.Tensor:
+    return torch.cat([mask, mask.new_ones(mask.shape[0], n)], dim=1)
+
+
+def run_latents(codi: CODIModel, batch: Batch, patch: LatentPatch | None = None) -> LatentState:
+    """Question + bot in one pass, then K single-position passes over the continuous thoughts."""
+    mask = batch.attention_mask
+    pos = position_ids(mask)
+    cache = DynamicCache(config=codi.lm.config)
+    out = codi.step(mask, pos, cache, input_ids=batch.input_ids)
+    hidden = out.last_hidden_state[:, -1]  # [B, d]
+    bot_hidden = hidden
+    next_pos = pos[:, -1] + 1  # [B]
+    thoughts = []
+    for i in range(codi.n_latent):
+        thought = codi.prj(hidden)  # [B, d]
+        if patch is not None:
+            thought = patch(i, thought)
+        thoughts.append(thought)
+        mask = _ones(mask)
+        out = codi.step(mask, next_pos[:, None], cache, inputs_embeds=thought[:, None])
+        hidden = out.last_hidden_state[:, -1]
+        next_pos = next_pos + 1
+    return LatentState(cache, mask, next_pos, torch.stack(thoughts, dim=1), bot_hidden)
+
+
+@dataclass
+class Generation:
+    tokens: torch.Tensor  # [B, N] greedy tokens after eot (eos included, then eos padding)
+    token_probs: torch.Tensor  # [B, N] probability of each greedy token
+    lengths: torch.Tensor  # [B] tokens up to and including eos
+    first_logits: torch.Tensor  # [B, V+3] logits at eot (predicting the first answer token)
+
+
+def generate(codi: CODIModel, state: LatentState, max_new_tokens: int = 256) -> Generation:
+    """Feed eot, then greedy-decode until every row has produced eos (or the limit)."""
+    batch_size = state.thoughts.shape[0]
+    eot = torch.full((batch_size, 1), codi.eot_id, dtype=torch.long, device=codi.device)
+    mask, next_pos, cache = _ones(state.attention_mask), state.next_position.clone(), state.cache
+    out = codi.step(mask, next_pos[:, None], cache, input_ids=eot)
+    logits = codi.logits(out.last_hidden_state[:, -1])  # [B, V+3]
+    first_logits = logits
+    done = torch.zeros(batch_size, dtype=torch.bool, device=codi.device)
+    lengths = torch.full((batch_size,), max_new_tokens, dtype=torch.long, device=codi.device)
+    tokens, probs = [], []
+    for t in range(max_new_tokens):
+        p = logits.float().softmax(-1)
+        prob, token = p.max(-1)  # [B], [B]
+        token = torch.where(done, torch.full_like(token, codi.eos_id), token)
+        tokens.append(token)
+        probs.append(prob)
+        newly_done = ~done & (token == codi.eos_id)
+        lengths[newly_done] = t + 1
+        done |= newly_done
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        mask, next_pos = _ones(mask), next_pos + 1
+        out = codi.step(mask, next_pos[:, None], cache, input_ids=token[:, None])
+        logits = codi.logits(out.last_hidden_state[:, -1])
+    return Generation(torch.stack(tokens, 1), torch.stack(probs, 1), lengths, first_logits)
+
+
+def decode_ids(codi: CODIModel, ids: list[int]) -> str:
+    """Text of generated ids, dropping CODI's pad/bot/eot (not in the base tokenizer)."""
+    return codi.tokenizer.decode([t for t in ids if t < codi.base_vocab_size], skip_special_tokens=True)
+
+
+def decode_texts(codi: CODIModel, gen: Generation) -> list[str]:
+    return [decode_ids(codi, gen.tokens[row, : gen.lengths[row]].tolist()) for row in range(gen.tokens.shape[0])]

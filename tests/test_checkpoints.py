@@ -1,0 +1,133 @@
+"""Hub-format checkpoints: built here in the exact published layout, loaded by the real loader."""
+
+import pytest
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from harness import models
+from harness.codi import CODIModel, ModelLoadError, load_base, make_prj, save_codi, wrap_lora
+from harness.data import synthetic_split
+from harness.runtime import encode_questions, generate, run_latents
+from harness.tokenizer import build_word_tokenizer
+
+BASES = {
+    "gpt2": lambda v: GPT2LMHeadModel(GPT2Config(vocab_size=v, n_embd=64, n_layer=2, n_head=4, n_positions=128)),
+    "llama": lambda v: LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=v,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+        )
+    ),
+}
+
+
+class HubCODI(nn.Module):
+    """The module whose state dict the published checkpoints are: `codi` (peft) and `prj`."""
+
+    def __init__(self, base_dir):
+        super().__init__()
+        lm, _ = load_base(str(base_dir))
+        self.codi = wrap_lora(lm)
+        self.prj = make_prj(lm.config.hidden_size)
+
+
+def _randomize_lora(module: nn.Module) -> None:
+    """peft initialises lora_B to zero (a no-op); make the adapters matter."""
+    g = torch.Generator().manual_seed(1)
+    for name, p in module.named_parameters():
+        if "lora_" in name or name.startswith("prj."):
+            p.data = torch.randn(p.shape, generator=g) * 0.05
+
+
+@pytest.fixture(scope="module", params=sorted(BASES))
+def hub_checkpoint(request, tmp_path_factory):
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp(request.param)
+    tokenizer = build_word_tokenizer()
+    base = BASES[request.param](len(tokenizer))
+    base.config.eos_token_id = tokenizer.eos_token_id
+    base.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    ref = HubCODI(root / "base")
+    _randomize_lora(ref)
+    (root / "ckpt").mkdir()
+    torch.save(ref.state_dict(), root / "ckpt" / "pytorch_model.bin")
+    return root, ref.eval(), tokenizer
+
+
+def test_checkpoint_uses_the_published_key_layout(hub_checkpoint):
+    root, _, _ = hub_checkpoint
+    keys = torch.load(root / "ckpt" / "pytorch_model.bin", weights_only=True).keys()
+    assert all(k.startswith(("codi.base_model.model.", "prj.")) for k in keys)
+    assert any(k.endswith(".base_layer.weight") for k in keys)
+    assert any(".lora_A.default." in k for k in keys) and any(".lora_B.default." in k for k in keys)
+    assert {"prj.1.weight", "prj.3.weight", "prj.ln.weight"} <= set(keys)
+
+
+@torch.no_grad()
+def test_merged_load_equals_the_unmerged_module(hub_checkpoint):
+    root, ref, tokenizer = hub_checkpoint
+    loaded = models.load(str(root / "ckpt"), base=str(root / "base"))
+    assert not any("lora" in name for name, _ in loaded.named_parameters()), "LoRA is merged at load"
+    assert loaded.base_vocab_size == len(tokenizer) and loaded.bot_id == len(tokenizer) + 1
+    unmerged = CODIModel(ref.codi.base_model.model, tokenizer, len(tokenizer))
+    unmerged.prj.load_state_dict(ref.prj.state_dict())
+    problems = synthetic_split("test")[:8]
+    states, gens = [], []
+    for codi in (unmerged.eval(), loaded):
+        batch = encode_questions(codi, [p.question for p in problems])
+        states.append(run_latents(codi, batch))
+        gens.append(generate(codi, states[-1], max_new_tokens=1))
+    torch.testing.assert_close(states[1].thoughts, states[0].thoughts, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gens[1].first_logits, gens[0].first_logits, atol=1e-4, rtol=1e-4)
+    # the equality is not trivial: without the adapters the same base gives other logits
+    base_lm, _ = load_base(str(root / "base"))
+    bare = CODIModel(base_lm, tokenizer, len(tokenizer)).eval()
+    bare.prj.load_state_dict(ref.prj.state_dict())
+    bare_gen = generate(bare, run_latents(bare, encode_questions(bare, [p.question for p in problems])), 1)
+    assert (bare_gen.first_logits - gens[0].first_logits).abs().max() > 1e-2
+
+
+def test_loader_names_the_first_mismatching_key(hub_checkpoint, tmp_path):
+    root, ref, _ = hub_checkpoint
+    state = ref.state_dict()
+    key = next(k for k in sorted(state) if k.endswith("lora_A.default.weight"))
+    state[key] = torch.zeros(3, 3)
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match=f"key '{key}' has shape"):
+        models.load(str(tmp_path), base=str(root / "base"))
+    state = ref.state_dict()
+    del state[key]
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match=f"key '{key}' is missing"):
+        models.load(str(tmp_path), base=str(root / "base"))
+
+
+def test_loader_errors_are_one_line(hub_checkpoint, tmp_path):
+    root, _, _ = hub_checkpoint
+    cases = [
+        (lambda: models.load(str(tmp_path / "nope")), "not found"),
+        (lambda: models.load(str(tmp_path)), "not a CODI checkpoint"),
+        (lambda: models.load(str(root / "ckpt")), "pass its base model with --base"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ModelLoadError, match=message) as info:
+            call()
+        assert "\n" not in str(info.value)
+
+
+@torch.no_grad()
+def test_own_format_round_trip(random_codi, tmp_path):
+    save_codi(random_codi, tmp_path / "m", card={"name": "x"})
+    loaded = models.load(str(tmp_path / "m"))
+    problems = synthetic_split("test")[:4]
+    a = run_latents(random_codi, encode_questions(random_codi, [p.question for p in problems])).thoughts
+    b = run_latents(loaded, encode_questions(loaded, [p.question for p in problems])).thoughts
+    assert torch.equal(a, b)
+    assert loaded.fingerprint() == random_codi.fingerprint()

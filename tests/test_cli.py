@@ -1,0 +1,71 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from harness.cli import USAGE_ERROR, main
+from harness.codi import save_codi
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    import torch
+
+    from harness.training import build_tiny
+
+    torch.manual_seed(0)
+    return save_codi(build_tiny("gpt2").eval(), tmp_path_factory.mktemp("m") / "random-gpt2")
+
+
+def test_evaluate_prints_one_json_object(saved_model, capsys, tmp_path):
+    records = tmp_path / "records.jsonl"
+    args = ["evaluate", "--model", str(saved_model), "--n", "6", "--max-new-tokens", "4", "--json"]
+    assert main([*args, "--records", str(records)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n"] == 6 and 0.0 <= out["accuracy"] <= 1.0 and out["problems_per_second"] > 0
+    rows = [json.loads(line) for line in records.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [f"test-{i}" for i in range(6)]
+    assert out["accuracy"] == sum(r["correct"] for r in rows) / 6
+    assert main([*args, "--latent-patch", "mean"]) == 0
+    assert json.loads(capsys.readouterr().out)["latent_patch"] == "mean"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "/no/such/dir"], "not found"),
+        (["--n", "0"], "must be positive"),
+        (["--n", "2000"], "larger than the data set (1000 problems"),
+        (["--data", "/no/such.jsonl"], "data file not found"),
+        (["--latent-patch", "median"], "invalid choice"),
+    ],
+)
+def test_usage_errors_are_one_line_with_status_4(args, message, capsys):
+    assert main(["evaluate", *args]) == USAGE_ERROR
+    err = capsys.readouterr().err.strip()
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_module_entry_point(saved_model):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "harness",
+            "evaluate",
+            "--model",
+            str(saved_model),
+            "--n",
+            "2",
+            "--max-new-tokens",
+            "2",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["n"] == 2
