@@ -104,9 +104,14 @@ def load_gsm8k() -> list[Problem]:
 
 def load_hf_dataset(name: str, split: str = "test") -> list[Problem]:
     """A `datasets` id in GSM8K format (needs the dataset locally cached or a network)."""
-    import datasets  # optional: only for hub ids
-
-    rows = datasets.load_dataset(name, "main", split=split)
+    try:
+        import datasets  # optional: only for hub ids
+    except ImportError:
+        raise DataError(f"{name!r} is not a file; loading a datasets id needs `pip install datasets`") from None
+    try:
+        rows = datasets.load_dataset(name, "main", split=split)
+    except Exception as e:  # noqa: BLE001 - any hub failure becomes one usage line
+        raise DataError(f"cannot load dataset {name!r} ({type(e).__name__}); pass a local .jsonl path") from None
     return [_gsm8k_problem(row, i, f"{name}[{i}]") for i, row in enumerate(rows)]
 
 
