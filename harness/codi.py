@@ -64,6 +64,7 @@ class CODIModel(nn.Module):
         self.n_latent = n_latent
         self.name = name
         self.eos_id = tokenizer.eos_token_id
+        self.offset = 0  # sequence index of the first token of the current pass (see `step`)
 
     pad_id = property(lambda self: self.base_vocab_size)
     bot_id = property(lambda self: self.base_vocab_size + 1)
@@ -93,7 +94,12 @@ class CODIModel(nn.Module):
         inputs_embeds: torch.Tensor | None = None,  # [B, T, d]
         output_hidden_states: bool = False,
     ):
-        """One pass of the backbone over new tokens; returns its output (final-normed states)."""
+        """One pass of the backbone over new tokens; returns its output (final-normed states).
+
+        `self.offset` is the sequence index of the first new token while the pass runs:
+        interventions map their named positions to this pass's tokens with it.
+        """
+        self.offset = cache.get_seq_length() if cache is not None else 0
         return backbone(self.lm)(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,

@@ -1,0 +1,151 @@
+"""Interventions on raw HF modules: context managers that install hooks and always remove them.
+
+A head's output is its slice of the *input* of the attention output projection (`c_proj` in
+GPT-2, `o_proj` in LLaMA): the projection mixes heads, so editing its output cannot isolate
+one. Positions are sequence indices from `harness.positions.PositionMap`; a hook finds the
+tokens of the current pass through `CODIModel.offset`.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from harness.arch import attn_out_proj
+from harness.codi import CODIModel
+
+_HEAD = re.compile(r"L(\d+)H(\d+)")
+MODES = ("zero", "mean", "resample")
+
+
+class InterventionError(ValueError):
+    """A bad head, position or mode; the message names it."""
+
+
+@dataclass(frozen=True, order=True)
+class Head:
+    layer: int
+    head: int
+
+    def __str__(self) -> str:
+        return f"L{self.layer}H{self.head}"
+
+
+def parse_heads(spec: str, codi: CODIModel) -> list[Head]:
+    """'L4H5,L5H30' -> heads, checked against the model's geometry (range, duplicates)."""
+    geo = codi.geometry
+    heads = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        match = _HEAD.fullmatch(item)
+        if not match:
+            raise InterventionError(f"malformed head {item!r}; write heads as L<layer>H<head>, e.g. L4H5")
+        head = Head(int(match.group(1)), int(match.group(2)))
+        if head.layer >= geo.n_layers or head.head >= geo.n_heads:
+            raise InterventionError(
+                f"head {item} out of range for {codi.name}: {geo.n_layers} layers x {geo.n_heads} heads"
+            )
+        if head in heads:
+            raise InterventionError(f"head {item} given twice")
+        heads.append(head)
+    if not heads:
+        raise InterventionError(f"no heads in {spec!r}")
+    return heads
+
+
+class _HeadHooks(ABC):
+    """Shared machinery: a forward pre-hook on each touched layer's output projection."""
+
+    def __init__(self, codi: CODIModel, heads: Sequence[Head], positions: Sequence[int]):
+        self.codi, self.heads, self.positions = codi, list(heads), list(positions)
+        geo = codi.geometry
+        self.n_heads, self.head_dim = geo.n_heads, geo.head_dim
+        self._handles: list = []
+
+    def __enter__(self):
+        for layer in sorted({h.layer for h in self.heads}):
+            module = attn_out_proj(self.codi.lm, layer)
+            self._handles.append(module.register_forward_pre_hook(self._make_hook(layer)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _local(self, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices into this pass's tokens, indices into self.positions) of the targets."""
+        offset = self.codi.offset
+        pairs = [(p - offset, k) for k, p in enumerate(self.positions) if offset <= p < offset + n_tokens]
+        local = torch.tensor([a for a, _ in pairs], dtype=torch.long)
+        which = torch.tensor([b for _, b in pairs], dtype=torch.long)
+        return local, which
+
+    def _make_hook(self, layer: int):
+        layer_heads = [h for h in self.heads if h.layer == layer]
+
+        def hook(module, args):
+            x = args[0]  # [B, T, n_heads * head_dim]
+            local, which = self._local(x.shape[1])
+            if local.numel() == 0:
+                return None
+            return self._on_heads(x, layer_heads, local.to(x.device), which.to(x.device), args)
+
+        return hook
+
+    @abstractmethod
+    def _on_heads(self, x, heads, local, which, args):
+        """What to do with the targeted head slices; returns new hook args or None."""
+
+    def _view(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], x.shape[1], self.n_heads, self.head_dim)  # [B, T, H, hd]
+
+
+class HeadAblation(_HeadHooks):
+    """Replace heads' outputs at `positions`: zero, a mean (per head and position), or
+    resampled values (per problem, e.g. another problem's activations)."""
+
+    def __init__(
+        self,
+        codi: CODIModel,
+        heads: Sequence[Head],
+        positions: Sequence[int],
+        mode: str = "zero",
+        values: dict[Head, torch.Tensor] | None = None,
+    ):
+        super().__init__(codi, heads, positions)
+        if mode not in MODES:
+            raise InterventionError(f"unknown ablation mode {mode!r}; choose from {', '.join(MODES)}")
+        if mode != "zero" and (values is None or set(values) < set(self.heads)):
+            raise InterventionError(f"mode {mode!r} needs values for every head")
+        self.mode, self.values = mode, values or {}
+
+    def _on_heads(self, x, heads, local, which, args):
+        x = x.clone()
+        view = self._view(x)
+        for head in heads:
+            if self.mode == "zero":
+                view[:, local, head.head] = 0.0
+            elif self.mode == "mean":  # values[head]: [n_positions, hd]
+                view[:, local, head.head] = self.values[head][which].to(x.dtype)
+            else:  # resample, values[head]: [B, n_positions, hd]
+                view[:, local, head.head] = self.values[head][:, which].to(x.dtype)
+        return (x, *args[1:])
+
+
+class HeadCapture(_HeadHooks):
+    """Record heads' outputs at `positions`: `.values[head]` is [B, n_positions, hd]."""
+
+    def __init__(self, codi: CODIModel, heads: Sequence[Head], positions: Sequence[int]):
+        super().__init__(codi, heads, positions)
+        self.values: dict[Head, torch.Tensor] = {}
+
+    def _on_heads(self, x, heads, local, which, args):
+        view = self._view(x)
+        for head in heads:
+            store = self.values.setdefault(head, x.new_zeros(x.shape[0], len(self.positions), self.head_dim))
+            store[:, which] = view[:, local, head.head].detach()
+        return None

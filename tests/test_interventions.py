@@ -1,0 +1,109 @@
+"""Head interventions against independent reference computations."""
+
+import pytest
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+from harness.data import synthetic_split
+from harness.interventions import Head, HeadAblation, HeadCapture, InterventionError, parse_heads
+from harness.runtime import encode_questions, generate, run_latents
+
+PROBLEMS = synthetic_split("test")[:6]
+
+
+def _run(codi):
+    batch = encode_questions(codi, [p.question for p in PROBLEMS])
+    state = run_latents(codi, batch)
+    return state.thoughts, generate(codi, state, max_new_tokens=1).first_logits, batch.positions(codi.n_latent)
+
+
+def _hooks(codi) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in codi.modules())
+
+
+@torch.no_grad()
+def test_no_op_ablation_reproduces_the_baseline_bit_for_bit(random_codi):
+    thoughts, logits, pmap = _run(random_codi)
+    for heads, positions in [([Head(0, 1)], []), ([Head(1, 2)], [10_000])]:
+        with HeadAblation(random_codi, heads, positions):
+            t2, l2, _ = _run(random_codi)
+        assert torch.equal(t2, thoughts) and torch.equal(l2, logits)
+    with HeadCapture(random_codi, [Head(1, 3)], pmap.latent) as cap:
+        _run(random_codi)
+    own = cap.values
+    with HeadAblation(random_codi, [Head(1, 3)], pmap.latent, mode="resample", values=own):
+        t3, l3, _ = _run(random_codi)
+    assert torch.equal(t3, thoughts) and torch.equal(l3, logits)
+
+
+_ZEROED: dict = {}
+
+
+def _zeroing_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Eager attention with the chosen heads' probabilities zeroed at the chosen queries."""
+    heads, positions, codi = _ZEROED["heads"], _ZEROED["positions"], _ZEROED["codi"]
+    module.num_key_value_groups = getattr(module, "num_key_value_groups", 1)
+    out, weights = eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout)
+    probs = weights.clone()
+    local = [p - codi.offset for p in positions if 0 <= p - codi.offset < query.shape[2]]
+    for h in heads:
+        if h.layer == module.layer_idx and local:
+            probs[:, h.head, local] = 0.0
+    v = value.repeat_interleave(module.num_key_value_groups, dim=1)
+    return torch.matmul(probs, v).transpose(1, 2).contiguous(), probs
+
+
+@torch.no_grad()
+def test_zero_ablation_equals_zeroing_the_heads_attention_weights(random_codi):
+    heads = [Head(1, 2), Head(2, 5), Head(2, 0)]
+    _, _, pmap = _run(random_codi)
+    with HeadAblation(random_codi, heads, pmap.latent):
+        thoughts, logits, _ = _run(random_codi)
+    AttentionInterface.register("zero_heads_reference", _zeroing_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("zero_heads_reference", ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+    _ZEROED.update(heads=heads, positions=pmap.latent, codi=random_codi)
+    previous = random_codi.lm.config._attn_implementation
+    random_codi.lm.set_attn_implementation("zero_heads_reference")
+    try:
+        ref_thoughts, ref_logits, _ = _run(random_codi)
+    finally:
+        random_codi.lm.set_attn_implementation(previous)
+    baseline, _, _ = _run(random_codi)
+    assert (ref_thoughts - baseline).abs().max() > 1e-4, "the ablation must change something"
+    torch.testing.assert_close(thoughts, ref_thoughts, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_ablation_changes_nothing_before_the_chosen_positions(random_codi):
+    baseline, _, pmap = _run(random_codi)
+    with HeadAblation(random_codi, [Head(0, 0), Head(3, 4)], [pmap.index("CT3")]):
+        thoughts, _, _ = _run(random_codi)
+    # CT0..CT3 are computed before the pass at CT3: untouched; CT4 reads the edited state
+    assert torch.equal(thoughts[:, :4], baseline[:, :4])
+    assert (thoughts[:, 4:] - baseline[:, 4:]).abs().max() > 0
+
+
+def test_hooks_are_removed_even_on_error(random_codi):
+    before = _hooks(random_codi)
+    with pytest.raises(RuntimeError, match="boom"):
+        with HeadAblation(random_codi, [Head(0, 0), Head(1, 1)], [5]):
+            assert _hooks(random_codi) == before + 2
+            raise RuntimeError("boom")
+    assert _hooks(random_codi) == before
+
+
+def test_parse_heads_validates(random_codi):
+    assert parse_heads("L1H2, L0H7", random_codi) == [Head(1, 2), Head(0, 7)]
+    for spec, message in [
+        ("L99H0", "out of range"),
+        ("L1H1,L1H1", "given twice"),
+        ("layer1", "malformed"),
+        ("", "no heads"),
+    ]:
+        with pytest.raises(InterventionError, match=message):
+            parse_heads(spec, random_codi)
+    with pytest.raises(InterventionError, match="needs values"):
+        HeadAblation(random_codi, [Head(0, 0)], [1], mode="mean")
