@@ -1,0 +1,89 @@
+"""Attention override and recording: normalised, causal, masked, and restored afterwards."""
+
+import pytest
+import torch
+
+from harness.attention import AttentionOverride, AttentionRecord
+from harness.data import synthetic_split
+from harness.interventions import Head, InterventionError
+from harness.runtime import encode_questions, generate, run_latents
+
+PROBLEMS = synthetic_split("test")[:5]
+
+
+def _run(codi):
+    batch = encode_questions(codi, [p.question for p in PROBLEMS])
+    state = run_latents(codi, batch)
+    return state.thoughts, generate(codi, state, max_new_tokens=1).first_logits, batch
+
+
+@pytest.mark.parametrize("pattern", ["hub", "uniform", "sequential", "reroute"])
+def test_rewritten_rows_are_normalised_causal_and_masked(random_codi, pattern):
+    _, _, batch = _run(random_codi)
+    pmap = batch.positions(random_codi.n_latent)
+    n_heads = random_codi.geometry.n_heads
+    seen, offsets = [], []
+    override = AttentionOverride(random_codi, [Head(1, 0), Head(1, 3)], pattern, pmap, hub="CT1", target="CT2")
+    original_apply = override.apply
+
+    def checking_apply(layer, probs, visible):
+        out = original_apply(layer, probs, visible)
+        seen.append((probs.clone(), out.clone(), visible.expand(probs.shape[0], 1, -1, -1)[:, 0].clone()))
+        offsets.append(random_codi.offset)
+        return out
+
+    override.apply = checking_apply
+    with override, torch.no_grad():
+        _run(random_codi)
+    assert seen, "the override ran"
+    for before, after, visible in seen:
+        torch.testing.assert_close(after.sum(-1), torch.ones_like(after.sum(-1)))
+        real = visible.any(-1, keepdim=True)  # padding queries see nothing; their rows are unused
+        masked = (~visible & real)[:, None].expand_as(after)
+        assert (after.masked_select(masked) == 0).all(), "no mass on masked keys"
+        untouched = [h for h in range(n_heads) if h not in (0, 3)]
+        assert torch.equal(after[:, untouched], before[:, untouched])
+    if pattern == "hub":
+        # queries after CT1 put at least 80% on it; CT0 and CT1 themselves keep their pattern
+        hub = pmap.index("CT1")
+        after_hub = [(out, off) for (_, out, _), off in zip(seen, offsets) if off > hub and off in pmap.latent]
+        assert after_hub and all((out[:, [0, 3], 0, hub] >= 0.8).all() for out, _ in after_hub)
+        assert override.kept_own > 0
+
+
+@torch.no_grad()
+def test_override_changes_outputs_and_is_removed(random_codi):
+    thoughts, logits, batch = _run(random_codi)
+    pmap = batch.positions(random_codi.n_latent)
+    implementation = random_codi.lm.config._attn_implementation
+    heads = [Head(layer, h) for layer in range(random_codi.geometry.n_layers) for h in range(4)]
+    with AttentionOverride(random_codi, heads, "uniform", pmap):
+        t2, _, _ = _run(random_codi)
+    assert (t2 - thoughts).abs().max() > 1e-3
+    assert random_codi.lm.config._attn_implementation == implementation
+    assert not any(hasattr(m, "codi_plan") for m in random_codi.modules())
+    t3, l3, _ = _run(random_codi)
+    assert torch.equal(t3, thoughts) and torch.equal(l3, logits)
+
+
+@torch.no_grad()
+def test_recording_does_not_change_outputs_and_rows_sum_to_one(random_codi):
+    thoughts, logits, batch = _run(random_codi)
+    pmap = batch.positions(random_codi.n_latent)
+    with AttentionRecord(random_codi, pmap) as rec:
+        t2, l2, _ = _run(random_codi)
+    torch.testing.assert_close(t2, thoughts, atol=1e-5, rtol=1e-4)  # eager math vs SDPA
+    torch.testing.assert_close(l2, logits, atol=1e-4, rtol=1e-4)
+    total = rec.latent.sum(-1) + rec.bot + rec.question  # every key a latent query can see
+    torch.testing.assert_close(total, torch.ones_like(total), atol=1e-5, rtol=1e-5)
+    k = random_codi.n_latent
+    assert (rec.latent[..., torch.triu_indices(k, k, 1)[0], torch.triu_indices(k, k, 1)[1]] == 0).all()
+
+
+def test_bad_patterns_are_rejected(random_codi):
+    _, _, batch = _run(random_codi)
+    pmap = batch.positions(random_codi.n_latent)
+    with pytest.raises(InterventionError, match="unknown attention pattern"):
+        AttentionOverride(random_codi, [Head(0, 0)], "diagonal", pmap)
+    with pytest.raises(InterventionError, match="needs a target"):
+        AttentionOverride(random_codi, [Head(0, 0)], "reroute", pmap)
