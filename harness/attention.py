@@ -134,7 +134,7 @@ class AttentionOverride(_AttentionPlan):
             new = torch.zeros_like(row)
             new[:, query - 1] = 1.0
             return new
-        if self.hub >= query or (self.target is not None and self.target >= query):
+        if self.hub >= query or (self.pattern == "reroute" and self.target >= query):
             self.kept_own += row.shape[0]
             return row
         if self.pattern == "hub":
