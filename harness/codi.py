@@ -65,6 +65,7 @@ class CODIModel(nn.Module):
         self.name = name
         self.eos_id = tokenizer.eos_token_id
         self.offset = 0  # sequence index of the first token of the current pass (see `step`)
+        self.thought_patch = None  # set by `runtime.ThoughtPatch` while it is active
 
     pad_id = property(lambda self: self.base_vocab_size)
     bot_id = property(lambda self: self.base_vocab_size + 1)
@@ -77,6 +78,11 @@ class CODIModel(nn.Module):
     @property
     def geometry(self) -> HeadGeometry:
         return head_geometry(self.lm.config)
+
+    @property
+    def max_positions(self) -> int:
+        config = self.lm.config
+        return getattr(config, "n_positions", None) or config.max_position_embeddings
 
     @property
     def device(self) -> torch.device:

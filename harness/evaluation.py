@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 import time
 from collections import defaultdict
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -12,9 +14,12 @@ from tqdm import tqdm
 
 from harness.codi import CODIModel
 from harness.data import Problem, is_correct, parse_answer
+from harness.positions import PositionMap
 from harness.runtime import LatentPatch, decode_ids, decode_texts, encode_questions, generate, run_latents
 
 DEFAULT_BATCH_SIZE = 128
+# (position map of a batch, indices of its problems) -> context manager installing hooks
+Intervene = Callable[[PositionMap, list[int]], AbstractContextManager]
 _LAST_NUMBER = re.compile(r"-?\d[\d,]*\.?\d*(?!.*\d)", re.S)
 
 
@@ -94,8 +99,13 @@ def evaluate(
     patch: LatentPatch | None = None,
     max_new_tokens: int = 256,
     progress: bool = True,
+    intervene: Intervene | None = None,
 ) -> EvalResult:
-    """Latent-mode greedy evaluation, `batch_size` problems per batched pass."""
+    """Latent-mode greedy evaluation, `batch_size` problems per batched pass.
+
+    `intervene(positions, indices)` gives the context manager (hooks) to run each batch under:
+    named positions resolve to indices per batch, `indices` are the batch's problems.
+    """
     start = time.perf_counter()
     # batches of similar question length waste less compute on padding; results do not depend
     # on the batch (tested), so only the order of work changes
@@ -104,8 +114,9 @@ def evaluate(
     bar = tqdm(total=len(problems), desc=f"evaluate {codi.name}", unit="problem", disable=not progress)
     for indices in _batches(order, batch_size):
         chunk = [problems[i] for i in indices]
-        state = run_latents(codi, encode_questions(codi, [p.question for p in chunk]), patch)
-        gen = generate(codi, state, max_new_tokens)
+        batch = encode_questions(codi, [p.question for p in chunk])
+        with intervene(batch.positions(codi.n_latent), indices) if intervene else nullcontext():
+            gen = generate(codi, run_latents(codi, batch, patch), max_new_tokens)
         for row, (i, p, text) in enumerate(zip(indices, chunk, decode_texts(codi, gen))):
             pred = parse_answer(text)
             j = answer_token_index(codi, gen.tokens[row, : gen.lengths[row]].tolist())

@@ -64,7 +64,12 @@ def _ones(mask: torch.Tensor, n: int = 1) -> torch.Tensor:
 
 
 def run_latents(codi: CODIModel, batch: Batch, patch: LatentPatch | None = None) -> LatentState:
-    """Question + bot in one pass, then K single-position passes over the continuous thoughts."""
+    """Question + bot in one pass, then K single-position passes over the continuous thoughts.
+
+    `patch` (or, without one, the model's active `ThoughtPatch`) edits each thought before it
+    is fed back.
+    """
+    patch = patch or codi.thought_patch
     mask = batch.attention_mask
     pos = position_ids(mask)
     cache = DynamicCache(config=codi.lm.config)
@@ -85,6 +90,21 @@ def run_latents(codi: CODIModel, batch: Batch, patch: LatentPatch | None = None)
     return LatentState(cache, mask, next_pos, torch.stack(thoughts, dim=1), bot_hidden)
 
 
+class ThoughtPatch:
+    """Context manager: edit continuous thoughts in every latent loop run under it."""
+
+    def __init__(self, codi: CODIModel, patch: LatentPatch):
+        self.codi, self.patch = codi, patch
+
+    def __enter__(self):
+        assert self.codi.thought_patch is None, "thought patches do not nest"
+        self.codi.thought_patch = self.patch
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.codi.thought_patch = None
+
+
 @dataclass
 class Generation:
     tokens: torch.Tensor  # [B, N] greedy tokens after eot (eos included, then eos padding)
@@ -94,8 +114,11 @@ class Generation:
 
 
 def generate(codi: CODIModel, state: LatentState, max_new_tokens: int = 256) -> Generation:
-    """Feed eot, then greedy-decode until every row has produced eos (or the limit)."""
+    """Feed eot, then greedy-decode until every row has produced eos (or the limit, which is
+    also capped by the model's context length)."""
     batch_size = state.thoughts.shape[0]
+    room = codi.max_positions - int(state.next_position.max()) - 1  # positions left after eot
+    max_new_tokens = max(1, min(max_new_tokens, room))
     eot = torch.full((batch_size, 1), codi.eot_id, dtype=torch.long, device=codi.device)
     mask, next_pos, cache = _ones(state.attention_mask), state.next_position.clone(), state.cache
     out = codi.step(mask, next_pos[:, None], cache, input_ids=eot)

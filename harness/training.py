@@ -147,11 +147,16 @@ def codi_losses(codi: CODIModel, problems: list[Problem], with_student: bool = T
 
     rows = torch.arange(len(problems))
     distill = zero
-    layers = list(zip(s_out.hidden_states, out.hidden_states))
-    for s_h, t_h in layers:
+    # hidden_states = (embedding output, block 1, ..., block L). The embedding entry is left
+    # out of the sum: for RoPE models it is identical in teacher and student (zero loss), and
+    # for absolute positions it only differs by position embeddings, which distillation would
+    # pull together (the reference trains LoRA only, so they stay frozen there). The mean is
+    # still over all L + 1 entries, as in the reference.
+    entries = list(zip(s_out.hidden_states, out.hidden_states))
+    for s_h, t_h in entries[1:]:
         s_vec, t_vec = s_h[:, prefix_len], t_h[rows, t_idx].detach()  # [B, d]
         distill = distill + F.smooth_l1_loss(s_vec, t_vec) / t_vec.std()
-    return Losses(teacher, student, distill / len(layers))
+    return Losses(teacher, student, distill / len(entries))
 
 
 @torch.no_grad()

@@ -1,0 +1,61 @@
+"""On-disk cache of experiment results, keyed by content.
+
+A key hashes the model fingerprint, the data, the decoding config, the intervention spec and
+the cache version; a change of any of them is a new entry. Writes are atomic (a temporary
+file renamed into place) and a file lock makes concurrent pytest-xdist workers compute an
+entry once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from filelock import FileLock
+
+from harness.data import PROJECT_ROOT
+
+CACHE_VERSION = 1
+DEFAULT_DIR = PROJECT_ROOT / ".cache" / "results"
+log = logging.getLogger(__name__)
+
+
+def content_key(**parts) -> str:
+    payload = json.dumps({"cache_version": CACHE_VERSION, **parts}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+class ResultCache:
+    """Arrays of per-problem results (e.g. correctness flags) under content keys."""
+
+    def __init__(self, directory: str | Path | None = DEFAULT_DIR):
+        self.directory = Path(directory) if directory is not None else None
+        self.hits = self.misses = 0
+
+    def get_or_compute(self, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        if self.directory is None:
+            self.misses += 1
+            return compute()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"{key}.npy"
+        with FileLock(str(path) + ".lock"):
+            if path.exists():
+                try:
+                    value = np.load(path, allow_pickle=False)
+                    self.hits += 1
+                    return value
+                except (ValueError, OSError) as e:
+                    log.warning("cache entry %s is unreadable (%s); recomputing", path.name, e)
+            self.misses += 1
+            value = np.asarray(compute())
+            fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, value, allow_pickle=False)
+            os.replace(tmp, path)
+            return value

@@ -1,0 +1,164 @@
+"""Experiments on one model and data set: cached per-problem correctness under interventions.
+
+Every result is an array of correctness flags over the same problems (so effects are paired),
+cached on disk under a content key of the model, data, decoding config and intervention spec.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+import pandas as pd
+import torch
+
+from harness.attention import AttentionOverride
+from harness.cache import ResultCache, content_key
+from harness.codi import CODIModel
+from harness.data import Problem
+from harness.discovery import head_metrics, model_hub_position, record_latent_attention, top_heads
+from harness.evaluation import evaluate
+from harness.interventions import Head, HeadAblation
+from harness.runtime import ThoughtPatch, encode_questions, run_latents
+
+MAX_NEW_TOKENS = 256
+POSITION_MODES = ("noise", "zero", "mean", "resample")
+
+
+def data_hash(problems: list[Problem]) -> str:
+    h = hashlib.sha256()
+    for p in problems:
+        h.update(f"{p.id}\t{p.question}\t{p.answer}\n".encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class ModelRun:
+    codi: CODIModel
+    problems: list[Problem]  # the test split: every effect is paired over these
+    discovery: list[Problem]  # disjoint split for head ranking
+    cache: ResultCache
+    batch_size: int = 128
+    seed: int = 0
+    heads: list[Head] | None = None  # user-named critical heads (else the ranking)
+    progress: bool = False
+    _computed: list[str] = field(default_factory=list)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        return self.codi.fingerprint()
+
+    def key(self, **spec) -> str:
+        return content_key(
+            model=self.fingerprint,
+            data=data_hash(self.problems),
+            decoding={"greedy": True, "max_new_tokens": MAX_NEW_TOKENS, "n_latent": self.codi.n_latent},
+            spec=spec,
+        )
+
+    def flags(self, spec: dict, intervene=None) -> np.ndarray:
+        """Correctness per problem under `intervene` (see `evaluation.evaluate`), cached."""
+
+        def compute() -> np.ndarray:
+            self._computed.append(str(spec))
+            result = evaluate(
+                self.codi,
+                self.problems,
+                self.batch_size,
+                max_new_tokens=MAX_NEW_TOKENS,
+                progress=self.progress,
+                intervene=intervene,
+            )
+            return np.array([r.correct for r in result.records], dtype=bool)
+
+        return self.cache.get_or_compute(self.key(**spec), compute)
+
+    # --- baselines and discovery ---------------------------------------------------------
+
+    @cached_property
+    def baseline(self) -> np.ndarray:
+        return self.flags({"kind": "baseline"})
+
+    @cached_property
+    def _attention(self):
+        return record_latent_attention(self.codi, self.discovery, self.batch_size, progress=self.progress)
+
+    @cached_property
+    def ranking(self) -> pd.DataFrame:
+        return head_metrics(self._attention)
+
+    @cached_property
+    def hub(self) -> str:
+        return model_hub_position(self._attention)
+
+    def critical_heads(self, n: int) -> list[Head]:
+        return (self.heads or top_heads(self.ranking, n))[:n]
+
+    # --- head ablation ----------------------------------------------------------------
+
+    def ablation(self, heads: list[Head], mode: str = "zero") -> np.ndarray:
+        spec = {"kind": "head_ablation", "heads": sorted(map(str, heads)), "mode": mode, "positions": "latent"}
+        return self.flags(spec, lambda pmap, idx: HeadAblation(self.codi, heads, pmap.latent, mode))
+
+    def random_head_sets(self, like: list[Head], n_sets: int = 20) -> list[list[Head]]:
+        """Random head sets matched by layer to `like`, never containing its heads."""
+        rng = random.Random(self.seed)
+        n_heads = self.codi.geometry.n_heads
+        sets = []
+        for _ in range(n_sets):
+            chosen: list[Head] = []
+            for h in like:
+                options = [Head(h.layer, k) for k in range(n_heads) if Head(h.layer, k) not in like + chosen]
+                chosen.append(rng.choice(options))
+            sets.append(chosen)
+        return sets
+
+    # --- position patching ------------------------------------------------------------
+
+    @cached_property
+    def thoughts(self) -> torch.Tensor:
+        """Unpatched thoughts of every problem: [N, K, d]."""
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(self.problems), self.batch_size):
+                chunk = self.problems[start : start + self.batch_size]
+                out.append(run_latents(self.codi, encode_questions(self.codi, [p.question for p in chunk])).thoughts)
+        return torch.cat(out)
+
+    def replacement(self, position: int, mode: str) -> torch.Tensor:
+        """What CT_position becomes for every problem: [N, d]."""
+        thoughts = self.thoughts[:, position]  # [N, d]
+        if mode == "zero":
+            return torch.zeros_like(thoughts)
+        if mode == "mean":
+            return thoughts.mean(0, keepdim=True).expand_as(thoughts)
+        g = torch.Generator().manual_seed(self.seed * 1000 + position)
+        if mode == "resample":  # another problem's thought (a derangement)
+            n = len(thoughts)
+            return thoughts[(torch.randperm(n - 1, generator=g) + 1 + torch.arange(n)) % n]
+        noise = torch.randn(thoughts.shape, generator=g)
+        return noise / noise.norm(dim=-1, keepdim=True) * thoughts.norm(dim=-1).mean()
+
+    def position_patch(self, name: str, mode: str = "noise") -> np.ndarray:
+        if mode not in POSITION_MODES:
+            raise ValueError(f"unknown position-patch mode {mode!r}; choose from {', '.join(POSITION_MODES)}")
+        position = int(name.removeprefix("CT"))
+        spec = {"kind": "position_patch", "position": name, "mode": mode, "seed": self.seed}
+
+        def intervene(pmap, indices):
+            pmap.thought_index(name)  # validates the name
+            values = self.replacement(position, mode)[indices]
+            return ThoughtPatch(self.codi, lambda i, t: values.to(t) if i == position else t)
+
+        return self.flags(spec, intervene)
+
+    # --- attention patterns -----------------------------------------------------------
+
+    def pattern(self, pattern: str, heads: list[Head], target: str | None = None) -> np.ndarray:
+        spec = {"kind": "attention_pattern", "pattern": pattern, "heads": sorted(map(str, heads)), "hub": self.hub}
+        if target:
+            spec["target"] = target
+        return self.flags(spec, lambda pmap, idx: AttentionOverride(self.codi, heads, pattern, pmap, self.hub, target))

@@ -1,0 +1,163 @@
+"""The pytest plugin that turns claims into tests: options, markers, fixtures, verdict outcomes,
+and the report written at the end of a session.
+
+SUPPORTED passes; REFUTED fails with the numbers; INCONCLUSIVE is reported as its own outcome
+('I', "inconclusive") and does not fail the run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harness.cache import DEFAULT_DIR, ResultCache
+from harness.claims import Claim, ClaimResult, evaluate_claim
+from harness.codi import ModelLoadError
+from harness.data import DataError, load_problems, synthetic_split
+from harness.experiments import ModelRun
+from harness.interventions import InterventionError, parse_heads
+from harness.models import SHIPPED, load
+from harness.report import REPORTS_DIR, new_run_dir, write_report
+
+PHASES = (1, 2, 3, 4)
+_STATE = pytest.StashKey[dict]()
+
+
+class Inconclusive(Exception):
+    """Raised by a claim test whose CI straddles its criteria."""
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("codi", "CODI hypotheses")
+    group.addoption(
+        "--model", action="append", help="shipped name (repeatable) or checkpoint path; default both tiny models"
+    )
+    group.addoption("--base", help="base model (HF id or directory) for hub-format checkpoints")
+    group.addoption("--data", default=None, help="synthetic (default for tiny models), gsm8k, or a .jsonl path")
+    group.addoption("--n-problems", type=int, default=1000, help="problems from the test split (default 1000)")
+    group.addoption("--device", default="cpu", help="torch device (default cpu)")
+    group.addoption("--heads", help="critical heads instead of the ranking, e.g. L4H5,L5H30,L5H28")
+    group.addoption("--seed", type=int, default=0, help="seed for controls, noise and the bootstrap")
+    group.addoption("--batch-size", type=int, default=128)
+    group.addoption("--report-dir", help="where the report goes (default reports/<run-id>/)")
+    group.addoption("--no-cache", action="store_true", help="recompute every result")
+    group.addoption("--cache-dir", default=str(DEFAULT_DIR), help="result cache directory")
+
+
+def _runs_claims(config: pytest.Config) -> bool:
+    hypotheses = (Path(__file__).resolve().parent.parent / "hypotheses").resolve()
+    args = [Path(a.split("::")[0]).resolve() for a in config.args]
+    return bool(config.getoption("report_dir")) or any(a == hypotheses or hypotheses in a.parents for a in args)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    for phase in PHASES:
+        config.addinivalue_line("markers", f"phase{phase}: claims of phase {phase} of the seed plan")
+    if not _runs_claims(config) or hasattr(config, "workerinput"):
+        config.stash[_STATE] = {"enabled": _runs_claims(config), "results": [], "runs": {}}
+        return
+    state = {"enabled": True, "results": [], "runs": {}}
+    config.stash[_STATE] = state
+    try:
+        state["runs"] = _load_runs(config)
+    except (ModelLoadError, DataError, InterventionError) as e:
+        raise pytest.UsageError(str(e)) from None
+    report_dir = Path(config.getoption("report_dir") or new_run_dir(REPORTS_DIR))
+    state["report_dir"] = report_dir
+    report_dir.mkdir(parents=True, exist_ok=True)
+    if config.pluginmanager.hasplugin("html") and not config.getoption("htmlpath"):
+        config.option.htmlpath = str(report_dir / "report.html")
+        config.option.self_contained_html = True
+
+
+def _load_runs(config: pytest.Config) -> dict[str, ModelRun]:
+    """Every selected model, its problems and the user's heads: checked before any model runs."""
+    import torch
+
+    n = config.getoption("n_problems")
+    if n <= 0:
+        raise DataError(f"--n-problems must be positive, got {n}")
+    cache = ResultCache(None if config.getoption("no_cache") else config.getoption("cache_dir"))
+    runs = {}
+    for name in config.getoption("model") or list(SHIPPED):
+        codi = load(name, config.getoption("base")).to(torch.device(config.getoption("device")))
+        data = config.getoption("data") or "synthetic"
+        problems = load_problems(data, n)
+        discovery = synthetic_split("discovery") if data == "synthetic" else load_problems(data)[-200:]
+        heads = parse_heads(config.getoption("heads"), codi) if config.getoption("heads") else None
+        runs[codi.name] = ModelRun(
+            codi,
+            problems,
+            discovery,
+            cache,
+            config.getoption("batch_size"),
+            config.getoption("seed"),
+            heads,
+        )
+    return runs
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "model_name" in metafunc.fixturenames:
+        state = metafunc.config.stash[_STATE]
+        names = list(state["runs"]) or (metafunc.config.getoption("model") or list(SHIPPED))
+        metafunc.parametrize("model_name", names, scope="session")
+
+
+@pytest.fixture(scope="session")
+def judge_claim(request: pytest.FixtureRequest):
+    """`judge_claim(claim, model_name)`: measure, record, and pass / fail / inconclusive."""
+    state = request.config.stash[_STATE]
+
+    def judge(claim: Claim, model_name: str) -> ClaimResult:
+        result = evaluate_claim(claim, state["runs"][model_name])
+        state["results"].append(result)
+        if result.verdict == "REFUTED":
+            pytest.fail(result.message(), pytrace=False)
+        if result.verdict == "INCONCLUSIVE":
+            raise Inconclusive(result.message())
+        return result
+
+    return judge
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    if call.excinfo is not None and call.excinfo.errisinstance(Inconclusive):
+        report.outcome = "passed"
+        report.inconclusive = str(call.excinfo.value)
+        report.longrepr = None
+    return report
+
+
+def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config):
+    if getattr(report, "inconclusive", None) and report.when == "call":
+        return "inconclusive", "I", "INCONCLUSIVE"
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    state = session.config.stash.get(_STATE, {})
+    if state.get("results") and "report_dir" in state:
+        state["written"] = write_report(state["report_dir"], state["results"], state["runs"])
+
+
+def pytest_html_results_summary(prefix: list, summary: list, postfix: list, session: pytest.Session) -> None:
+    written = session.config.stash.get(_STATE, {}).get("written")
+    if written:
+        prefix.append(written.html)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    state = config.stash.get(_STATE, {})
+    written = state.get("written")
+    if not written:
+        return
+    terminalreporter.section("CODI claims")
+    for line in written.lines:
+        terminalreporter.write_line(line)
+    terminalreporter.write_line(f"report: {written.directory}")

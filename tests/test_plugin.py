@@ -1,0 +1,115 @@
+"""The hypotheses suite end to end, run by pytester in a subprocess on a small problem count."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from harness.claims import load_registry
+from harness.evaluation import evaluate
+from harness.interventions import Head, HeadAblation
+from harness.stats import accuracy_drop
+
+ROOT = Path(__file__).resolve().parent.parent
+N = 40
+PHASE1 = [c.id for c in load_registry() if c.phase == 1]
+
+pytest_plugins = ["pytester"]
+
+
+def _run(pytester, report_dir, cache_dir, *args):
+    return pytester.runpytest_subprocess(
+        str(ROOT / "hypotheses"),
+        "-k",
+        "phase1",
+        "--model",
+        "tiny-gpt2",
+        "--n-problems",
+        str(N),
+        "--report-dir",
+        str(report_dir),
+        "--cache-dir",
+        str(cache_dir),
+        "-p",
+        "no:cacheprovider",
+        *args,
+    )
+
+
+def test_phase1_end_to_end(pytester, tmp_path):
+    cache = tmp_path / "cache"
+    cold = _run(pytester, tmp_path / "reports" / "run1", cache)
+    claims = json.loads((tmp_path / "reports" / "run1" / "claims.json").read_text())
+    assert sorted(c["id"] for c in claims) == sorted(PHASE1)
+    verdicts = [c["verdict"] for c in claims]
+    assert set(verdicts) <= {"SUPPORTED", "REFUTED", "INCONCLUSIVE"}
+    outcomes = cold.parseoutcomes()
+    assert outcomes.get("passed", 0) == verdicts.count("SUPPORTED")
+    assert outcomes.get("failed", 0) == verdicts.count("REFUTED")
+    assert outcomes.get("inconclusive", 0) == verdicts.count("INCONCLUSIVE")
+    assert cold.ret == (1 if "REFUTED" in verdicts else 0)
+    for c in claims:
+        assert c["ci_low"] <= c["effect"] <= c["ci_high"]
+        assert c["model"] == "tiny-gpt2" and c["n"] == N and 0 <= c["p_value"] <= c["p_holm"] <= 1
+    run = tmp_path / "reports" / "run1"
+    for name in (
+        "report.html",
+        "claims.csv",
+        "ablation.csv",
+        "positions.csv",
+        "patterns.csv",
+        "summary.md",
+        "ablation.png",
+        "positions.png",
+        "patterns.png",
+        "ranked_heads_tiny-gpt2.csv",
+    ):
+        assert (run / name).stat().st_size > 0, name
+    assert (run / "ablation.csv").read_text().startswith("n_heads,tiny-gpt2_acc")
+    assert (run / "positions.csv").read_text().startswith("position,tiny-gpt2_drop")
+    page = (run / "report.html").read_text()
+    assert all(cid in page for cid in PHASE1) and "data:image/png;base64" in page
+    assert (tmp_path / "reports" / "latest").resolve() == run.resolve()
+
+    warm = _run(pytester, tmp_path / "reports" / "run2", cache)
+    assert warm.ret == cold.ret
+    again = json.loads((tmp_path / "reports" / "run2" / "claims.json").read_text())
+    assert [(c["id"], c["effect"], c["ci_low"], c["ci_high"]) for c in again] == [
+        (c["id"], c["effect"], c["ci_low"], c["ci_high"]) for c in claims
+    ]
+    assert (tmp_path / "reports" / "latest").resolve() == (tmp_path / "reports" / "run2").resolve()
+    assert (run / "claims.json").exists(), "an earlier run's report is never overwritten"
+
+
+def test_top3_effect_equals_an_independent_recomputation(pytester, tmp_path, load_model):
+    _run(pytester, tmp_path / "r", tmp_path / "cache", "-k", "1.1-top3-causal")
+    claim = json.loads((tmp_path / "r" / "claims.json").read_text())[0]
+    codi = load_model("tiny-gpt2")
+    from harness.data import synthetic_split
+
+    problems = synthetic_split("test")[:N]
+    heads = [Head(int(h[1:].split("H")[0]), int(h.split("H")[1])) for h in claim["details"]["heads"]]
+    base = evaluate(codi, problems, batch_size=7, progress=False)
+    ablated = evaluate(
+        codi, problems, batch_size=7, progress=False, intervene=lambda pmap, idx: HeadAblation(codi, heads, pmap.latent)
+    )
+    effect = accuracy_drop([r.correct for r in base.records], [r.correct for r in ablated.records])
+    assert claim["effect"] == pytest.approx(effect.effect)
+    assert (claim["ci_low"], claim["ci_high"]) == pytest.approx((effect.ci_low, effect.ci_high))
+    assert claim["p_value"] == pytest.approx(effect.p_value)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--heads", "L99H0"], "out of range"),
+        (["--model", "/no/such/model"], "not found"),
+        (["--n-problems", "0"], "must be positive"),
+    ],
+)
+def test_usage_errors_exit_4_before_any_model_runs(pytester, tmp_path, args, message):
+    result = _run(pytester, tmp_path / "r", tmp_path / "cache", *args)
+    assert result.ret == 4
+    assert message in result.stderr.str()
+    assert "Traceback" not in result.stderr.str()
+    assert not (tmp_path / "r" / "claims.json").exists()
