@@ -30,8 +30,6 @@ def _run(pytester, report_dir, cache_dir, *args):
         str(report_dir),
         "--cache-dir",
         str(cache_dir),
-        "-p",
-        "no:cacheprovider",
         *args,
     )
 
