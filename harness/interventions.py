@@ -149,3 +149,18 @@ class HeadCapture(_HeadHooks):
             store = self.values.setdefault(head, x.new_zeros(x.shape[0], len(self.positions), self.head_dim))
             store[:, which] = view[:, local, head.head].detach()
         return None
+
+
+def leftover_hooks(codi: CODIModel) -> list[str]:
+    """Everything an intervention may leave behind; empty when all were removed."""
+    found = [
+        f"{name or 'model'}: {len(m._forward_pre_hooks) + len(m._forward_hooks)} hook(s)"
+        for name, m in codi.named_modules()
+        if m._forward_pre_hooks or m._forward_hooks
+    ]
+    found += [f"{name}: attention plan" for name, m in codi.named_modules() if hasattr(m, "codi_plan")]
+    if codi.thought_patch is not None:
+        found.append("an active thought patch")
+    if codi.lm.config._attn_implementation == "codi_attention":
+        found.append("the override attention implementation")
+    return found

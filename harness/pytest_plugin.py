@@ -16,11 +16,12 @@ from harness.claims import Claim, ClaimResult, evaluate_claim
 from harness.codi import ModelLoadError
 from harness.data import DataError, load_problems, synthetic_split
 from harness.experiments import ModelRun
-from harness.interventions import InterventionError, parse_heads
+from harness.interventions import InterventionError, leftover_hooks, parse_heads
 from harness.models import SHIPPED, load
 from harness.report import REPORTS_DIR, new_run_dir, write_report
 
 PHASES = (1, 2, 3, 4)
+DISCOVERY_SIZE = 200
 _STATE = pytest.StashKey[dict]()
 
 
@@ -55,15 +56,16 @@ def _runs_claims(config: pytest.Config) -> bool:
 def pytest_configure(config: pytest.Config) -> None:
     for phase in PHASES:
         config.addinivalue_line("markers", f"phase{phase}: claims of phase {phase} of the seed plan")
-    if not _runs_claims(config) or hasattr(config, "workerinput"):
-        config.stash[_STATE] = {"enabled": _runs_claims(config), "results": [], "runs": {}}
-        return
-    state = {"enabled": True, "results": [], "runs": {}}
+    state = {"enabled": _runs_claims(config), "results": [], "runs": {}}
     config.stash[_STATE] = state
+    if not state["enabled"]:
+        return
     try:
         state["runs"] = _load_runs(config)
     except (ModelLoadError, DataError, InterventionError) as e:
         raise pytest.UsageError(str(e)) from None
+    if hasattr(config, "workerinput"):  # xdist workers measure; the controller reports
+        return
     report_dir = Path(config.getoption("report_dir") or new_run_dir(REPORTS_DIR))
     state["report_dir"] = report_dir
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -84,8 +86,7 @@ def _load_runs(config: pytest.Config) -> dict[str, ModelRun]:
     for name in config.getoption("model") or list(SHIPPED):
         codi = load(name, config.getoption("base")).to(torch.device(config.getoption("device")))
         data = config.getoption("data") or "synthetic"
-        problems = load_problems(data, n)
-        discovery = synthetic_split("discovery") if data == "synthetic" else load_problems(data)[-200:]
+        problems, discovery = _splits(data, n)
         heads = parse_heads(config.getoption("heads"), codi) if config.getoption("heads") else None
         runs[codi.name] = ModelRun(
             codi,
@@ -97,6 +98,21 @@ def _load_runs(config: pytest.Config) -> dict[str, ModelRun]:
             heads,
         )
     return runs
+
+
+def _splits(data: str, n: int) -> tuple[list, list]:
+    """(test problems, discovery problems), disjoint. Outside the synthetic data the discovery
+    split is the last `DISCOVERY_SIZE` problems of the file."""
+    if data == "synthetic":
+        return load_problems(data, n), synthetic_split("discovery")
+    everything = load_problems(data)
+    room = len(everything) - DISCOVERY_SIZE
+    if n > room:
+        raise DataError(
+            f"--n-problems {n} is too large for {data!r}: at most {room}, so that the discovery split "
+            f"(its last {DISCOVERY_SIZE} problems) stays disjoint"
+        )
+    return everything[:n], everything[-DISCOVERY_SIZE:]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -112,7 +128,10 @@ def judge_claim(request: pytest.FixtureRequest):
     state = request.config.stash[_STATE]
 
     def judge(claim: Claim, model_name: str) -> ClaimResult:
-        result = evaluate_claim(claim, state["runs"][model_name])
+        run = state["runs"][model_name]
+        result = evaluate_claim(claim, run)
+        leftovers = leftover_hooks(run.codi)
+        assert not leftovers, f"an intervention left hooks behind: {leftovers}"
         state["results"].append(result)
         if result.verdict == "REFUTED":
             pytest.fail(result.message(), pytrace=False)
