@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--distill-weight", type=float, default=20.0)
     tr.add_argument("--n-latent", type=int, default=6)
     tr.add_argument("--threads", type=int, default=1)
+    tr.add_argument("--init-from", help="continue training a checkpoint of ours (e.g. with --teacher-steps 0)")
     tr.set_defaults(func=_train)
 
     ev = sub.add_parser("evaluate", help="latent-mode accuracy of a CODI model")

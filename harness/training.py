@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, get_cosine_schedule_with_warmup
 
-from harness.codi import CODIModel, save_codi
+from harness.codi import CODIModel, load_own, save_codi
 from harness.data import ANSWER_PREFIX, Problem, is_correct, parse_answer, synthetic_split, synthetic_training_stream
 from harness.runtime import decode_ids, encode_questions, position_ids, run_latents
 from harness.tokenizer import build_word_tokenizer
@@ -44,6 +44,7 @@ class TrainConfig:
     n_latent: int = 6
     eval_every: int = 250
     threads: int = 1
+    init_from: str | None = None  # continue from a checkpoint of ours (its card is kept)
 
 
 TINY_ARCHS = {
@@ -189,7 +190,13 @@ def train(cfg: TrainConfig, command: str = "") -> CODIModel:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    codi = build_tiny(cfg.arch, cfg.n_latent, name=Path(cfg.out).name)
+    previous = None
+    if cfg.init_from:
+        previous = json.loads((Path(cfg.init_from) / "card.json").read_text())
+        codi = load_own(Path(cfg.init_from), name=Path(cfg.out).name)
+        assert codi.arch.model_type == cfg.arch, f"{cfg.init_from} is not a {cfg.arch} model"
+    else:
+        codi = build_tiny(cfg.arch, cfg.n_latent, name=Path(cfg.out).name)
     codi.train()
     stream = synthetic_training_stream(cfg.seed, cfg.data_seed)
     validation = list(itertools.islice(synthetic_training_stream(cfg.seed + 7919, cfg.data_seed), 256))
@@ -243,6 +250,9 @@ def train(cfg: TrainConfig, command: str = "") -> CODIModel:
         "final_losses": history[-1] if history else {},
         "accuracy": measure_accuracies(codi, synthetic_split("test", cfg.data_seed)),
     }
+    if previous is not None:
+        card["continued_from"] = {k: previous[k] for k in ("command", "train_config", "wall_time_s", "accuracy")}
+        card["total_wall_time_s"] = round(wall + previous.get("total_wall_time_s", previous["wall_time_s"]), 1)
     save_codi(codi, out_dir, card)
     return codi
 
