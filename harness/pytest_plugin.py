@@ -21,6 +21,7 @@ from harness.models import SHIPPED, load
 from harness.report import REPORTS_DIR, new_run_dir, write_report
 
 PHASES = (1, 2, 3, 4)
+RESULT_KEY = "codi_claim_result"
 DISCOVERY_SIZE = 200
 _STATE = pytest.StashKey[dict]()
 
@@ -56,7 +57,8 @@ def _runs_claims(config: pytest.Config) -> bool:
 def pytest_configure(config: pytest.Config) -> None:
     for phase in PHASES:
         config.addinivalue_line("markers", f"phase{phase}: claims of phase {phase} of the seed plan")
-    state = {"enabled": _runs_claims(config), "results": [], "runs": {}}
+    state = {"enabled": _runs_claims(config), "runs": {}, "collector": _Collector()}
+    config.pluginmanager.register(state["collector"], "codi-claims-collector")
     config.stash[_STATE] = state
     if not state["enabled"]:
         return
@@ -122,9 +124,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("model_name", names, scope="session")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def judge_claim(request: pytest.FixtureRequest):
-    """`judge_claim(claim, model_name)`: measure, record, and pass / fail / inconclusive."""
+    """`judge_claim(claim, model_name)`: measure, record, and pass / fail / inconclusive.
+
+    The result travels with the test report (user properties), so the report is written by
+    whichever process collects the reports: the session itself, or the xdist controller.
+    """
     state = request.config.stash[_STATE]
 
     def judge(claim: Claim, model_name: str) -> ClaimResult:
@@ -132,7 +138,7 @@ def judge_claim(request: pytest.FixtureRequest):
         result = evaluate_claim(claim, run)
         leftovers = leftover_hooks(run.codi)
         assert not leftovers, f"an intervention left hooks behind: {leftovers}"
-        state["results"].append(result)
+        request.node.user_properties.append((RESULT_KEY, result.as_row()))
         if result.verdict == "REFUTED":
             pytest.fail(result.message(), pytrace=False)
         if result.verdict == "INCONCLUSIVE":
@@ -140,6 +146,17 @@ def judge_claim(request: pytest.FixtureRequest):
         return result
 
     return judge
+
+
+class _Collector:
+    """Gathers claim results from test reports (this session's or the xdist workers')."""
+
+    def __init__(self) -> None:
+        self.results: list[ClaimResult] = []
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when == "call":
+            self.results += [ClaimResult(**row) for key, row in report.user_properties if key == RESULT_KEY]
 
 
 @pytest.hookimpl(wrapper=True)
@@ -161,8 +178,9 @@ def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config):
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     state = session.config.stash.get(_STATE, {})
-    if state.get("results") and "report_dir" in state:
-        state["written"] = write_report(state["report_dir"], state["results"], state["runs"])
+    results = state["collector"].results if state else []
+    if results and "report_dir" in state:
+        state["written"] = write_report(state["report_dir"], results, state["runs"])
 
 
 def pytest_html_results_summary(prefix: list, summary: list, postfix: list, session: pytest.Session) -> None:

@@ -12,15 +12,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from harness.data import PROJECT_ROOT  # noqa: E402
-from harness.stats import holm  # noqa: E402
+from harness.claims import VERDICTS
+from harness.data import PROJECT_ROOT
+from harness.stats import holm
 
 REPORTS_DIR = PROJECT_ROOT / "reports"
 PATTERNS = ("hub", "uniform", "sequential")
@@ -54,7 +52,6 @@ def _previous_claims(directory: Path) -> list[dict] | None:
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return buf.getvalue()
 
 
@@ -89,9 +86,15 @@ def _experiment_tables(runs: dict, metrics: dict[str, set[str]]) -> dict[str, pd
     }
 
 
+def _legend(ax) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+
+
 def _figures(tables: dict[str, pd.DataFrame], models: list[str]) -> dict[str, bytes]:
     figs = {}
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
     t = tables["ablation"]
     for m in [m for m in models if f"{m}_acc" in t]:
         ax.plot(t["n_heads"], t[f"{m}_acc"], marker="o", label=m)
@@ -102,14 +105,15 @@ def _figures(tables: dict[str, pd.DataFrame], models: list[str]) -> dict[str, by
         ylabel="accuracy (%)",
         title="Head ablation (bar: random 3-head sets, p5-p95)",
     )
-    ax.legend()
+    _legend(ax)
     figs["ablation.png"] = _png(fig)
     for key, ylabel, x in (
         ("positions", "accuracy drop (points)", "position"),
         ("patterns", "accuracy (%)", "pattern"),
     ):
         t = tables[key]
-        fig, ax = plt.subplots(figsize=(5, 3.5))
+        fig = Figure(figsize=(5, 3.5))
+        ax = fig.subplots()
         width = 0.8 / max(1, len(models))
         cols = [(m, f"{m}_drop" if key == "positions" else f"{m}_acc") for m in models]
         for j, (m, col) in enumerate([c for c in cols if c[1] in t]):
@@ -119,7 +123,7 @@ def _figures(tables: dict[str, pd.DataFrame], models: list[str]) -> dict[str, by
             ylabel=ylabel,
             title="Noise at each thought" if key == "positions" else "Attention pattern of the top-3 heads",
         )
-        ax.legend()
+        _legend(ax)
         figs[f"{key}.png"] = _png(fig)
     return figs
 
@@ -173,6 +177,10 @@ def _summary_md(df: pd.DataFrame, runs: dict, tables: dict, flips: list[str]) ->
             f"- Critical heads ({'named by the user' if run.heads else 'top of the discovery ranking'}): "
             + ", ".join(map(str, run.critical_heads(3)))
             + f"; hub position {run.hub}.",
+            "",
+            "Verdicts: "
+            + ", ".join(f"{(df[df.model == name].verdict == v).sum()} {v.lower()}" for v in VERDICTS)
+            + ".",
             "",
             "| claim | effect (points) | 95% CI | threshold | verdict | seed criterion |",
             "|---|---|---|---|---|---|",
