@@ -14,7 +14,6 @@ ROOT = Path(__file__).resolve().parent.parent
 N = 40
 PHASE1 = [c.id for c in load_registry() if c.phase == 1]
 
-pytest_plugins = ["pytester"]
 
 
 def _run(pytester, report_dir, cache_dir, *args):
