@@ -18,7 +18,7 @@ import tomllib
 
 from harness.data import PROJECT_ROOT
 from harness.experiments import ModelRun
-from harness.stats import PairedEffect, accuracy_drop, percentile_of
+from harness.stats import PairedEffect, accuracy_drop, mean_drop, percentile_of
 
 REGISTRY = PROJECT_ROOT / "hypotheses" / "claims.toml"
 VERDICTS = ("SUPPORTED", "REFUTED", "INCONCLUSIVE")
@@ -138,8 +138,14 @@ def point_judge(effect: float, threshold: float, direction: str, refute_at: floa
 Measured = tuple[PairedEffect, dict, list[float] | None]
 
 
-def _drop(run: ModelRun, treated: np.ndarray) -> PairedEffect:
-    return accuracy_drop(run.baseline, treated, seed=run.seed)
+def _drop(run: ModelRun, treated: np.ndarray, reference: np.ndarray | None = None) -> PairedEffect:
+    """Paired drop from `reference` (default: the baseline), memoised per run: several claims
+    share the same comparisons and the bootstrap is the slow part of a warm run."""
+    reference = run.baseline if reference is None else reference
+    key = (reference.tobytes(), treated.tobytes())
+    if key not in run.drops:
+        run.drops[key] = accuracy_drop(reference, treated, seed=run.seed)
+    return run.drops[key]
 
 
 def ablation_drop(claim: Claim, run: ModelRun) -> Measured:
@@ -147,7 +153,8 @@ def ablation_drop(claim: Claim, run: ModelRun) -> Measured:
     heads = run.critical_heads(n)
     effect = _drop(run, run.ablation(heads))
     null = [
-        _drop(run, run.ablation(s)).effect for s in run.random_head_sets(heads, claim.experiment.get("n_random", 20))
+        mean_drop(run.baseline, run.ablation(s))
+        for s in run.random_head_sets(heads, claim.experiment.get("n_random", 20))
     ]
     incremental = {f"top{k}_acc": float(run.ablation(run.critical_heads(k)).mean()) for k in range(1, n + 1)}
     return effect, {"heads": [str(h) for h in heads], "baseline_acc": float(run.baseline.mean()), **incremental}, null
@@ -166,7 +173,7 @@ def position_drop(claim: Claim, run: ModelRun) -> Measured:
         return others[worst], {**details, "worst": worst}, None
     # "hub drop larger than every non-hub drop": the smallest paired difference
     hub_flags = run.position_patch(run.hub, mode)
-    diffs = {k: accuracy_drop(run.position_patch(k, mode), hub_flags, seed=run.seed) for k in others}
+    diffs = {k: _drop(run, hub_flags, reference=run.position_patch(k, mode)) for k in others}
     worst = min(diffs, key=lambda k: diffs[k].effect)
     return diffs[worst], {**details, "closest": worst}, None
 

@@ -1,4 +1,4 @@
-"""`python -m harness train|evaluate`: argument parsing and one-line usage errors (exit 4)."""
+"""`python -m harness train|evaluate|rank-heads`: argument parsing and one-line usage errors (exit 4)."""
 
 from __future__ import annotations
 
@@ -66,6 +66,41 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rank_heads(args: argparse.Namespace) -> int:
+    import torch
+
+    from harness.data import held_out_splits
+    from harness.discovery import head_metrics, model_hub_position, record_latent_attention
+    from harness.models import load
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _, discovery = held_out_splits(args.data, 1)
+    codi = load(args.model, args.base)
+    attention = record_latent_attention(codi, discovery, args.batch_size, progress=not args.json)
+    ranked = head_metrics(attention)
+    out = Path(args.out or f"ranked_heads_{codi.name}.csv")
+    ranked.to_csv(out, index=False)
+    top = ranked.head(args.top)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "model": codi.name,
+                    "hub_position": model_hub_position(attention),
+                    "csv": str(out),
+                    "top": top.to_dict(orient="records"),
+                }
+            )
+        )
+        return 0
+    print(f"model {codi.name}: {attention.n_problems} discovery problems, hub position {model_hub_position(attention)}")
+    columns = ["rank", "name", "composite", "flow", "hub", "skip", "hub_position"]
+    print(top[columns].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    print(f"all {len(ranked)} heads: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--records", help="write per-problem records to this .jsonl")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=_evaluate)
+    rk = sub.add_parser("rank-heads", help="rank attention heads by flow/hub/skip among the thoughts")
+    rk.add_argument("--model", default="tiny-gpt2", help="tiny-gpt2, tiny-llama, codi-gpt2, codi-llama or a path")
+    rk.add_argument("--base", help="base model (HF id or directory) for hub-format checkpoints")
+    rk.add_argument("--data", default="synthetic", help="whose discovery split: synthetic, gsm8k or a .jsonl")
+    rk.add_argument("--top", type=int, default=10, help="how many heads to print")
+    rk.add_argument("--out", help="CSV of every head (default ranked_heads_<model>.csv)")
+    rk.add_argument("--batch-size", type=int, default=128)
+    rk.add_argument("--threads", type=int, help="torch CPU threads")
+    rk.add_argument("--json", action="store_true", help="print one JSON object")
+    rk.set_defaults(func=_rank_heads)
     return parser
 
 

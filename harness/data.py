@@ -236,3 +236,22 @@ def load_problems(data: str, n: int | None = None, split: str = "test") -> list[
             raise DataError(f"--n {n} is larger than the data set ({len(problems)} problems in {data!r})")
         problems = problems[:n]
     return problems
+
+
+DISCOVERY_SIZE = 200  # outside the synthetic data: the last problems of the file
+
+
+def held_out_splits(data: str, n: int | None = None) -> tuple[list[Problem], list[Problem]]:
+    """(test problems, discovery problems), disjoint. Synthetic data has its own discovery
+    split; for a file (or GSM8K) it is the file's last `DISCOVERY_SIZE` problems."""
+    if data == "synthetic":
+        return load_problems(data, n), synthetic_split("discovery")
+    everything = load_problems(data)
+    room = len(everything) - DISCOVERY_SIZE
+    n = room if n is None else n
+    if n <= 0 or n > room:
+        raise DataError(
+            f"--n-problems {n} is out of range for {data!r}: 1 to {room}, so that the discovery split "
+            f"(its last {DISCOVERY_SIZE} of {len(everything)} problems) stays disjoint"
+        )
+    return everything[:n], everything[-DISCOVERY_SIZE:]

@@ -37,6 +37,15 @@ class LatentAttention:
     question: np.ndarray  # [L, H, K] mean mass on the question tokens
     n_problems: int
 
+    def packed(self) -> np.ndarray:
+        """One array [L, H, K, K + 2] (latent | bot | question), the form the disk cache holds."""
+        return np.concatenate([self.latent, self.bot[..., None], self.question[..., None]], axis=-1)
+
+    @classmethod
+    def unpack(cls, packed: np.ndarray, n_problems: int) -> LatentAttention:
+        k = packed.shape[-1] - 2
+        return cls(packed[..., :k], packed[..., k], packed[..., k + 1], n_problems)
+
 
 @torch.no_grad()
 def record_latent_attention(

@@ -19,7 +19,7 @@ from harness.attention import AttentionOverride
 from harness.cache import ResultCache, content_key
 from harness.codi import CODIModel
 from harness.data import Problem
-from harness.discovery import head_metrics, model_hub_position, record_latent_attention, top_heads
+from harness.discovery import LatentAttention, head_metrics, model_hub_position, record_latent_attention, top_heads
 from harness.evaluation import evaluate
 from harness.interventions import Head, HeadAblation
 from harness.runtime import ThoughtPatch, encode_questions, run_latents
@@ -46,6 +46,7 @@ class ModelRun:
     heads: list[Head] | None = None  # user-named critical heads (else the ranking)
     progress: bool = False
     _computed: list[str] = field(default_factory=list)
+    drops: dict = field(default_factory=dict)  # memo of paired statistics (see claims._drop)
 
     @cached_property
     def fingerprint(self) -> str:
@@ -83,8 +84,14 @@ class ModelRun:
         return self.flags({"kind": "baseline"})
 
     @cached_property
-    def _attention(self):
-        return record_latent_attention(self.codi, self.discovery, self.batch_size, progress=self.progress)
+    def _attention(self) -> LatentAttention:
+        key = content_key(model=self.fingerprint, data=data_hash(self.discovery), spec={"kind": "latent_attention"})
+
+        def compute() -> np.ndarray:
+            self._computed.append("latent_attention")
+            return record_latent_attention(self.codi, self.discovery, self.batch_size, progress=self.progress).packed()
+
+        return LatentAttention.unpack(self.cache.get_or_compute(key, compute), len(self.discovery))
 
     @cached_property
     def ranking(self) -> pd.DataFrame:

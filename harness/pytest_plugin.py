@@ -14,7 +14,7 @@ import pytest
 from harness.cache import DEFAULT_DIR, ResultCache
 from harness.claims import Claim, ClaimResult, evaluate_claim
 from harness.codi import ModelLoadError
-from harness.data import DataError, load_problems, synthetic_split
+from harness.data import DataError, held_out_splits
 from harness.experiments import ModelRun
 from harness.interventions import InterventionError, leftover_hooks, parse_heads
 from harness.models import SHIPPED, load
@@ -22,7 +22,6 @@ from harness.report import REPORTS_DIR, new_run_dir, write_report
 
 PHASES = (1, 2, 3, 4)
 RESULT_KEY = "codi_claim_result"
-DISCOVERY_SIZE = 200
 _STATE = pytest.StashKey[dict]()
 
 
@@ -88,7 +87,7 @@ def _load_runs(config: pytest.Config) -> dict[str, ModelRun]:
     for name in config.getoption("model") or list(SHIPPED):
         codi = load(name, config.getoption("base")).to(torch.device(config.getoption("device")))
         data = config.getoption("data") or "synthetic"
-        problems, discovery = _splits(data, n)
+        problems, discovery = held_out_splits(data, n)
         heads = parse_heads(config.getoption("heads"), codi) if config.getoption("heads") else None
         runs[codi.name] = ModelRun(
             codi,
@@ -100,21 +99,6 @@ def _load_runs(config: pytest.Config) -> dict[str, ModelRun]:
             heads,
         )
     return runs
-
-
-def _splits(data: str, n: int) -> tuple[list, list]:
-    """(test problems, discovery problems), disjoint. Outside the synthetic data the discovery
-    split is the last `DISCOVERY_SIZE` problems of the file."""
-    if data == "synthetic":
-        return load_problems(data, n), synthetic_split("discovery")
-    everything = load_problems(data)
-    room = len(everything) - DISCOVERY_SIZE
-    if n > room:
-        raise DataError(
-            f"--n-problems {n} is too large for {data!r}: at most {room}, so that the discovery split "
-            f"(its last {DISCOVERY_SIZE} problems) stays disjoint"
-        )
-    return everything[:n], everything[-DISCOVERY_SIZE:]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 
 from harness.cli import USAGE_ERROR, main
@@ -69,3 +70,14 @@ def test_module_entry_point(saved_model):
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1])["n"] == 2
+
+
+def test_rank_heads_prints_and_writes_every_head(saved_model, capsys, tmp_path):
+    out = tmp_path / "ranked.csv"
+    assert main(["rank-heads", "--model", str(saved_model), "--top", "3", "--out", str(out), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    ranked = pd.read_csv(out)
+    assert len(ranked) == 4 * 8  # every (layer, head) of the tiny GPT-2 geometry
+    assert [row["name"] for row in printed["top"]] == list(ranked["name"][:3])
+    assert ranked["composite"].is_monotonic_decreasing
+    assert printed["hub_position"] in {f"CT{i}" for i in range(6)}

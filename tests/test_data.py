@@ -9,6 +9,7 @@ from harness.data import (
     load_problems,
     parse_answer,
     synthetic_split,
+    held_out_splits,
     synthetic_training_stream,
 )
 
@@ -84,3 +85,14 @@ def test_load_problems_rejects_bad_sizes():
     with pytest.raises(DataError, match="must be positive"):
         load_problems("synthetic", 0)
     assert len(load_problems("synthetic", 10)) == 10
+
+
+def test_file_data_keeps_its_last_problems_for_discovery():
+    test, discovery = held_out_splits("gsm8k", 1000)
+    assert len(test) == 1000 and len(discovery) == 200
+    assert not {p.id for p in test} & {p.id for p in discovery}
+    assert discovery[-1].id == load_gsm8k()[-1].id
+    with pytest.raises(DataError, match="1 to 1119"):
+        held_out_splits("gsm8k", 1200)
+    synthetic_test, synthetic_discovery = held_out_splits("synthetic", 5)
+    assert len(synthetic_test) == 5 and synthetic_discovery == synthetic_split("discovery")

@@ -46,3 +46,10 @@ def test_recorded_attention_is_a_distribution(random_codi):
     geo = random_codi.geometry
     assert len(ranked) == geo.n_layers * geo.n_heads
     assert ranked["composite"].is_monotonic_decreasing
+
+
+def test_packed_attention_round_trips():
+    att = _attention()
+    back = LatentAttention.unpack(att.packed(), att.n_problems)
+    for name in ("latent", "bot", "question"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(att, name))
