@@ -1,6 +1,6 @@
 """Batched latent inference against a per-problem loop, same model and problems, one run.
 
-python benchmarks/throughput.py --json            # tiny-gpt2, 500 synthetic problems
+python benchmarks/throughput.py --json            # tiny-gpt2, 1,000 synthetic problems, batch 128
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-gpt2")
     parser.add_argument("--data", default="synthetic")
-    parser.add_argument("--n", type=int, default=500)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()

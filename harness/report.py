@@ -167,6 +167,17 @@ def _html(df: pd.DataFrame, figs: dict[str, bytes], flips: list[str]) -> str:
     )
 
 
+def _finding(r) -> str:
+    """One sentence per claim: the statement, the verdict and the numbers behind it."""
+    pct = r.control_percentile
+    control = "" if pd.isna(pct) else f"; the effect sits at percentile {pct:.0f} of the control"
+    return (
+        f"**{r.id}** {r.verdict.lower()}: {r.statement}. Measured {r.effect:+.1f} points "
+        f"(95% CI {r.ci_low:+.1f} to {r.ci_high:+.1f}) against a threshold of {r.direction} than {r.threshold:.1f}"
+        f" (McNemar p = {r.p_value:.2g}, Holm {r.p_holm:.2g}){control}."
+    )
+
+
 def _summary_md(df: pd.DataFrame, runs: dict, tables: dict, flips: list[str]) -> str:
     lines = ["# Experiment summary", ""]
     for name, run in runs.items():
@@ -189,6 +200,8 @@ def _summary_md(df: pd.DataFrame, runs: dict, tables: dict, flips: list[str]) ->
             ci = f"[{r.ci_low:+.1f}, {r.ci_high:+.1f}]"
             threshold = f"{r.direction} {r.threshold:.1f}"
             lines.append(f"| {r.id} | {r.effect:+.1f} | {ci} | {threshold} | {r.verdict} | {r.point_verdict} |")
+        lines += ["", "What was found:", ""]
+        lines += [f"- {_finding(r)}" for r in df[df.model == name].itertuples()]
         lines.append("")
     sections = [
         ("Head ablation (accuracy, %)", "ablation"),

@@ -4,12 +4,12 @@ import pytest
 
 from harness.data import (
     DataError,
+    held_out_splits,
     load_gsm8k,
     load_jsonl,
     load_problems,
     parse_answer,
     synthetic_split,
-    held_out_splits,
     synthetic_training_stream,
 )
 

@@ -15,7 +15,6 @@ N = 40
 PHASE1 = [c.id for c in load_registry() if c.phase == 1]
 
 
-
 def _run(pytester, report_dir, cache_dir, *args):
     return pytester.runpytest_subprocess(
         str(ROOT / "hypotheses"),
