@@ -180,7 +180,8 @@ def position_drop(claim: Claim, run: ModelRun) -> Measured:
 
 def pattern_drop(claim: Claim, run: ModelRun) -> Measured:
     pattern = claim.experiment["pattern"]
-    heads = run.critical_heads(claim.experiment.get("n_heads", 3))
+    x = claim.experiment
+    heads = run.scoped_heads(x.get("scope", "top"), x.get("n_heads", 3), x.get("layer"))
     flags = run.pattern(pattern, heads)
     details = {"pattern": pattern, "hub": run.hub, "heads": [str(h) for h in heads], "acc": float(flags.mean())}
     return _drop(run, flags), {**details, "baseline_acc": float(run.baseline.mean())}, None

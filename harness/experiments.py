@@ -21,7 +21,7 @@ from harness.codi import CODIModel
 from harness.data import Problem
 from harness.discovery import LatentAttention, head_metrics, model_hub_position, record_latent_attention, top_heads
 from harness.evaluation import evaluate
-from harness.interventions import Head, HeadAblation
+from harness.interventions import Head, HeadAblation, InterventionError
 from harness.runtime import ThoughtPatch, encode_questions, run_latents
 
 MAX_NEW_TOKENS = 256
@@ -103,6 +103,20 @@ class ModelRun:
 
     def critical_heads(self, n: int) -> list[Head]:
         return (self.heads or top_heads(self.ranking, n))[:n]
+
+    def scoped_heads(self, scope: str = "top", n_heads: int = 3, layer: int | None = None) -> list[Head]:
+        """The heads an intervention acts on: the top `n_heads` critical heads, every head of
+        one `layer`, or every head of the model."""
+        geo = self.codi.geometry
+        if scope == "top":
+            return self.critical_heads(n_heads)
+        if scope == "layer":
+            if layer is None or not 0 <= layer < geo.n_layers:
+                raise InterventionError(f"scope 'layer' needs a layer in 0..{geo.n_layers - 1}, got {layer!r}")
+            return [Head(layer, h) for h in range(geo.n_heads)]
+        if scope == "all":
+            return [Head(layer, h) for layer in range(geo.n_layers) for h in range(geo.n_heads)]
+        raise InterventionError(f"unknown head scope {scope!r}; choose from top, layer, all")
 
     # --- head ablation ----------------------------------------------------------------
 
