@@ -3,7 +3,8 @@
 A key hashes the model fingerprint, the data, the decoding config, the intervention spec and
 the cache version; a change of any of them is a new entry. Writes are atomic (a temporary
 file renamed into place) and a file lock makes concurrent pytest-xdist workers compute an
-entry once.
+entry once. An unreadable entry is recomputed; a writer killed mid-write leaves only a
+`<key>.*.tmp` file, never read as an entry and removed by the next writer of that key.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 
 def content_key(**parts) -> str:
+    """A short hash of `parts` (order-independent) and CACHE_VERSION."""
     payload = json.dumps({"cache_version": CACHE_VERSION, **parts}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
@@ -39,6 +41,7 @@ class ResultCache:
         self.hits = self.misses = 0
 
     def get_or_compute(self, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        """The entry under `key`, or `compute()` stored there (once, even across processes)."""
         if self.directory is None:
             self.misses += 1
             return compute()
@@ -50,11 +53,13 @@ class ResultCache:
                     value = np.load(path, allow_pickle=False)
                     self.hits += 1
                     return value
-                except (ValueError, OSError) as e:
+                except (ValueError, OSError, EOFError) as e:
                     log.warning("cache entry %s is unreadable (%s); recomputing", path.name, e)
+            for stale in self.directory.glob(f"{key}.*.tmp"):  # left by a killed writer: we hold the lock
+                stale.unlink(missing_ok=True)
             self.misses += 1
             value = np.asarray(compute())
-            fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f"{key}.", suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
                 np.save(f, value, allow_pickle=False)
             os.replace(tmp, path)

@@ -9,7 +9,6 @@ threshold itself), INCONCLUSIVE otherwise.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,10 +17,12 @@ import tomllib
 
 from harness.data import PROJECT_ROOT
 from harness.experiments import ModelRun
-from harness.stats import PairedEffect, accuracy_drop, mean_drop, percentile_of
+from harness.metrics import METRICS
+from harness.stats import percentile_of
 
 REGISTRY = PROJECT_ROOT / "hypotheses" / "claims.toml"
 VERDICTS = ("SUPPORTED", "REFUTED", "INCONCLUSIVE")
+PHASES = (1, 2, 3, 4)
 CLAIM_KEYS = {
     "id",
     "phase",
@@ -33,6 +34,7 @@ CLAIM_KEYS = {
     "threshold_of_baseline",
     "labels",
     "experiment",
+    "gate",
 }
 
 
@@ -52,6 +54,7 @@ class Claim:
     threshold_of_baseline: bool = False  # threshold is a fraction of baseline accuracy (points)
     labels: dict = field(default_factory=dict)  # the seed's names for supported / refuted
     experiment: dict = field(default_factory=dict)
+    gate: str | None = None  # id of a claim that must be SUPPORTED for this one to run
 
     @property
     def marker(self) -> str:
@@ -76,6 +79,11 @@ def load_registry(path: Path = REGISTRY) -> list[Claim]:
     ids = [c.id for c in claims]
     if len(set(ids)) != len(ids):
         raise ClaimError(f"{path}: duplicate claim ids")
+    for c in claims:
+        if c.phase not in PHASES:
+            raise ClaimError(f"{path}: claim {c.id!r} has unknown phase {c.phase!r} (markers phase1..phase4)")
+        if c.gate is not None and c.gate not in ids:
+            raise ClaimError(f"{path}: claim {c.id!r} is gated on unknown claim id {c.gate!r}")
     return claims
 
 
@@ -131,67 +139,6 @@ def point_judge(effect: float, threshold: float, direction: str, refute_at: floa
     )
     key = "supported" if above else "refuted" if below else "inconclusive"
     return labels.get(key, key)
-
-
-# --- metrics: (claim, run) -> (effect, extra details, control null or None) ------------------------
-
-Measured = tuple[PairedEffect, dict, list[float] | None]
-
-
-def _drop(run: ModelRun, treated: np.ndarray, reference: np.ndarray | None = None) -> PairedEffect:
-    """Paired drop from `reference` (default: the baseline), memoised per run: several claims
-    share the same comparisons and the bootstrap is the slow part of a warm run."""
-    reference = run.baseline if reference is None else reference
-    key = (reference.tobytes(), treated.tobytes())
-    if key not in run.drops:
-        run.drops[key] = accuracy_drop(reference, treated, seed=run.seed)
-    return run.drops[key]
-
-
-def ablation_drop(claim: Claim, run: ModelRun) -> Measured:
-    n = claim.experiment.get("n_heads", 3)
-    heads = run.critical_heads(n)
-    effect = _drop(run, run.ablation(heads))
-    null = [
-        mean_drop(run.baseline, run.ablation(s))
-        for s in run.random_head_sets(heads, claim.experiment.get("n_random", 20))
-    ]
-    incremental = {f"top{k}_acc": float(run.ablation(run.critical_heads(k)).mean()) for k in range(1, n + 1)}
-    return effect, {"heads": [str(h) for h in heads], "baseline_acc": float(run.baseline.mean()), **incremental}, null
-
-
-def position_drop(claim: Claim, run: ModelRun) -> Measured:
-    mode = claim.experiment.get("mode", "noise")
-    drops = {f"CT{i}": _drop(run, run.position_patch(f"CT{i}", mode)) for i in range(run.codi.n_latent)}
-    details = {"hub": run.hub, "drops": {k: v.effect for k, v in drops.items()}}
-    which = claim.experiment.get("which", "hub")
-    if which == "hub":
-        return drops[run.hub], details, None
-    others = {k: v for k, v in drops.items() if k != run.hub}
-    if which == "max_non_hub":  # "each non-hub drop < t": judged on the largest
-        worst = max(others, key=lambda k: others[k].effect)
-        return others[worst], {**details, "worst": worst}, None
-    # "hub drop larger than every non-hub drop": the smallest paired difference
-    hub_flags = run.position_patch(run.hub, mode)
-    diffs = {k: _drop(run, hub_flags, reference=run.position_patch(k, mode)) for k in others}
-    worst = min(diffs, key=lambda k: diffs[k].effect)
-    return diffs[worst], {**details, "closest": worst}, None
-
-
-def pattern_drop(claim: Claim, run: ModelRun) -> Measured:
-    pattern = claim.experiment["pattern"]
-    x = claim.experiment
-    heads = run.scoped_heads(x.get("scope", "top"), x.get("n_heads", 3), x.get("layer"))
-    flags = run.pattern(pattern, heads)
-    details = {"pattern": pattern, "hub": run.hub, "heads": [str(h) for h in heads], "acc": float(flags.mean())}
-    return _drop(run, flags), {**details, "baseline_acc": float(run.baseline.mean())}, None
-
-
-METRICS: dict[str, Callable[[Claim, ModelRun], Measured]] = {
-    "ablation_drop": ablation_drop,
-    "position_drop": position_drop,
-    "pattern_drop": pattern_drop,
-}
 
 
 def evaluate_claim(claim: Claim, run: ModelRun) -> ClaimResult:

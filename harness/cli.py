@@ -43,15 +43,24 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     from harness.data import load_problems
     from harness.evaluation import evaluate, mean_patch, thought_means
-    from harness.models import load
+    from harness.models import default_batch_size, load
 
     if args.threads:
         torch.set_num_threads(args.threads)
     problems = load_problems(args.data, args.n)
-    codi = load(args.model, args.base)
-    patch = mean_patch(thought_means(codi, problems, args.batch_size)) if args.latent_patch == "mean" else None
-    result = evaluate(codi, problems, args.batch_size, patch, args.max_new_tokens, progress=not args.json)
-    summary = {"model": codi.name, "data": args.data, "latent_patch": args.latent_patch, **result.summary()}
+    codi = load(args.model, args.base, dtype=args.dtype, device=args.device)
+    batch_size = args.batch_size or default_batch_size(codi)
+    patch = mean_patch(thought_means(codi, problems, batch_size)) if args.latent_patch == "mean" else None
+    result = evaluate(codi, problems, batch_size, patch, args.max_new_tokens, progress=not args.json)
+    summary = {
+        "model": codi.name,
+        "data": args.data,
+        "latent_patch": args.latent_patch,
+        "dtype": args.dtype,
+        "device": str(codi.device),
+        "batch_size": batch_size,
+        **result.summary(),
+    }
     if args.records:
         with open(args.records, "w") as f:
             for row in result.as_rows():
@@ -126,8 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", default="synthetic", help="synthetic, gsm8k, a GSM8K-format .jsonl or a datasets id")
     ev.add_argument("--n", type=int, help="first N problems (default: all)")
     ev.add_argument("--latent-patch", choices=["none", "mean"], default="none")
-    ev.add_argument("--batch-size", type=int, default=128)
+    ev.add_argument("--batch-size", type=int, help="default 128 on CPU; on CUDA, what memory holds (at most 512)")
     ev.add_argument("--max-new-tokens", type=int, default=256)
+    ev.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1")
+    ev.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weight dtype")
     ev.add_argument("--threads", type=int, help="torch CPU threads")
     ev.add_argument("--records", help="write per-problem records to this .jsonl")
     ev.add_argument("--json", action="store_true", help="print one JSON object")

@@ -88,6 +88,18 @@ class CODIModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def cast(self, dtype: torch.dtype) -> CODIModel:
+        """Cast the weights to `dtype`; buffers (RoPE's inverse frequencies) stay float32, as
+        HF's own low-precision loading keeps them (bfloat16 rotary angles are off by up to ~1
+        radian at position 500)."""
+        for param in self.parameters():
+            param.data = param.data.to(dtype)
+        return self
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.lm.get_input_embeddings()(ids)  # [B, T] -> [B, T, d]
 
@@ -103,9 +115,11 @@ class CODIModel(nn.Module):
         """One pass of the backbone over new tokens; returns its output (final-normed states).
 
         `self.offset` is the sequence index of the first new token while the pass runs:
-        interventions map their named positions to this pass's tokens with it.
+        interventions map their named positions to this pass's tokens with it; `pass_mask` and
+        `pass_positions` are this pass's 2-D mask and position ids, for hooks that attend themselves.
         """
         self.offset = cache.get_seq_length() if cache is not None else 0
+        self.pass_mask, self.pass_positions = attention_mask, position_ids  # [B, past + T], [B, T]
         return backbone(self.lm)(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
@@ -234,10 +248,18 @@ def _check_fits(source: Path, expected: dict, found: dict, prefix: str) -> None:
 
 
 def fetch_hub_weights(repo_id: str) -> Path:
-    from huggingface_hub import hf_hub_download
+    """The hub checkpoint's `pytorch_model.bin` (from the local hub cache when there is one)."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
         return Path(hf_hub_download(repo_id, HUB_WEIGHTS))
+    except LocalEntryNotFoundError:  # not cached, and the hub cannot be reached
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "no network"
+        raise ModelLoadError(
+            f"{repo_id!r} is not in the local hub cache and the hub cannot be reached ({why}); download "
+            f"it where there is a network and pass its local directory with --model PATH"
+        ) from None
     except Exception as e:  # noqa: BLE001 - any hub failure becomes one usage line
         raise ModelLoadError(
             f"cannot fetch {repo_id!r} from the hub ({type(e).__name__}); with no network, download "

@@ -83,8 +83,12 @@ def load_jsonl(path: str | Path) -> list[Problem]:
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     problems = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text") from None
             if not line.strip():
                 continue
             try:
@@ -219,8 +223,9 @@ def synthetic_training_stream(seed: int, data_seed: int = 0):
             yield p
 
 
-def load_problems(data: str, n: int | None = None, split: str = "test") -> list[Problem]:
-    """Resolve a `--data` value: 'synthetic', 'gsm8k', a jsonl path, or a `datasets` id."""
+def load_problems(data: str, n: int | None = None, split: str = "test", option: str = "--n") -> list[Problem]:
+    """Resolve a `--data` value: 'synthetic', 'gsm8k', a jsonl path, or a `datasets` id; the
+    first `n` problems (`option` names the flag in the error when `n` is out of range)."""
     if data == "synthetic":
         problems = synthetic_split(split)
     elif data == "gsm8k":
@@ -231,9 +236,9 @@ def load_problems(data: str, n: int | None = None, split: str = "test") -> list[
         problems = load_hf_dataset(data)
     if n is not None:
         if n <= 0:
-            raise DataError(f"--n must be positive, got {n}")
+            raise DataError(f"{option} must be positive, got {n}")
         if n > len(problems):
-            raise DataError(f"--n {n} is larger than the data set ({len(problems)} problems in {data!r})")
+            raise DataError(f"{option} {n} is larger than the data set ({len(problems)} problems in {data!r})")
         problems = problems[:n]
     return problems
 
@@ -245,7 +250,7 @@ def held_out_splits(data: str, n: int | None = None) -> tuple[list[Problem], lis
     """(test problems, discovery problems), disjoint. Synthetic data has its own discovery
     split; for a file (or GSM8K) it is the file's last `DISCOVERY_SIZE` problems."""
     if data == "synthetic":
-        return load_problems(data, n), synthetic_split("discovery")
+        return load_problems(data, n, option="--n-problems"), synthetic_split("discovery")
     everything = load_problems(data)
     room = len(everything) - DISCOVERY_SIZE
     n = room if n is None else n

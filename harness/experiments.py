@@ -16,16 +16,21 @@ import pandas as pd
 import torch
 
 from harness.attention import AttentionOverride
+from harness.attribution import Attributions, integrated_gradients, question_tokens
 from harness.cache import ResultCache, content_key
 from harness.codi import CODIModel
 from harness.data import Problem
 from harness.discovery import LatentAttention, head_metrics, model_hub_position, record_latent_attention, top_heads
 from harness.evaluation import evaluate
 from harness.interventions import Head, HeadAblation, InterventionError
+from harness.probes import ProbeResults, run_probes, thought_states
 from harness.runtime import ThoughtPatch, encode_questions, run_latents
+from harness.transplant import DEFAULT_RIDGE, HeadTransplant, LinearMap, paired_states
 
 MAX_NEW_TOKENS = 256
 POSITION_MODES = ("noise", "zero", "mean", "resample")
+IG_PROBLEMS = 100  # problems attributed by integrated gradients (3.2)
+IG_STEPS = 32
 
 
 def data_hash(problems: list[Problem]) -> str:
@@ -46,7 +51,9 @@ class ModelRun:
     heads: list[Head] | None = None  # user-named critical heads (else the ranking)
     progress: bool = False
     _computed: list[str] = field(default_factory=list)
-    drops: dict = field(default_factory=dict)  # memo of paired statistics (see claims._drop)
+    drops: dict = field(default_factory=dict)  # memo of paired statistics (see metrics._drop)
+    peers: dict[str, ModelRun] = field(default_factory=dict)  # the session's other models (phase 2)
+    _maps: dict = field(default_factory=dict)  # (donor, layers) -> transplant maps
 
     @cached_property
     def fingerprint(self) -> str:
@@ -84,6 +91,19 @@ class ModelRun:
         return self.flags({"kind": "baseline"})
 
     @cached_property
+    def baseline_confidence(self) -> np.ndarray:
+        """Probability of the first answer token per problem (difficulty tiers), cached."""
+
+        def compute() -> np.ndarray:
+            self._computed.append("baseline_confidence")
+            result = evaluate(
+                self.codi, self.problems, self.batch_size, max_new_tokens=MAX_NEW_TOKENS, progress=self.progress
+            )
+            return np.array([r.confidence for r in result.records], dtype=np.float64)
+
+        return self.cache.get_or_compute(self.key(kind="baseline_confidence"), compute)
+
+    @cached_property
     def _attention(self) -> LatentAttention:
         key = content_key(model=self.fingerprint, data=data_hash(self.discovery), spec={"kind": "latent_attention"})
 
@@ -100,6 +120,59 @@ class ModelRun:
     @cached_property
     def hub(self) -> str:
         return model_hub_position(self._attention)
+
+    @cached_property
+    def probes(self) -> ProbeResults:
+        """3.1: layer-wise probes at the hub thought over the test problems, cached."""
+
+        def compute() -> np.ndarray:
+            self._computed.append("probes")
+            thought = int(self.hub.removeprefix("CT"))
+            states = thought_states(self.codi, self.problems, thought, self.batch_size, self.progress)
+            return run_probes(states, self.problems, self.seed, self.progress).packed()
+
+        packed = self.cache.get_or_compute(self.key(kind="probes", thought=self.hub, seed=self.seed), compute)
+        return ProbeResults.unpack(packed, self.problems)
+
+    def attributions(self, heads: list[Head], n_problems: int = IG_PROBLEMS, n_steps: int = IG_STEPS) -> Attributions:
+        """3.2: integrated gradients of each head's output at the hub thought, cached."""
+        problems = self.problems[:n_problems]
+        thought = int(self.hub.removeprefix("CT"))
+
+        def compute() -> np.ndarray:
+            self._computed.append("integrated_gradients")
+            ig = integrated_gradients(self.codi, problems, heads, thought, n_steps, progress=self.progress)
+            return ig.packed()
+
+        spec = {"kind": "integrated_gradients", "heads": list(map(str, heads)), "thought": thought, "n": n_problems}
+        packed = self.cache.get_or_compute(self.key(**spec, n_steps=n_steps), compute)
+        return Attributions.unpack(packed, question_tokens(self.codi, problems))
+
+    def transplant_maps(self, donor: ModelRun, recipient_layer: int, donor_layer: int) -> tuple[LinearMap, LinearMap]:
+        """2.1: (map_in, map_out) between this model and `donor` at those layers, fitted by
+        least squares on paired states of the discovery problems (memoised)."""
+        key = (donor.codi.name, recipient_layer, donor_layer)
+        if key not in self._maps:
+            states = paired_states(self.codi, donor.codi, self.discovery, recipient_layer, donor_layer, self.batch_size)
+            self._maps[key] = states.maps()
+        return self._maps[key]
+
+    def transplant(self, donor: ModelRun, donor_head: Head, head: Head) -> tuple[np.ndarray, np.ndarray]:
+        """2.1: correctness with `donor_head` of `donor` transplanted into this model's `head`
+        (every position), and the maps' fit [R^2 in, held-out R^2 in, R^2 out, held-out R^2 out]."""
+        spec = {"kind": "transplant", "donor": donor.fingerprint, "donor_head": str(donor_head), "head": str(head),
+                "ridge": DEFAULT_RIDGE, "discovery": data_hash(self.discovery)}  # fmt: skip
+
+        def fit() -> np.ndarray:
+            maps = self.transplant_maps(donor, head.layer, donor_head.layer)
+            return np.array([v for m in maps for v in (m.r2, np.nan if m.r2_heldout is None else m.r2_heldout)])
+
+        def intervene(pmap, indices):
+            map_in, map_out = self.transplant_maps(donor, head.layer, donor_head.layer)
+            return HeadTransplant(self.codi, head, donor.codi, donor_head, map_in, map_out)
+
+        r2 = self.cache.get_or_compute(self.key(**spec, part="fit"), fit)
+        return self.flags(spec, intervene), r2
 
     def critical_heads(self, n: int) -> list[Head]:
         return (self.heads or top_heads(self.ranking, n))[:n]

@@ -137,17 +137,20 @@ class HeadAblation(_HeadHooks):
 
 
 class HeadCapture(_HeadHooks):
-    """Record heads' outputs at `positions`: `.values[head]` is [B, n_positions, hd]."""
+    """Record heads' outputs at `positions`: `.values[head]` is [B, n_positions, hd].
+    `keep_graph=True` keeps them differentiable (attribution)."""
 
-    def __init__(self, codi: CODIModel, heads: Sequence[Head], positions: Sequence[int]):
+    def __init__(self, codi: CODIModel, heads: Sequence[Head], positions: Sequence[int], keep_graph: bool = False):
         super().__init__(codi, heads, positions)
         self.values: dict[Head, torch.Tensor] = {}
+        self.keep_graph = keep_graph
 
     def _on_heads(self, x, heads, local, which, args):
         view = self._view(x)
         for head in heads:
             store = self.values.setdefault(head, x.new_zeros(x.shape[0], len(self.positions), self.head_dim))
-            store[:, which] = view[:, local, head.head].detach()
+            value = view[:, local, head.head]
+            store[:, which] = value if self.keep_graph else value.detach()
         return None
 
 

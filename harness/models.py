@@ -6,8 +6,11 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from harness.codi import (
     DEFAULT_N_LATENT,
@@ -47,10 +50,34 @@ MODEL_SPECS: dict[str, ModelSpec] = {
     ),
 }
 SHIPPED = ("tiny-gpt2", "tiny-llama")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+CPU_BATCH_SIZE = 128  # fastest on the 2-core reference machine (docs/performance.md)
+MAX_AUTO_BATCH = 512
+AUTO_BATCH_TOKENS = 512  # a GSM8K question (< 256 tokens), bot, K thoughts, eot, 256 new tokens
+_WORKER = re.compile(r"gw(\d+)")
 
 
-def load(model: str, base: str | None = None, n_latent: int | None = None) -> CODIModel:
-    """Resolve a `--model` value (and optional `--base`) to a loaded, merged CODI model in eval mode."""
+def load(
+    model: str,
+    base: str | None = None,
+    n_latent: int | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+) -> CODIModel:
+    """Resolve a `--model` value (and optional `--base`) to a loaded, merged CODI model in eval
+    mode, on `device` with its weights in `dtype` (`DTYPES`). LoRA is merged in float32 first."""
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    try:
+        target = torch.device(device)
+    except RuntimeError:
+        raise ModelLoadError(f"unknown device {device!r}; e.g. cpu, cuda, cuda:1") from None
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} requested but CUDA is not available on this machine")
+    return _load(model, base, n_latent).cast(DTYPES[dtype]).to(target)
+
+
+def _load(model: str, base: str | None, n_latent: int | None) -> CODIModel:
     spec = MODEL_SPECS.get(model)
     source = spec.checkpoint if spec else model
     base = base or (spec.base if spec else None)
@@ -73,3 +100,42 @@ def load(model: str, base: str | None = None, n_latent: int | None = None) -> CO
     if base is None:
         raise ModelLoadError(f"hub id {source!r} needs its base model: pass --base ID_OR_DIR")
     return load_hub_format(fetch_hub_weights(source), base, k, name=name)
+
+
+def default_batch_size(codi: CODIModel) -> int:
+    """Problems per batched pass when the user names none: `CPU_BATCH_SIZE` off CUDA, else
+    `batch_size_for_memory` of the GPU's free memory."""
+    if codi.device.type != "cuda":
+        return CPU_BATCH_SIZE
+    free, _ = torch.cuda.mem_get_info(codi.device)
+    return batch_size_for_memory(codi, free)
+
+
+def batch_size_for_memory(codi: CODIModel, free_bytes: int) -> int:
+    """How many problems half of `free_bytes` holds: the KV cache of `AUTO_BATCH_TOKENS` tokens
+    per problem (twice over: the cache grows by concatenation) and the logits (in the weights'
+    dtype, a float32 copy and its softmax); between 1 and `MAX_AUTO_BATCH`."""
+    geo = codi.geometry
+    width = codi.dtype.itemsize
+    kv_per_token = 2 * geo.n_layers * geo.n_kv_heads * geo.head_dim * width
+    logits = codi.lm.config.vocab_size * (width + 2 * 4)
+    per_problem = 2 * AUTO_BATCH_TOKENS * kv_per_token + logits
+    return max(1, min(MAX_AUTO_BATCH, free_bytes // 2 // per_problem))
+
+
+def worker_device(device: str, worker: str | None, n_gpus: int) -> str:
+    """The device of one pytest-xdist worker: `cuda` becomes `cuda:<worker index mod n_gpus>`
+    (worker ids are gw0, gw1, ...); an explicit index, the CPU, or no worker keeps `device`."""
+    match = _WORKER.fullmatch(worker or "")
+    if device != "cuda" or match is None or n_gpus < 1:
+        return device
+    return f"cuda:{int(match.group(1)) % n_gpus}"
+
+
+def session_device(device: str, worker: str | None) -> str:
+    """`worker_device` with this machine's GPU count; makes the chosen GPU the current one."""
+    if device != "cuda" or not torch.cuda.is_available():
+        return device
+    resolved = worker_device(device, worker, torch.cuda.device_count())
+    torch.cuda.set_device(torch.device(resolved))
+    return resolved

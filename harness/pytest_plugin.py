@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from harness.cache import DEFAULT_DIR, ResultCache
-from harness.claims import Claim, ClaimResult, evaluate_claim
+from harness.claims import PHASES, Claim, ClaimResult, evaluate_claim, load_registry
 from harness.codi import ModelLoadError
 from harness.data import DataError, held_out_splits
 from harness.experiments import ModelRun
@@ -20,7 +20,18 @@ from harness.interventions import InterventionError, leftover_hooks, parse_heads
 from harness.models import SHIPPED, load
 from harness.report import REPORTS_DIR, new_run_dir, write_report
 
-PHASES = (1, 2, 3, 4)
+REGISTRY_BY_ID = {c.id: c for c in load_registry()}
+
+
+def claim_params(phase: int) -> list:
+    """The registry's claims of one phase as pytest parameters: id = claim id, marker = phase."""
+    return [
+        pytest.param(c, id=c.id, marks=getattr(pytest.mark, c.marker))
+        for c in REGISTRY_BY_ID.values()
+        if c.phase == phase
+    ]
+
+
 RESULT_KEY = "codi_claim_result"
 _STATE = pytest.StashKey[dict]()
 
@@ -37,13 +48,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--base", help="base model (HF id or directory) for hub-format checkpoints")
     group.addoption("--data", default=None, help="synthetic (default for tiny models), gsm8k, or a .jsonl path")
     group.addoption("--n-problems", type=int, default=1000, help="problems from the test split (default 1000)")
-    group.addoption("--device", default="cpu", help="torch device (default cpu)")
+    group.addoption(
+        "--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1; with -n, cuda is one GPU per worker"
+    )
+    group.addoption("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight dtype")
     group.addoption("--heads", help="critical heads instead of the ranking, e.g. L4H5,L5H30,L5H28")
     group.addoption("--seed", type=int, default=0, help="seed for controls, noise and the bootstrap")
-    group.addoption("--batch-size", type=int, default=128)
+    group.addoption(
+        "--batch-size", type=int, help="problems per batched pass (default 128 on CPU; on CUDA, what memory holds)"
+    )
     group.addoption("--report-dir", help="where the report goes (default reports/<run-id>/)")
     group.addoption("--no-cache", action="store_true", help="recompute every result")
     group.addoption("--cache-dir", default=str(DEFAULT_DIR), help="result cache directory")
+    group.addoption("--no-gates", action="store_true", help="run phase-2 claims even when phase 1's gate is not met")
 
 
 def _runs_claims(config: pytest.Config) -> bool:
@@ -63,6 +80,8 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     try:
         state["runs"] = _load_runs(config)
+        for name, run in state["runs"].items():
+            run.peers = {other: r for other, r in state["runs"].items() if other != name}
     except (ModelLoadError, DataError, InterventionError) as e:
         raise pytest.UsageError(str(e)) from None
     if hasattr(config, "workerinput"):  # xdist workers measure; the controller reports
@@ -77,15 +96,18 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def _load_runs(config: pytest.Config) -> dict[str, ModelRun]:
     """Every selected model, its problems and the user's heads: checked before any model runs."""
-    import torch
+    import os
+
+    from harness.models import default_batch_size, session_device
 
     n = config.getoption("n_problems")
     if n <= 0:
         raise DataError(f"--n-problems must be positive, got {n}")
     cache = ResultCache(None if config.getoption("no_cache") else config.getoption("cache_dir"))
     runs = {}
+    device = session_device(config.getoption("device"), os.environ.get("PYTEST_XDIST_WORKER"))
     for name in config.getoption("model") or list(SHIPPED):
-        codi = load(name, config.getoption("base")).to(torch.device(config.getoption("device")))
+        codi = load(name, config.getoption("base"), dtype=config.getoption("dtype"), device=device)
         data = config.getoption("data") or "synthetic"
         problems, discovery = held_out_splits(data, n)
         heads = parse_heads(config.getoption("heads"), codi) if config.getoption("heads") else None
@@ -94,7 +116,7 @@ def _load_runs(config: pytest.Config) -> dict[str, ModelRun]:
             problems,
             discovery,
             cache,
-            config.getoption("batch_size"),
+            config.getoption("batch_size") or default_batch_size(codi),
             config.getoption("seed"),
             heads,
         )
@@ -119,6 +141,14 @@ def judge_claim(request: pytest.FixtureRequest):
 
     def judge(claim: Claim, model_name: str) -> ClaimResult:
         run = state["runs"][model_name]
+        if claim.gate and not request.config.getoption("no_gates"):
+            gate = evaluate_claim(REGISTRY_BY_ID[claim.gate], run)
+            if gate.verdict != "SUPPORTED":
+                pytest.skip(
+                    f"phase 1 gate not met: {gate.id} is {gate.verdict} for {model_name} "
+                    f"(effect {gate.effect:+.1f} points, 95% CI {gate.ci_low:+.1f} to {gate.ci_high:+.1f}); "
+                    "pivot to distributed analysis (or force with --no-gates)"
+                )
         result = evaluate_claim(claim, run)
         leftovers = leftover_hooks(run.codi)
         assert not leftovers, f"an intervention left hooks behind: {leftovers}"
@@ -182,3 +212,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     for line in written.lines:
         terminalreporter.write_line(line)
     terminalreporter.write_line(f"report: {written.directory}")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Group claim tests by model for `--dist loadgroup`: one worker measures one model."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and "model_name" in callspec.params:
+            item.add_marker(pytest.mark.xdist_group(callspec.params["model_name"]))

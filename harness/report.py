@@ -9,6 +9,7 @@ import io
 import json
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from matplotlib.figure import Figure
 
 from harness.claims import VERDICTS
 from harness.data import PROJECT_ROOT
+from harness.sections import late_sections
 from harness.stats import holm
 
 REPORTS_DIR = PROJECT_ROOT / "reports"
@@ -27,12 +29,24 @@ COLUMNS = ["id", "model", "statement", "effect", "ci_low", "ci_high", "threshold
 
 
 def new_run_dir(root: Path) -> Path:
-    """A new folder per run (never an earlier run's)."""
+    """Create and return a new folder for this run, never an earlier run's (even when two
+    runs start in the same second: the folder is claimed by an exclusive mkdir)."""
+    root.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path, k = root / stamp, 1
-    while path.exists():
-        path, k = root / f"{stamp}-{k}", k + 1
-    return path
+    while True:
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            path, k = root / f"{stamp}-{k}", k + 1
+
+
+def point_latest(directory: Path) -> None:
+    """Move `<parent>/latest` to `directory` atomically: a new symlink renamed over the old."""
+    tmp = directory.parent / f".latest-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.symlink_to(directory.name)
+    os.replace(tmp, directory.parent / "latest")
 
 
 @dataclass
@@ -174,11 +188,11 @@ def _finding(r) -> str:
     return (
         f"**{r.id}** {r.verdict.lower()}: {r.statement}. Measured {r.effect:+.1f} points "
         f"(95% CI {r.ci_low:+.1f} to {r.ci_high:+.1f}) against a threshold of {r.direction} than {r.threshold:.1f}"
-        f" (McNemar p = {r.p_value:.2g}, Holm {r.p_holm:.2g}){control}."
+        f" (p = {r.p_value:.2g}, Holm {r.p_holm:.2g}){control}."
     )
 
 
-def _summary_md(df: pd.DataFrame, runs: dict, tables: dict, flips: list[str]) -> str:
+def _summary_md(df: pd.DataFrame, runs: dict, tables: dict, flips: list[str], late: dict) -> str:
     lines = ["# Experiment summary", ""]
     for name, run in runs.items():
         lines += [
@@ -211,6 +225,8 @@ def _summary_md(df: pd.DataFrame, runs: dict, tables: dict, flips: list[str]) ->
     lines += ["## Experiments", ""]
     for title, key in sections:
         lines += [f"### {title}", "", tables[key].round(1).to_markdown(index=False), ""]
+    for key, section in late.items():
+        lines += [f"### {section.title}", "", f"`{key}.csv`:", "", section.table.round(3).to_markdown(index=False), ""]
     lines += ["## Verdicts changed since the previous run", ""]
     lines += [f"- {f}" for f in flips] or ["- none"]
     return "\n".join(lines) + "\n"
@@ -218,7 +234,8 @@ def _summary_md(df: pd.DataFrame, runs: dict, tables: dict, flips: list[str]) ->
 
 def write_report(directory: Path, results: list, runs: dict) -> Written:
     directory.mkdir(parents=True, exist_ok=True)
-    df = pd.DataFrame([r.as_row() for r in results])
+    df = pd.DataFrame([r.as_row() for r in results]).sort_values(["model", "phase", "id"], kind="stable")
+    df = df.reset_index(drop=True)
     df["p_holm"] = np.nan
     for _, idx in df.groupby(["model", "phase"]).groups.items():
         df.loc[idx, "p_holm"] = holm(df.loc[idx, "p_value"].tolist())
@@ -240,16 +257,16 @@ def write_report(directory: Path, results: list, runs: dict) -> Written:
         if "ranking" in vars(run):  # computed (a cached_property) by this run's claims
             run.ranking.to_csv(directory / f"ranked_heads_{name}.csv", index=False)
     figs = _figures(tables, list(runs))
+    late = late_sections(runs, metrics)
+    for key, section in late.items():
+        section.table.to_csv(directory / f"{key}.csv", index=False)
+        figs.update(section.figures)
     for name, data in figs.items():
         (directory / name).write_bytes(data)
-    (directory / "summary.md").write_text(_summary_md(df, runs, tables, flips))
-    latest = directory.parent / "latest"
-    tmp = directory.parent / f".latest-{os.getpid()}"
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(directory.name)
-    os.replace(tmp, latest)
+    (directory / "summary.md").write_text(_summary_md(df, runs, tables, flips, late))
+    point_latest(directory)
     lines = [
-        f"{r.verdict:12s} {r.id:24s} {r.model:12s} effect {r.effect:+6.1f} [{r.ci_low:+.1f}, {r.ci_high:+.1f}]"
+        f"{r.verdict:12s} {r.id:32s} {r.model:12s} effect {r.effect:+6.1f} [{r.ci_low:+.1f}, {r.ci_high:+.1f}]"
         for r in df.itertuples()
     ]
     lines += [f"verdict changed: {f}" for f in flips]

@@ -63,11 +63,13 @@ def _ones(mask: torch.Tensor, n: int = 1) -> torch.Tensor:
     return torch.cat([mask, mask.new_ones(mask.shape[0], n)], dim=1)
 
 
-def run_latents(codi: CODIModel, batch: Batch, patch: LatentPatch | None = None) -> LatentState:
+def run_latents(
+    codi: CODIModel, batch: Batch, patch: LatentPatch | None = None, n_thoughts: int | None = None
+) -> LatentState:
     """Question + bot in one pass, then K single-position passes over the continuous thoughts.
 
     `patch` (or, without one, the model's active `ThoughtPatch`) edits each thought before it
-    is fed back.
+    is fed back. `n_thoughts` stops after the first few (e.g. when only CT0 is read).
     """
     patch = patch or codi.thought_patch
     mask = batch.attention_mask
@@ -78,7 +80,7 @@ def run_latents(codi: CODIModel, batch: Batch, patch: LatentPatch | None = None)
     bot_hidden = hidden
     next_pos = pos[:, -1] + 1  # [B]
     thoughts = []
-    for i in range(codi.n_latent):
+    for i in range(codi.n_latent if n_thoughts is None else n_thoughts):
         thought = codi.prj(hidden)  # [B, d]
         if patch is not None:
             thought = patch(i, thought)

@@ -54,6 +54,63 @@ def accuracy_drop(
     return PairedEffect(float(effect), low, high, mcnemar_exact(base, treat), int(base.size))
 
 
+def difference_of_drops(
+    base_a, treat_a, base_b, treat_b, n_resamples: int = N_RESAMPLES, seed: int = 0, level: float = 0.95
+) -> PairedEffect:
+    """Drop in group a minus drop in group b (points), groups of different problems: a
+    bootstrap resampling each group independently, and Welch's one-sided t-test for p."""
+    da = 100.0 * (_as_bool(base_a).astype(float) - _as_bool(treat_a).astype(float))
+    db = 100.0 * (_as_bool(base_b).astype(float) - _as_bool(treat_b).astype(float))
+    if da.size < 2 or db.size < 2:
+        nan = float("nan")
+        return PairedEffect(nan, nan, nan, nan, int(da.size + db.size))
+    if np.all(da == da[0]) and np.all(db == db[0]):
+        effect = float(da[0] - db[0])
+        return PairedEffect(effect, effect, effect, 1.0 if effect <= 0 else 0.0, int(da.size + db.size))
+    res = scipy_stats.bootstrap(
+        (da, db),
+        lambda a, b, axis=-1: a.mean(axis) - b.mean(axis),
+        n_resamples=n_resamples,
+        confidence_level=level,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
+    p = scipy_stats.ttest_ind(da, db, equal_var=False, alternative="greater").pvalue
+    low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    p = 1.0 if np.isnan(p) else float(p)  # no variance in either group
+    return PairedEffect(float(da.mean() - db.mean()), low, high, p, int(da.size + db.size))
+
+
+def accuracy_above(correct, chance: float, n_resamples: int = N_RESAMPLES, seed: int = 0) -> PairedEffect:
+    """Accuracy minus a chance level (points) with a bootstrap CI, and the one-sided exact
+    binomial p of doing no better than chance."""
+    hits = _as_bool(correct)
+    ci = accuracy_drop(hits, np.zeros_like(hits), n_resamples=n_resamples, seed=seed)  # CI of the accuracy
+    p = scipy_stats.binomtest(int(hits.sum()), hits.size, chance, alternative="greater").pvalue
+    shift = 100.0 * chance
+    return PairedEffect(ci.effect - shift, ci.ci_low - shift, ci.ci_high - shift, float(p), int(hits.size))
+
+
+def mean_with_ci(values, n_resamples: int = N_RESAMPLES, seed: int = 0, level: float = 0.95) -> PairedEffect:
+    """Mean of per-problem differences with a bootstrap CI, and a one-sided Wilcoxon
+    signed-rank p that the differences are centred above zero."""
+    x = np.asarray(values, dtype=float)
+    assert x.ndim == 1 and x.size > 1, "per-problem differences"
+    if np.all(x == x[0]):
+        return PairedEffect(float(x[0]), float(x[0]), float(x[0]), 1.0 if x[0] <= 0 else 0.0, int(x.size))
+    res = scipy_stats.bootstrap(
+        (x,),
+        np.mean,
+        n_resamples=n_resamples,
+        confidence_level=level,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
+    p = float(scipy_stats.wilcoxon(x, alternative="greater").pvalue)
+    low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    return PairedEffect(float(x.mean()), low, high, p, int(x.size))
+
+
 def mean_drop(baseline, treated) -> float:
     """The accuracy drop alone (points), for control distributions that need no CI."""
     base, treat = _as_bool(baseline), _as_bool(treated)
@@ -73,9 +130,12 @@ def mcnemar_exact(baseline, treated) -> float:
 
 def holm(p_values: list[float]) -> list[float]:
     """Holm-adjusted p-values (family: one phase's claims)."""
-    if not p_values:
-        return []
-    return [float(p) for p in multipletests(p_values, method="holm")[1]]
+    p = np.asarray(p_values, dtype=float)
+    out = np.full(p.shape, np.nan)
+    measured = ~np.isnan(p)  # claims that could not be measured stay out of the family
+    if measured.any():
+        out[measured] = multipletests(p[measured], method="holm")[1]
+    return [float(x) for x in out]
 
 
 def percentile_of(value: float, null: list[float]) -> float:

@@ -2,12 +2,9 @@
 
 import pytest
 
-from harness.claims import load_registry
-
-CLAIMS = [c for c in load_registry() if c.phase == 1]
+from harness.pytest_plugin import claim_params
 
 
-@pytest.mark.phase1
-@pytest.mark.parametrize("claim", CLAIMS, ids=[c.id for c in CLAIMS])
+@pytest.mark.parametrize("claim", claim_params(1))
 def test_claim(claim, model_name, judge_claim):
     judge_claim(claim, model_name)

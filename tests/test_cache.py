@@ -1,6 +1,22 @@
-import numpy as np
+"""The result cache never lies: content keys, unreadable entries, killed writers, concurrent writers."""
 
+import copy
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from harness import cache as cache_module
 from harness.cache import ResultCache, content_key
+from harness.data import synthetic_split
+from harness.experiments import ModelRun
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_cache_computes_once_and_keys_by_content(tmp_path):
@@ -19,14 +35,154 @@ def test_cache_computes_once_and_keys_by_content(tmp_path):
     assert content_key(spec={"heads": ["L0H1"]}, model="a") == key
 
 
-def test_corrupted_entry_is_recomputed(tmp_path, caplog):
+@pytest.mark.parametrize(
+    "damage",
+    [lambda b: b"garbage", lambda b: b[: len(b) // 2], lambda b: b[:20], lambda b: b""],
+    ids=["garbage", "truncated-data", "truncated-header", "empty"],
+)
+def test_corrupted_entry_is_recomputed(tmp_path, caplog, damage):
     cache = ResultCache(tmp_path)
     key = content_key(x=1)
-    cache.get_or_compute(key, lambda: np.arange(3))
-    (tmp_path / f"{key}.npy").write_bytes(b"garbage")
-    assert cache.get_or_compute(key, lambda: np.arange(3)).tolist() == [0, 1, 2]
+    cache.get_or_compute(key, lambda: np.arange(300))
+    entry = tmp_path / f"{key}.npy"
+    entry.write_bytes(damage(entry.read_bytes()))
+    assert cache.get_or_compute(key, lambda: np.arange(300)).tolist() == list(range(300))
     assert "unreadable" in caplog.text
     assert not list(tmp_path.glob("*.tmp"))
+    assert np.load(entry).tolist() == list(range(300)), "the recomputed entry replaced the damaged one"
+
+
+def test_key_changes_with_every_part(monkeypatch):
+    parts = {
+        "model": "fingerprint-a",
+        "data": "data-hash-a",
+        "decoding": {"greedy": True, "max_new_tokens": 256, "n_latent": 6},
+        "spec": {"kind": "ablation", "heads": ["L0H1"]},
+    }
+    key = content_key(**parts)
+    changed = {
+        "model": "fingerprint-b",
+        "data": "data-hash-b",
+        "decoding": {"greedy": True, "max_new_tokens": 255, "n_latent": 6},
+        "spec": {"kind": "ablation", "heads": ["L0H1"], "mode": "mean"},
+    }
+    for part, value in changed.items():
+        assert content_key(**{**parts, part: value}) != key, part
+    monkeypatch.setattr(cache_module, "CACHE_VERSION", cache_module.CACHE_VERSION + 1)
+    assert content_key(**parts) != key, "a new cache version never reads old entries"
+
+
+def test_experiment_keys_cover_weights_data_and_decoding(random_codi):
+    problems = synthetic_split("test")[:8]
+    run = ModelRun(random_codi, problems, [], ResultCache(None))
+    key = run.key(kind="baseline")
+    assert ModelRun(random_codi, problems, [], ResultCache(None)).key(kind="baseline") == key
+    assert ModelRun(random_codi, problems[:7], [], ResultCache(None)).key(kind="baseline") != key
+    assert run.key(kind="ablation") != key
+    other = copy.deepcopy(random_codi)
+    with torch.no_grad():
+        next(other.prj.parameters()).view(-1)[0] += 1e-3
+    assert ModelRun(other, problems, [], ResultCache(None)).key(kind="baseline") != key
+    other = copy.deepcopy(random_codi)
+    other.n_latent += 1
+    assert ModelRun(other, problems, [], ResultCache(None)).key(kind="baseline") != key
+
+
+# A child process whose write of the entry stops half-way (np.save patched to hang after half the
+# bytes) until the test SIGKILLs it.
+_KILLED_WRITER = """
+import io, sys, time
+from pathlib import Path
+import numpy as np
+from harness.cache import ResultCache
+
+directory, key, marker = sys.argv[1:]
+real_save = np.save
+
+def half_then_hang(f, value, allow_pickle=False):
+    buf = io.BytesIO()
+    real_save(buf, value, allow_pickle=allow_pickle)
+    f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+    f.flush()
+    Path(marker).touch()
+    time.sleep(120)
+
+np.save = half_then_hang
+ResultCache(directory).get_or_compute(key, lambda: np.arange(200_000))
+"""
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def test_writer_killed_mid_write_leaves_no_entry(tmp_path):
+    key, marker = content_key(x="killed"), tmp_path / "writing"
+    directory = tmp_path / "cache"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_WRITER, str(directory), key, str(marker)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _wait_for(marker, proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (directory / f"{key}.npy").exists()
+    assert [p.stat().st_size > 0 for p in directory.glob(f"{key}.*.tmp")] == [True], "the partial write happened"
+    calls = []
+    cache = ResultCache(directory)
+    value = cache.get_or_compute(key, lambda: calls.append(1) or np.arange(200_000))
+    assert calls == [1] and np.array_equal(value, np.arange(200_000))
+    assert not list(directory.glob("*.tmp")), "the killed writer's temporary file is cleaned up"
+    assert np.array_equal(ResultCache(directory).get_or_compute(key, lambda: np.zeros(1)), np.arange(200_000))
+
+
+# Two processes released at once on the same key; the computation records each call in a file.
+_RACER = """
+import sys, time
+from pathlib import Path
+import numpy as np
+from harness.cache import ResultCache
+
+directory, key, calls, ready, go = sys.argv[1:]
+Path(ready).touch()
+while not Path(go).exists():
+    time.sleep(0.005)
+
+def compute():
+    with open(calls, "a") as f:
+        f.write("computed\\n")
+    time.sleep(1.0)
+    return np.arange(1000)
+
+print(int(ResultCache(directory).get_or_compute(key, compute).sum()))
+"""
+
+
+def test_concurrent_processes_compute_an_entry_once(tmp_path):
+    key, calls, go = content_key(x="race"), tmp_path / "calls.txt", tmp_path / "go"
+    directory = tmp_path / "cache"
+    procs = []
+    for i in range(2):
+        ready = tmp_path / f"ready-{i}"
+        args = [sys.executable, "-c", _RACER, str(directory), key, str(calls), str(ready), str(go)]
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs.append((proc, ready))
+    for proc, ready in procs:
+        _wait_for(ready, proc)
+    go.touch()
+    outputs = [proc.communicate(timeout=120) for proc, _ in procs]
+    assert [(proc.returncode, out.strip()) for (proc, _), (out, _) in zip(procs, outputs)] == [(0, "499500")] * 2
+    assert calls.read_text().splitlines() == ["computed"]
+    assert [p.name for p in directory.glob("*.npy")] == [f"{key}.npy"] and not list(directory.glob("*.tmp"))
+    assert np.array_equal(np.load(directory / f"{key}.npy"), np.arange(1000))
 
 
 def test_disabled_cache_always_computes(tmp_path):

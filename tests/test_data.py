@@ -52,6 +52,9 @@ def test_jsonl_loader_names_the_malformed_line(tmp_path):
     path.write_text("")
     with pytest.raises(DataError, match="no problems"):
         load_jsonl(path)
+    path.write_bytes(good.encode() + b'\n{"question": "caf\xe9", "answer": "#### 1"}\n')  # Latin-1
+    with pytest.raises(DataError, match=r"bad.jsonl:2: not UTF-8 text"):
+        load_jsonl(path)
 
 
 def test_synthetic_splits_are_deterministic_disjoint_and_sized():
@@ -84,6 +87,8 @@ def test_load_problems_rejects_bad_sizes():
         load_problems("gsm8k", 5000)
     with pytest.raises(DataError, match="must be positive"):
         load_problems("synthetic", 0)
+    with pytest.raises(DataError, match=r"^--n-problems 1001 is larger than the data set \(1000 problems"):
+        held_out_splits("synthetic", 1001)  # the claims suite's flag is named, not the CLI's
     assert len(load_problems("synthetic", 10)) == 10
 
 

@@ -1,0 +1,233 @@
+"""Robustness (issue 6): bad input is one usage line with exit status 4 before any long work, in
+the CLI and in the claims suite; report folders are never reused and `latest` moves atomically;
+one seed gives the same claims twice."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from harness import report
+from harness.cli import USAGE_ERROR, main
+from harness.tokenizer import build_word_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+GOOD_LINE = json.dumps({"question": "Tom has 3 apples . how many apples ?", "answer": "<<3=3>> #### 3"})
+MISFIT_KEY = "codi.base_model.model.transformer.wte.weight"
+OFFLINE_ID = "nobody/no-such-codi-model"
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory) -> dict[str, str]:
+    """Paths of bad inputs: a folder that is no checkpoint, a hub-format checkpoint whose tensors do
+    not fit its (tiny, local) base model, and broken data files."""
+    root = tmp_path_factory.mktemp("bad")
+    (root / "not-a-checkpoint").mkdir()
+    (root / "not-a-checkpoint" / "notes.txt").write_text("no weights here\n")
+    tokenizer = build_word_tokenizer()
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64))
+    base.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    (root / "misfit").mkdir()
+    torch.save({MISFIT_KEY: torch.zeros(3, 3)}, root / "misfit" / "pytorch_model.bin")
+    files = {
+        "malformed": f"{GOOD_LINE}\n{{not json\n".encode(),
+        "empty": b"",
+        "no-gold": f"{GOOD_LINE}\n{json.dumps({'question': 'q', 'answer': 'no gold here'})}\n".encode(),
+        "no-answer": f"{GOOD_LINE}\n{json.dumps({'question': 'q'})}\n".encode(),
+        "latin1": f"{GOOD_LINE}\n".encode() + '{"question": "caf\u00e9", "answer": "#### 1"}\n'.encode("latin-1"),
+    }
+    for name, content in files.items():
+        (root / f"{name}.jsonl").write_bytes(content)
+    return {name: str(root / name) for name in ("not-a-checkpoint", "base", "misfit")} | {
+        name: str(root / f"{name}.jsonl") for name in files
+    }
+
+
+# (arguments, expected text); data errors must stop before the model is even loaded
+DATA_CASES = [
+    (["--data", "{malformed}"], "malformed.jsonl:2: malformed JSON"),
+    (["--data", "{empty}"], "empty.jsonl: no problems in the file"),
+    (["--data", "{no-gold}"], "no-gold.jsonl:2: no gold number after '####'"),
+    (["--data", "{no-answer}"], "no-answer.jsonl:2: expected an object with 'question' and 'answer'"),
+    (["--data", "{latin1}"], "latin1.jsonl:2: not UTF-8 text"),
+]
+MODEL_CASES = [
+    (["--model", "{not-a-checkpoint}"], "not-a-checkpoint is not a CODI checkpoint"),
+    (["--model", "{misfit}", "--base", "{base}"], f"key '{MISFIT_KEY}' has shape (3, 3), the base model expects"),
+]
+
+
+def _fill(args: list[str], bad: dict[str, str]) -> list[str]:
+    return [a.format(**bad) for a in args]
+
+
+@pytest.mark.parametrize(
+    ("args", "message", "data_error"),
+    [(a, m, True) for a, m in DATA_CASES]
+    + [(a, m, False) for a, m in MODEL_CASES]
+    + [(["--n", "-3"], "--n must be positive, got -3", True)],
+)
+def test_cli_usage_errors(bad, args, message, data_error, capsys, monkeypatch):
+    def must_not_run(*_args, **_kwargs):
+        raise AssertionError("long work started before the input was checked")
+
+    monkeypatch.setattr("harness.evaluation.evaluate", must_not_run)
+    if data_error:
+        monkeypatch.setattr("harness.models.load", must_not_run)
+    assert main(["evaluate", *_fill(args, bad)]) == USAGE_ERROR
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if "error" in line.lower()]  # not transformers' bars
+    assert captured.out == "" and "Traceback" not in captured.err
+    assert len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0], captured.err
+
+
+def _claims_args(tmp_path: Path, *args: str) -> list[str]:
+    return [
+        str(ROOT / "hypotheses"),
+        "-k",
+        "phase1",
+        "-p",
+        "no:cacheprovider",
+        "--report-dir",
+        str(tmp_path / "report"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        *args,
+    ]
+
+
+def _assert_usage_error(result: pytest.RunResult, message: str, tmp_path: Path) -> None:
+    errors = [line for line in result.errlines if "error" in line.lower()]  # not transformers' bars
+    assert result.ret == 4, result.outlines + result.errlines
+    assert len(errors) == 1 and errors[0].startswith("ERROR: ") and message in errors[0], errors
+    assert "Traceback" not in "\n".join(result.outlines + result.errlines)
+    assert not (tmp_path / "report").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--model", "tiny-gpt2", *a], m) for a, m in DATA_CASES]
+    + MODEL_CASES
+    + [
+        (["--model", "tiny-gpt2", "--heads", "L1H2,L1H2"], "head L1H2 given twice"),
+        (["--model", "tiny-gpt2", "--heads", "L1H2;L0H0"], "malformed head 'L1H2;L0H0'"),
+        (["--model", "tiny-gpt2", "--heads", "L0H8"], "head L0H8 out of range for tiny-gpt2: 4 layers x 8 heads"),
+        (["--model", "tiny-gpt2", "--n-problems", "-5"], "--n-problems must be positive, got -5"),
+        (["--model", "tiny-gpt2", "--n-problems", "1001"], "larger than the data set (1000 problems in"),
+    ],
+)
+def test_claims_suite_usage_errors(bad, args, message, pytester, tmp_path):
+    """In-process (no torch import per case): the same hooks as a pytest subprocess, in milliseconds."""
+    result = pytester.runpytest_inprocess(*_claims_args(tmp_path, *_fill(args, bad)))
+    _assert_usage_error(result, message, tmp_path)
+
+
+def test_hub_id_without_network_or_local_copy(pytester, tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE is read when huggingface_hub is imported: a fresh process for each entry point."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    expected = f"'{OFFLINE_ID}' is not in the local hub cache and the hub cannot be reached (HF_HUB_OFFLINE is set)"
+    cli = subprocess.run(
+        [sys.executable, "-m", "harness", "evaluate", "--model", OFFLINE_ID, "--base", "gpt2", "--n", "5"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert cli.returncode == USAGE_ERROR
+    assert cli.stderr.count("\n") == 1 and expected in cli.stderr and "--model PATH" in cli.stderr, cli.stderr
+    suite = pytester.runpytest_subprocess(*_claims_args(tmp_path, "--model", OFFLINE_ID, "--base", "gpt2"))
+    _assert_usage_error(suite, expected, tmp_path)
+
+
+# --- nothing is lost ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def frozen_clock(monkeypatch) -> str:
+    """Every run starts in the same second."""
+    monkeypatch.setattr(report.time, "strftime", lambda _fmt: "20260101-000000")
+    return "20260101-000000"
+
+
+def test_run_dirs_are_new_and_never_an_earlier_run(tmp_path, frozen_clock):
+    root = tmp_path / "reports"
+    earlier = root / frozen_clock
+    earlier.mkdir(parents=True)
+    (earlier / "claims.json").write_text("[]\n")
+    first, second = report.new_run_dir(root), report.new_run_dir(root)
+    assert len({earlier, first, second}) == 3
+    assert first.is_dir() and second.is_dir() and not any(first.iterdir())
+    assert (earlier / "claims.json").read_text() == "[]\n"
+
+
+def test_run_dirs_are_claimed_atomically_by_concurrent_runs(tmp_path, frozen_clock):
+    with ThreadPoolExecutor(8) as pool:
+        dirs = list(pool.map(lambda _: report.new_run_dir(tmp_path), range(40)))
+    assert len(set(dirs)) == 40 and all(d.is_dir() for d in dirs)
+
+
+def test_latest_moves_atomically(tmp_path):
+    runs = [tmp_path / "run-a", tmp_path / "run-b"]
+    for run in runs:
+        run.mkdir()
+        (run / "claims.json").write_text(f'"{run.name}"\n')
+    report.point_latest(runs[0])
+    latest, stop, misses = tmp_path / "latest", threading.Event(), []
+
+    def read() -> None:
+        while not stop.is_set():
+            try:
+                json.loads((latest / "claims.json").read_text())
+            except (OSError, ValueError) as e:
+                misses.append(e)
+
+    def repoint(offset: int) -> None:
+        for i in range(150):
+            report.point_latest(runs[(i + offset) % 2])
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(repoint, (0, 1)))  # two writers at once (e.g. two sessions finishing together)
+    stop.set()
+    reader.join()
+    assert not misses, misses[:3]
+    report.point_latest(runs[1])
+    assert latest.is_symlink() and os.readlink(latest) == "run-b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "run-a", "run-b"]
+
+
+# --- reproducibility ---------------------------------------------------------------------
+
+
+def test_one_seed_gives_identical_claims(pytester, tmp_path):
+    outputs = []
+    for name in ("A", "B"):
+        run = pytester.runpytest_subprocess(
+            str(ROOT / "hypotheses"),
+            "-k",
+            "phase1",
+            "--model",
+            "tiny-gpt2",
+            "--n-problems",
+            "30",
+            "--no-cache",
+            "--seed",
+            "3",
+            "--report-dir",
+            str(tmp_path / name),
+            "-p",
+            "no:cacheprovider",
+        )
+        assert run.ret in (0, 1), run.outlines[-20:]
+        outputs.append(tmp_path / name)
+    first, second = (json.loads((d / "claims.json").read_text()) for d in outputs)
+    assert first and first == second
+    assert (outputs[0] / "claims.csv").read_text() == (outputs[1] / "claims.csv").read_text()
