@@ -255,7 +255,7 @@ def fetch_hub_weights(repo_id: str) -> Path:
     try:
         return Path(hf_hub_download(repo_id, HUB_WEIGHTS))
     except LocalEntryNotFoundError:  # not cached, and the hub cannot be reached
-        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "no network"
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "no network; HF_HUB_OFFLINE=1 skips the retries"
         raise ModelLoadError(
             f"{repo_id!r} is not in the local hub cache and the hub cannot be reached ({why}); download "
             f"it where there is a network and pass its local directory with --model PATH"

@@ -105,7 +105,12 @@ class ModelRun:
 
     @cached_property
     def _attention(self) -> LatentAttention:
-        key = content_key(model=self.fingerprint, data=data_hash(self.discovery), spec={"kind": "latent_attention"})
+        key = content_key(
+            model=self.fingerprint,
+            data=data_hash(self.discovery),
+            decoding={"n_latent": self.codi.n_latent},
+            spec={"kind": "latent_attention"},
+        )
 
         def compute() -> np.ndarray:
             self._computed.append("latent_attention")

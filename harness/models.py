@@ -50,6 +50,12 @@ MODEL_SPECS: dict[str, ModelSpec] = {
     ),
 }
 SHIPPED = ("tiny-gpt2", "tiny-llama")
+
+
+def default_data(model: str) -> str:
+    """The data a model is evaluated on unless `--data` says otherwise."""
+    spec = MODEL_SPECS.get(model)
+    return spec.default_data if spec else "synthetic"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CPU_BATCH_SIZE = 128  # fastest on the 2-core reference machine (docs/performance.md)
 MAX_AUTO_BATCH = 512

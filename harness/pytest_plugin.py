@@ -17,7 +17,7 @@ from harness.codi import ModelLoadError
 from harness.data import DataError, held_out_splits
 from harness.experiments import ModelRun
 from harness.interventions import InterventionError, leftover_hooks, parse_heads
-from harness.models import SHIPPED, load
+from harness.models import SHIPPED, default_data, load
 from harness.report import REPORTS_DIR, new_run_dir, write_report
 
 REGISTRY_BY_ID = {c.id: c for c in load_registry()}
@@ -86,7 +86,10 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(str(e)) from None
     if hasattr(config, "workerinput"):  # xdist workers measure; the controller reports
         return
-    report_dir = Path(config.getoption("report_dir") or new_run_dir(REPORTS_DIR))
+    chosen = config.getoption("report_dir")
+    if chosen and (Path(chosen) / "claims.json").exists():
+        raise pytest.UsageError(f"--report-dir {chosen} already holds a report; choose a new folder")
+    report_dir = Path(chosen or new_run_dir(REPORTS_DIR))
     state["report_dir"] = report_dir
     report_dir.mkdir(parents=True, exist_ok=True)
     if config.pluginmanager.hasplugin("html") and not config.getoption("htmlpath"):
@@ -106,11 +109,14 @@ def _load_runs(config: pytest.Config) -> dict[str, ModelRun]:
     cache = ResultCache(None if config.getoption("no_cache") else config.getoption("cache_dir"))
     runs = {}
     device = session_device(config.getoption("device"), os.environ.get("PYTEST_XDIST_WORKER"))
-    for name in config.getoption("model") or list(SHIPPED):
+    names = config.getoption("model") or list(SHIPPED)
+    data = {name: config.getoption("data") or default_data(name) for name in names}
+    splits = {source: held_out_splits(source, n) for source in set(data.values())}  # before any model loads
+    for name in names:
         codi = load(name, config.getoption("base"), dtype=config.getoption("dtype"), device=device)
-        data = config.getoption("data") or "synthetic"
-        problems, discovery = held_out_splits(data, n)
-        heads = parse_heads(config.getoption("heads"), codi) if config.getoption("heads") else None
+        problems, discovery = splits[data[name]]
+        heads = config.getoption("heads")
+        heads = parse_heads(heads, codi) if heads is not None else None
         runs[codi.name] = ModelRun(
             codi,
             problems,

@@ -31,6 +31,31 @@ def _as_bool(x) -> np.ndarray:
     return arr
 
 
+def _percentile_ci(samples: tuple, statistic, n_resamples: int, level: float, seed: int) -> tuple[float, float]:
+    """Percentile-bootstrap CI of `statistic(*samples)` (scipy resamples each sample on its
+    own); a sample set without variation has the point value as its CI."""
+    if all(np.all(s == s[0]) for s in samples):
+        value = float(statistic(*samples, axis=-1))
+        return value, value
+    res = scipy_stats.bootstrap(
+        samples,
+        statistic,
+        n_resamples=n_resamples,
+        confidence_level=level,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def _mean(x, axis=-1):
+    return np.mean(x, axis=axis)
+
+
+def _mean_difference(a, b, axis=-1):
+    return np.mean(a, axis=axis) - np.mean(b, axis=axis)
+
+
 def accuracy_drop(
     baseline, treated, n_resamples: int = N_RESAMPLES, seed: int = 0, level: float = 0.95
 ) -> PairedEffect:
@@ -39,18 +64,7 @@ def accuracy_drop(
     assert base.shape == treat.shape and base.size > 0, "paired flags over the same non-empty problem set"
     effect = 100.0 * (base.mean() - treat.mean())
     diff = 100.0 * (base.astype(float) - treat.astype(float))
-    if np.all(diff == diff[0]):
-        low = high = float(diff[0])  # no variation to resample
-    else:
-        res = scipy_stats.bootstrap(
-            (diff,),
-            np.mean,
-            n_resamples=n_resamples,
-            confidence_level=level,
-            method="percentile",
-            rng=np.random.default_rng(seed),
-        )
-        low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    low, high = _percentile_ci((diff,), _mean, n_resamples, level, seed)
     return PairedEffect(float(effect), low, high, mcnemar_exact(base, treat), int(base.size))
 
 
@@ -64,21 +78,11 @@ def difference_of_drops(
     if da.size < 2 or db.size < 2:
         nan = float("nan")
         return PairedEffect(nan, nan, nan, nan, int(da.size + db.size))
-    if np.all(da == da[0]) and np.all(db == db[0]):
-        effect = float(da[0] - db[0])
-        return PairedEffect(effect, effect, effect, 1.0 if effect <= 0 else 0.0, int(da.size + db.size))
-    res = scipy_stats.bootstrap(
-        (da, db),
-        lambda a, b, axis=-1: a.mean(axis) - b.mean(axis),
-        n_resamples=n_resamples,
-        confidence_level=level,
-        method="percentile",
-        rng=np.random.default_rng(seed),
-    )
+    low, high = _percentile_ci((da, db), _mean_difference, n_resamples, level, seed)
+    effect = float(da.mean() - db.mean())
     p = scipy_stats.ttest_ind(da, db, equal_var=False, alternative="greater").pvalue
-    low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
-    p = 1.0 if np.isnan(p) else float(p)  # no variance in either group
-    return PairedEffect(float(da.mean() - db.mean()), low, high, p, int(da.size + db.size))
+    p = float(effect <= 0) if np.isnan(p) else float(p)  # no variance in either group
+    return PairedEffect(effect, low, high, p, int(da.size + db.size))
 
 
 def accuracy_above(correct, chance: float, n_resamples: int = N_RESAMPLES, seed: int = 0) -> PairedEffect:
@@ -96,18 +100,8 @@ def mean_with_ci(values, n_resamples: int = N_RESAMPLES, seed: int = 0, level: f
     signed-rank p that the differences are centred above zero."""
     x = np.asarray(values, dtype=float)
     assert x.ndim == 1 and x.size > 1, "per-problem differences"
-    if np.all(x == x[0]):
-        return PairedEffect(float(x[0]), float(x[0]), float(x[0]), 1.0 if x[0] <= 0 else 0.0, int(x.size))
-    res = scipy_stats.bootstrap(
-        (x,),
-        np.mean,
-        n_resamples=n_resamples,
-        confidence_level=level,
-        method="percentile",
-        rng=np.random.default_rng(seed),
-    )
-    p = float(scipy_stats.wilcoxon(x, alternative="greater").pvalue)
-    low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    low, high = _percentile_ci((x,), _mean, n_resamples, level, seed)
+    p = 1.0 if np.all(x == x[0]) and x[0] <= 0 else float(scipy_stats.wilcoxon(x, alternative="greater").pvalue)
     return PairedEffect(float(x.mean()), low, high, p, int(x.size))
 
 

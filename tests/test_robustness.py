@@ -122,6 +122,7 @@ def _assert_usage_error(result: pytest.RunResult, message: str, tmp_path: Path) 
         (["--model", "tiny-gpt2", "--heads", "L0H8"], "head L0H8 out of range for tiny-gpt2: 4 layers x 8 heads"),
         (["--model", "tiny-gpt2", "--n-problems", "-5"], "--n-problems must be positive, got -5"),
         (["--model", "tiny-gpt2", "--n-problems", "1001"], "larger than the data set (1000 problems in"),
+        (["--model", "tiny-gpt2", "--heads", ""], "no heads in ''"),
     ],
 )
 def test_claims_suite_usage_errors(bad, args, message, pytester, tmp_path):
@@ -130,10 +131,20 @@ def test_claims_suite_usage_errors(bad, args, message, pytester, tmp_path):
     _assert_usage_error(result, message, tmp_path)
 
 
+def test_an_earlier_report_folder_is_refused(pytester, tmp_path):
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "claims.json").write_text("[]")
+    result = pytester.runpytest_inprocess(*_claims_args(tmp_path, "--model", "tiny-gpt2"))
+    assert result.ret == 4
+    assert any("already holds a report; choose a new folder" in line for line in result.errlines)
+    assert (tmp_path / "report" / "claims.json").read_text() == "[]"
+
+
 def test_hub_id_without_network_or_local_copy(pytester, tmp_path, monkeypatch):
-    """HF_HUB_OFFLINE is read when huggingface_hub is imported: a fresh process for each entry point."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    """The CLI in a fresh process with HF_HUB_OFFLINE=1 (read when huggingface_hub is imported);
+    the claims suite in-process, with the flag huggingface_hub read from it set."""
     expected = f"'{OFFLINE_ID}' is not in the local hub cache and the hub cannot be reached (HF_HUB_OFFLINE is set)"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cli = subprocess.run(
         [sys.executable, "-m", "harness", "evaluate", "--model", OFFLINE_ID, "--base", "gpt2", "--n", "5"],
         capture_output=True,
@@ -142,7 +153,8 @@ def test_hub_id_without_network_or_local_copy(pytester, tmp_path, monkeypatch):
     )
     assert cli.returncode == USAGE_ERROR
     assert cli.stderr.count("\n") == 1 and expected in cli.stderr and "--model PATH" in cli.stderr, cli.stderr
-    suite = pytester.runpytest_subprocess(*_claims_args(tmp_path, "--model", OFFLINE_ID, "--base", "gpt2"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    suite = pytester.runpytest_inprocess(*_claims_args(tmp_path, "--model", OFFLINE_ID, "--base", "gpt2"))
     _assert_usage_error(suite, expected, tmp_path)
 
 
@@ -207,7 +219,8 @@ def test_latest_moves_atomically(tmp_path):
 # --- reproducibility ---------------------------------------------------------------------
 
 
-def test_one_seed_gives_identical_claims(pytester, tmp_path):
+def test_one_seed_gives_identical_claims(pytester, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # both runs alike; torch's spinning threads crawl on a busy CPU
     outputs = []
     for name in ("A", "B"):
         run = pytester.runpytest_subprocess(

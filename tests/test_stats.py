@@ -1,8 +1,16 @@
 import numpy as np
 import pytest
-from scipy.stats import binomtest
+from scipy.stats import binomtest, wilcoxon
 
-from harness.stats import accuracy_drop, holm, mcnemar_exact, percentile_of
+from harness.stats import (
+    accuracy_above,
+    accuracy_drop,
+    difference_of_drops,
+    holm,
+    mcnemar_exact,
+    mean_with_ci,
+    percentile_of,
+)
 
 
 def test_mcnemar_equals_a_binomial_test_on_discordant_pairs():
@@ -48,3 +56,31 @@ def test_bootstrap_ci_covers_the_true_drop_about_95_percent():
 def test_percentile_of_a_control_distribution():
     assert percentile_of(5.0, [1.0, 2.0, 3.0, 4.0]) == 100.0
     assert percentile_of(2.0, [1.0, 2.0, 3.0, 4.0]) == 50.0
+
+
+def test_difference_of_drops_between_independent_groups():
+    base_a, treat_a = np.ones(40, bool), np.arange(40) % 2 == 0  # drop 50 points
+    base_b, treat_b = np.ones(30, bool), np.ones(30, bool)  # drop 0
+    eff = difference_of_drops(base_a, treat_a, base_b, treat_b, n_resamples=2000)
+    assert eff.effect == pytest.approx(50.0)
+    assert eff.ci_low < 50.0 < eff.ci_high and eff.ci_low > 20.0
+    assert eff.p_value < 1e-6 and eff.n == 70
+    tiny = difference_of_drops(base_a[:1], treat_a[:1], base_b, treat_b)
+    assert np.isnan(tiny.effect)  # a group of one has no spread to judge
+
+
+def test_accuracy_above_chance_uses_an_exact_binomial_test():
+    hits = np.arange(100) < 80
+    eff = accuracy_above(hits, 0.5, n_resamples=2000)
+    assert eff.effect == pytest.approx(30.0)
+    assert eff.ci_low < 30.0 < eff.ci_high
+    assert eff.p_value == pytest.approx(binomtest(80, 100, 0.5, alternative="greater").pvalue)
+
+
+def test_mean_with_ci_of_per_problem_differences():
+    x = np.linspace(-1, 5, 50)
+    eff = mean_with_ci(x, n_resamples=2000)
+    assert eff.effect == pytest.approx(2.0) and eff.ci_low < 2.0 < eff.ci_high
+    assert eff.p_value == pytest.approx(wilcoxon(x, alternative="greater").pvalue)
+    flat = mean_with_ci(np.zeros(10))
+    assert (flat.effect, flat.ci_low, flat.ci_high, flat.p_value) == (0.0, 0.0, 0.0, 1.0)

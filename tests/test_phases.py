@@ -1,0 +1,131 @@
+"""Phases 2-4: probes, attribution, tiers and gates against independent checks, and the late
+phases of the hypotheses suite end to end (pytester, a few problems)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from harness.attribution import CATEGORIES, integrated_gradients, token_category
+from harness.claims import load_registry
+from harness.data import synthetic_split
+from harness.interventions import Head
+from harness.probes import chance, control_labels, critical_layer, first_result, probe_correct
+from harness.tiers import assign_tiers, tier_sizes
+
+ROOT = Path(__file__).resolve().parent.parent
+LATE = [c.id for c in load_registry() if c.phase > 1]
+
+
+def test_a_probe_finds_a_planted_signal_and_the_control_task_does_not():
+    rng = np.random.default_rng(0)
+    values = rng.integers(0, 100, 600)
+    labels = values % 10  # the last digit
+    features = rng.normal(size=(600, 32))
+    features[:, :10] += 5 * np.eye(10)[labels]  # linearly decodable digit, nothing else of the value
+    task = probe_correct(features, labels, seed=0)
+    control = probe_correct(features, control_labels(values, labels, seed=0), seed=0)
+    assert task.mean() > 0.9
+    assert control.mean() < chance(labels) + 0.1  # random labels per value carry no digit signal
+    # selectivity rises where the signal appears: layer 2 of three
+    stack = lambda hit, n: np.stack([np.zeros(n, bool), np.zeros(n, bool), hit])  # noqa: E731
+    assert critical_layer(stack(task, 600), stack(control, 600)) == 1
+
+
+def test_control_labels_are_consistent_per_value():
+    values = np.array([5, 7, 5, 9, 7, 5])
+    control = control_labels(values, np.array([5, 7, 5, 9, 7, 5]) % 10, seed=3)
+    assert control[0] == control[2] == control[5] and control[1] == control[4]
+
+
+def test_first_intermediate_result_from_both_cot_formats():
+    problem = synthetic_split("test")[3]
+    assert first_result(problem) == float(problem.cot.split("=")[1].split(">>")[0])
+    gsm = problem.__class__("g", "q", "<<48/2=24>> <<48+24=72>>", 72.0, 2)
+    assert first_result(gsm) == 24.0
+
+
+@pytest.mark.parametrize(
+    ("token", "category"),
+    [("35", "number"), ("Ġ1,200", "number"), ("more", "operator"), ("Ġtimes", "operator"), ("Ravi", "entity"),
+     ("coins", "other"), ("?", "other")],
+)  # fmt: skip
+def test_token_categories(token, category):
+    assert token_category(token) == category
+
+
+def test_integrated_gradients_are_complete_within_the_reported_delta(random_codi):
+    problems = synthetic_split("test")[:4]
+    ig = integrated_gradients(random_codi, problems, [Head(1, 1), Head(0, 2)], thought=1, n_steps=48, batch_size=2)
+    total = np.nansum(ig.scores, -1)  # [N, H]: sum over the question tokens
+    # captum's delta is sum(attributions) - (f(x) - f(baseline)); our f gap is computed apart
+    np.testing.assert_allclose(total - ig.outputs, ig.deltas, atol=1e-4)
+    assert np.abs(ig.deltas).mean() < 0.05 * np.abs(ig.outputs).mean()
+    for i, tokens in enumerate(ig.tokens):
+        assert (ig.categories[i] >= 0).sum() == len(tokens)
+        assert np.isnan(ig.scores[i, :, : ig.scores.shape[2] - len(tokens)]).all()  # padding has no score
+    attr, share = ig.shares()
+    np.testing.assert_allclose(attr.sum(-1), 1.0)
+    np.testing.assert_allclose(share.sum(-1), 1.0)
+    assert attr.shape == (4, 2, len(CATEGORIES))
+
+
+def test_tiers_on_a_hand_made_table():
+    steps = np.array([1, 1, 1, 2, 2, 3, 4, 1])
+    conf = np.array([0.95, 0.85, 0.5, 0.95, 0.7, 0.99, 0.8, 0.91])
+    assert list(assign_tiers(steps, conf)) == ["easy", "medium", "hard", "medium", "medium", "hard", "hard", "easy"]
+    assert tier_sizes(assign_tiers(steps, conf)) == {"easy": 2, "medium": 3, "hard": 3}
+
+
+def _late(pytester, tmp_path, name, *args):
+    return pytester.runpytest_subprocess(
+        str(ROOT / "hypotheses"),
+        "--n-problems",
+        "12",
+        "--report-dir",
+        str(tmp_path / name),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "-p",
+        "no:cacheprovider",
+        *args,
+    )
+
+
+def test_the_gate_skips_phase2_with_the_reason_and_no_gates_runs_it(pytester, tmp_path):
+    claim = "2.2-reroute-neighbour-arbitrary"
+    gated = _late(pytester, tmp_path, "gated", "--model", "tiny-gpt2", "-k", claim, "-rs")
+    assert gated.parseoutcomes().get("skipped") == 1
+    gated.stdout.fnmatch_lines(["*phase 1 gate not met: 1.1-top3-causal is * for tiny-gpt2*distributed analysis*"])
+    forced = _late(pytester, tmp_path, "forced", "--model", "tiny-gpt2", "-k", claim, "--no-gates")
+    assert "skipped" not in forced.parseoutcomes()
+    rows = json.loads((tmp_path / "forced" / "claims.json").read_text())
+    assert [r["id"] for r in rows] == [claim]
+
+
+def test_late_phases_end_to_end(pytester, tmp_path):
+    result = _late(pytester, tmp_path, "late", "-k", "phase2 or phase3 or phase4", "--no-gates")
+    assert result.ret in (0, 1)
+    rows = json.loads((tmp_path / "late" / "claims.json").read_text())
+    assert sorted((r["id"], r["model"]) for r in rows) == sorted(
+        (c, m) for c in LATE for m in ("tiny-gpt2", "tiny-llama")
+    )
+    run = tmp_path / "late"
+    csvs = ("transplant.csv", "rerouting.csv", "probes.csv", "attribution.csv", "tiers.csv")
+    pngs = (
+        "transplant.png",
+        "rerouting.png",
+        "probes_answer_last_digit.png",
+        "attribution_tiny-llama.png",
+        "tiers.png",
+    )
+    for name in csvs + pngs:
+        assert (run / name).stat().st_size > 0, name
+    transplant = {r["model"]: r for r in rows if r["id"] == "2.1-transplant-universal"}
+    assert transplant["tiny-gpt2"]["details"]["donor"].startswith("tiny-llama")
+    assert 0 < transplant["tiny-gpt2"]["details"]["r2"]["in"] <= 1
+    assert len(transplant["tiny-llama"]["details"]["control_drops"]) == 5
+    summary = (run / "summary.md").read_text()
+    for title in ("(2.1)", "(2.2)", "(3.1)", "(3.2)", "(4.1)"):
+        assert title in summary
