@@ -7,7 +7,9 @@ python benchmarks/suite.py --json --skip-phase1 --n 200  # a quick check, no sub
 
 Every in-process timing is the best of `--repeats` runs on the same problems. An overhead is
 time(intervened) / time(plain); it includes any change in the number of decoded tokens that
-the intervention causes (capture changes nothing, and its predictions are checked).
+the intervention causes (capture changes nothing, and its predictions are checked). The xdist
+workers run with OMP_NUM_THREADS = CPU cores / workers (`--xdist-threads`): with torch's default
+every worker spins a thread per core, and on two cores two workers slow each other down ~10x.
 """
 
 from __future__ import annotations
@@ -150,6 +152,7 @@ def phase1(args: argparse.Namespace) -> dict:
         "phase1_xdist_wall_s": xdist["wall_s"],
         "phase1_exit": cold["exit"],
         "xdist_workers": args.workers,
+        "xdist_omp_threads": args.xdist_threads or None,
         "warm_over_cold": round(warm["wall_s"] / cold["wall_s"], 3),
         "xdist_speedup": round(cold["wall_s"] / xdist["wall_s"], 2),
         "xdist_identical_claims": cold["claims"] == xdist["claims"],
@@ -176,10 +179,16 @@ def main() -> int:
     parser.add_argument("--phase1-models", nargs="+", default=list(SHIPPED), help="--model values for phase 1")
     parser.add_argument("--phase1-n", type=int, help="--n-problems for phase 1 (default: the suite's, 1000)")
     parser.add_argument("--workers", type=int, default=2, help="pytest-xdist workers (-n)")
-    parser.add_argument("--xdist-threads", type=int, help="OMP_NUM_THREADS for the xdist run (default: unset)")
+    parser.add_argument(
+        "--xdist-threads",
+        type=int,
+        help="OMP_NUM_THREADS of each xdist worker (default: CPU cores / workers; 0 leaves it unset)",
+    )
     parser.add_argument("--skip-phase1", action="store_true", help="only the in-process timings")
     parser.add_argument("--json", action="store_true", help="one line of JSON (default: indented)")
     args = parser.parse_args()
+    if args.xdist_threads is None:
+        args.xdist_threads = max(1, (os.cpu_count() or 1) // args.workers)
     if args.threads:
         torch.set_num_threads(args.threads)
     result = inference(args)

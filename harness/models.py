@@ -35,27 +35,42 @@ class ModelSpec:
     base: str | None = None  # base LM (HF id or directory) for hub-format checkpoints
     n_latent: int = DEFAULT_N_LATENT
     default_data: str = "synthetic"
+    seed_heads: tuple[str, ...] = ()  # the seed analysis's critical heads (`--heads seed`)
 
 
 MODEL_SPECS: dict[str, ModelSpec] = {
     "tiny-gpt2": ModelSpec("tiny-gpt2", "gpt2", str(MODELS_DIR / "tiny-gpt2")),
     "tiny-llama": ModelSpec("tiny-llama", "llama", str(MODELS_DIR / "tiny-llama")),
-    "codi-gpt2": ModelSpec("codi-gpt2", "gpt2", "zen-E/CODI-gpt2", base="gpt2", default_data="gsm8k"),
+    "codi-gpt2": ModelSpec(
+        "codi-gpt2", "gpt2", "zen-E/CODI-gpt2", base="gpt2", default_data="gsm8k", seed_heads=("L0H3",)
+    ),
     "codi-llama": ModelSpec(
         "codi-llama",
         "llama",
         "zen-E/CODI-llama3.2-1b-Instruct",
         base="meta-llama/Llama-3.2-1B-Instruct",
         default_data="gsm8k",
+        seed_heads=("L4H5", "L5H30", "L5H28"),
     ),
 }
 SHIPPED = ("tiny-gpt2", "tiny-llama")
+
+
+def seed_heads(model: str) -> str:
+    """The seed analysis's head list of a named model, as a `--heads` value."""
+    spec = MODEL_SPECS.get(model)
+    if spec is None or not spec.seed_heads:
+        known = ", ".join(n for n, s in MODEL_SPECS.items() if s.seed_heads)
+        raise ModelLoadError(f"--heads seed: no seed head list for {model!r} (there is one for {known})")
+    return ",".join(spec.seed_heads)
 
 
 def default_data(model: str) -> str:
     """The data a model is evaluated on unless `--data` says otherwise."""
     spec = MODEL_SPECS.get(model)
     return spec.default_data if spec else "synthetic"
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CPU_BATCH_SIZE = 128  # fastest on the 2-core reference machine (docs/performance.md)
 MAX_AUTO_BATCH = 512

@@ -17,7 +17,7 @@ from harness.codi import ModelLoadError
 from harness.data import DataError, held_out_splits
 from harness.experiments import ModelRun
 from harness.interventions import InterventionError, leftover_hooks, parse_heads
-from harness.models import SHIPPED, default_data, load
+from harness.models import SHIPPED, default_data, load, seed_heads
 from harness.report import REPORTS_DIR, new_run_dir, write_report
 
 REGISTRY_BY_ID = {c.id: c for c in load_registry()}
@@ -52,7 +52,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1; with -n, cuda is one GPU per worker"
     )
     group.addoption("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight dtype")
-    group.addoption("--heads", help="critical heads instead of the ranking, e.g. L4H5,L5H30,L5H28")
+    group.addoption(
+        "--heads",
+        help="critical heads instead of the ranking, e.g. L4H5,L5H30,L5H28, or 'seed' for the seed analysis's list",
+    )
     group.addoption("--seed", type=int, default=0, help="seed for controls, noise and the bootstrap")
     group.addoption(
         "--batch-size", type=int, help="problems per batched pass (default 128 on CPU; on CUDA, what memory holds)"
@@ -116,6 +119,7 @@ def _load_runs(config: pytest.Config) -> dict[str, ModelRun]:
         codi = load(name, config.getoption("base"), dtype=config.getoption("dtype"), device=device)
         problems, discovery = splits[data[name]]
         heads = config.getoption("heads")
+        heads = seed_heads(name) if heads == "seed" else heads
         heads = parse_heads(heads, codi) if heads is not None else None
         runs[codi.name] = ModelRun(
             codi,

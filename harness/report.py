@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 
 from harness.claims import VERDICTS
 from harness.data import PROJECT_ROOT
+from harness.discovery import top_heads
 from harness.sections import late_sections
 from harness.stats import holm
 
@@ -201,7 +202,12 @@ def _summary_md(df: pd.DataFrame, runs: dict, tables: dict, flips: list[str], la
             f"- Problems: {len(run.problems)}; baseline accuracy {run.baseline.mean():.1%}.",
             f"- Critical heads ({'named by the user' if run.heads else 'top of the discovery ranking'}): "
             + ", ".join(map(str, run.critical_heads(3)))
-            + f"; hub position {run.hub}.",
+            + f"; hub position {run.hub}."
+            + (
+                f" The discovery ranking's top 3: {', '.join(map(str, top_heads(run.ranking, 3)))}."
+                if run.heads
+                else ""
+            ),
             "",
             "Verdicts: "
             + ", ".join(f"{(df[df.model == name].verdict == v).sum()} {v.lower()}" for v in VERDICTS)

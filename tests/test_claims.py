@@ -7,9 +7,11 @@ from hypothesis import strategies as st
 
 from harness.cache import ResultCache
 from harness.claims import REGISTRY, ClaimError, ClaimResult, judge, load_registry, point_judge
+from harness.codi import ModelLoadError
 from harness.data import synthetic_split
 from harness.experiments import ModelRun
 from harness.interventions import Head, InterventionError
+from harness.models import seed_heads
 from harness.stats import accuracy_drop
 
 ENTRY = """
@@ -130,3 +132,10 @@ def test_head_scopes(random_codi, tmp_path):
         run.scoped_heads("layer", layer=geo.n_layers)
     with pytest.raises(InterventionError, match="unknown head scope"):
         run.scoped_heads("some")
+
+
+def test_seed_head_lists_of_the_real_models():
+    assert seed_heads("codi-llama") == "L4H5,L5H30,L5H28"
+    assert seed_heads("codi-gpt2").split(",")[0] == "L0H3"
+    with pytest.raises(ModelLoadError, match="no seed head list"):
+        seed_heads("tiny-llama")

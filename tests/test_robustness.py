@@ -123,6 +123,7 @@ def _assert_usage_error(result: pytest.RunResult, message: str, tmp_path: Path) 
         (["--model", "tiny-gpt2", "--n-problems", "-5"], "--n-problems must be positive, got -5"),
         (["--model", "tiny-gpt2", "--n-problems", "1001"], "larger than the data set (1000 problems in"),
         (["--model", "tiny-gpt2", "--heads", ""], "no heads in ''"),
+        (["--model", "tiny-gpt2", "--heads", "seed"], "no seed head list for 'tiny-gpt2'"),
     ],
 )
 def test_claims_suite_usage_errors(bad, args, message, pytester, tmp_path):
