@@ -132,9 +132,9 @@ def integrated_gradients(
             per_token = attr.sum(-1).detach()[:, : t - 1]  # [B, T - 1] without bot
             with torch.no_grad():
                 gap = forward(batch.input_ids, batch.attention_mask) - forward(baseline, batch.attention_mask)
-            scores[row : row + b, j, width - (t - 1) :] = per_token.numpy()
-            deltas[row : row + b, j] = delta.detach().numpy()
-            outputs[row : row + b, j] = gap.numpy()
+            scores[row : row + b, j, width - (t - 1) :] = per_token.float().cpu().numpy()
+            deltas[row : row + b, j] = delta.detach().float().cpu().numpy()
+            outputs[row : row + b, j] = gap.float().cpu().numpy()
         row += b
     for i, toks in enumerate(tokens):
         categories[i, width - len(toks) :] = [CATEGORIES.index(token_category(tok)) for tok in toks]

@@ -238,8 +238,9 @@ class ModelRun:
         if mode == "resample":  # another problem's thought (a derangement)
             n = len(thoughts)
             return thoughts[(torch.randperm(n - 1, generator=g) + 1 + torch.arange(n)) % n]
-        noise = torch.randn(thoughts.shape, generator=g)
-        return noise / noise.norm(dim=-1, keepdim=True) * thoughts.norm(dim=-1).mean()
+        noise = torch.randn(thoughts.shape, generator=g).to(thoughts.device)  # generated on the CPU: reproducible
+        scale = thoughts.float().norm(dim=-1).mean()
+        return (noise / noise.norm(dim=-1, keepdim=True) * scale).to(thoughts.dtype)
 
     def position_patch(self, name: str, mode: str = "noise") -> np.ndarray:
         if mode not in POSITION_MODES:
