@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from captum.attr import LayerIntegratedGradients
 from tqdm import tqdm
 
 from harness.codi import CODIModel
@@ -102,6 +101,8 @@ def integrated_gradients(
     progress: bool = False,
 ) -> Attributions:
     """IG of each head's output at CT_thought with respect to the question token embeddings."""
+    from captum.attr import LayerIntegratedGradients  # here: a warm (cached) run never attributes
+
     batches = [
         encode_questions(codi, [p.question for p in problems[s : s + batch_size]])
         for s in range(0, len(problems), batch_size)

@@ -176,6 +176,12 @@ def probe_layer(claim: Claim, run: ModelRun) -> Measured:
         ch = chance(probes.labels[target])
         return accuracy_above(task[-1], ch, seed=run.seed), {**details, "chance": 100 * ch}, None
 
+    selectivity = task.mean(-1) - control.mean(-1)  # [L + 1]
+    details["selectivity"] = [float(100 * s) for s in selectivity]
+    if selectivity[details["critical_layer"] + 1] <= 0:
+        note = "the probe never beats its control task after the critical layer: no layer to locate"
+        return _nan_effect(task.shape[1]), {**details, "note": note}, None
+
     def distance(columns: np.ndarray) -> int:
         crit = critical_layer(task[:, columns], control[:, columns])
         return min(abs(crit - layer) for layer in head_layers)

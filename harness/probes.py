@@ -17,10 +17,6 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.linear_model import RidgeClassifier
-from sklearn.model_selection import KFold, cross_val_predict
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
 from harness.arch import blocks
@@ -120,6 +116,13 @@ def thought_states(
 
 def probe_correct(features: np.ndarray, labels: np.ndarray, seed: int, folds: int = 5) -> np.ndarray:
     """Per-problem correctness of a cross-validated linear probe: [N] bool."""
+    # scikit-learn is imported here, not at module level: the plugin loads this module on every
+    # run, and a warm (fully cached) run never fits a probe
+    from sklearn.linear_model import RidgeClassifier
+    from sklearn.model_selection import KFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     probe = make_pipeline(StandardScaler(), RidgeClassifier(alpha=10.0))
     cv = KFold(folds, shuffle=True, random_state=seed)
     return cross_val_predict(probe, features, labels, cv=cv) == labels
@@ -198,4 +201,3 @@ def run_probes(states: np.ndarray, problems: list[Problem], seed: int, progress:
         task[target][layer] = probe_correct(states[keep, layer], y, seed)
         control[target][layer] = probe_correct(states[keep, layer], y_control, seed)
     return ProbeResults(task, control, labels, keeps)
-

@@ -106,11 +106,9 @@ def _legend(ax) -> None:
         ax.legend()
 
 
-def _figures(tables: dict[str, pd.DataFrame], models: list[str]) -> dict[str, bytes]:
-    figs = {}
+def _ablation_figure(t: pd.DataFrame, models: list[str]) -> bytes:
     fig = Figure(figsize=(5, 3.5))
     ax = fig.subplots()
-    t = tables["ablation"]
     for m in [m for m in models if f"{m}_acc" in t]:
         ax.plot(t["n_heads"], t[f"{m}_acc"], marker="o", label=m)
         lo, hi = t[f"{m}_random3_p5"].iloc[3], t[f"{m}_random3_p95"].iloc[3]
@@ -121,11 +119,19 @@ def _figures(tables: dict[str, pd.DataFrame], models: list[str]) -> dict[str, by
         title="Head ablation (bar: random 3-head sets, p5-p95)",
     )
     _legend(ax)
-    figs["ablation.png"] = _png(fig)
+    return _png(fig)
+
+
+def _figures(tables: dict[str, pd.DataFrame], models: list[str]) -> dict[str, bytes]:
+    figs = {}
+    if "ablation" in tables:
+        figs["ablation.png"] = _ablation_figure(tables["ablation"], models)
     for key, ylabel, x in (
         ("positions", "accuracy drop (points)", "position"),
         ("patterns", "accuracy (%)", "pattern"),
     ):
+        if key not in tables:
+            continue
         t = tables[key]
         fig = Figure(figsize=(5, 3.5))
         ax = fig.subplots()
@@ -230,7 +236,8 @@ def _summary_md(df: pd.DataFrame, runs: dict, tables: dict, flips: list[str], la
     ]
     lines += ["## Experiments", ""]
     for title, key in sections:
-        lines += [f"### {title}", "", tables[key].round(1).to_markdown(index=False), ""]
+        if key in tables:
+            lines += [f"### {title}", "", tables[key].round(1).to_markdown(index=False), ""]
     for key, section in late.items():
         lines += [f"### {section.title}", "", f"`{key}.csv`:", "", section.table.round(3).to_markdown(index=False), ""]
     lines += ["## Verdicts changed since the previous run", ""]
@@ -256,13 +263,13 @@ def write_report(directory: Path, results: list, runs: dict) -> Written:
                  if (r.id, r.model) in before and before[(r.id, r.model)] != r.verdict]  # fmt: skip
     runs = {name: run for name, run in runs.items() if name in set(df.model)}
     metrics = {name: set(df[df.model == name].metric) for name in runs}
-    tables = _experiment_tables(runs, metrics)
+    tables = {k: v for k, v in _experiment_tables(runs, metrics).items() if v.shape[1] > 1}  # phase 1's, if run
     for key, table in tables.items():
         table.to_csv(directory / f"{key}.csv", index=False)
     for name, run in runs.items():
         if "ranking" in vars(run):  # computed (a cached_property) by this run's claims
             run.ranking.to_csv(directory / f"ranked_heads_{name}.csv", index=False)
-    figs = _figures(tables, list(runs))
+    figs = _figures(tables, list(runs)) if tables else {}
     late = late_sections(runs, metrics)
     for key, section in late.items():
         section.table.to_csv(directory / f"{key}.csv", index=False)

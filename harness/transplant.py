@@ -19,9 +19,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.linear_model import Ridge
-from sklearn.metrics import r2_score
-from sklearn.preprocessing import StandardScaler
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -76,6 +73,9 @@ def _fit(x: np.ndarray, y: np.ndarray, ridge: float) -> tuple[np.ndarray, np.nda
     the same small fraction whatever a column's scale: it keeps a fit with few rows per
     dimension well posed and its weights from amplifying noise.
     """
+    from sklearn.linear_model import Ridge  # here: a warm (cached) run never fits a map
+    from sklearn.preprocessing import StandardScaler
+
     scaler = StandardScaler().fit(x)
     model = Ridge(alpha=ridge * len(x)).fit(scaler.transform(x), y)
     w = (model.coef_ / scaler.scale_).T  # coef_: [d_out, d_in]
@@ -95,6 +95,8 @@ def fit_linear_map(
     from `paired_states` are problem-major, so those are unseen problems); the returned map is
     then refitted on all rows and `r2` is its in-sample score.
     """
+    from sklearn.metrics import r2_score
+
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y pair rows: got {x.shape[0]} and {y.shape[0]}")
     x_np, y_np = x.detach().cpu().double().numpy(), y.detach().cpu().double().numpy()
