@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import settings
@@ -26,3 +28,18 @@ def no_hook_outlives_a_test(request):
     yield
     for codi in _MODELS + list(getattr(request.config, "_loaded_models", [])):
         assert not leftover_hooks(codi), f"left behind on {codi.name}: {leftover_hooks(codi)}"
+
+
+HYPOTHESES = Path(__file__).resolve().parent.parent / "hypotheses"
+
+
+def _suite_args(report_dir: Path, cache_dir: Path | None, *args: str) -> list[str]:
+    cache = ["--cache-dir", str(cache_dir)] if cache_dir else ["--no-cache"]
+    return [str(HYPOTHESES), "-p", "no:cacheprovider", "--report-dir", str(report_dir), *cache, *args]
+
+
+@pytest.fixture
+def suite_args():
+    """`suite_args(report_dir, cache_dir or None, *args)`: the arguments of a claims-suite run
+    (for pytester) with its own report folder and cache (None: --no-cache)."""
+    return _suite_args

@@ -78,34 +78,23 @@ def test_tiers_on_a_hand_made_table():
     assert tier_sizes(assign_tiers(steps, conf)) == {"easy": 2, "medium": 3, "hard": 3}
 
 
-def _late(pytester, tmp_path, name, *args):
-    return pytester.runpytest_subprocess(
-        str(ROOT / "hypotheses"),
-        "--n-problems",
-        "12",
-        "--report-dir",
-        str(tmp_path / name),
-        "--cache-dir",
-        str(tmp_path / "cache"),
-        "-p",
-        "no:cacheprovider",
-        *args,
-    )
+def _late(pytester, suite_args, tmp_path, name, *args):
+    return pytester.runpytest_subprocess(*suite_args(tmp_path / name, tmp_path / "cache", "--n-problems", "12", *args))
 
 
-def test_the_gate_skips_phase2_with_the_reason_and_no_gates_runs_it(pytester, tmp_path):
+def test_the_gate_skips_phase2_with_the_reason_and_no_gates_runs_it(pytester, tmp_path, suite_args):
     claim = "2.2-reroute-neighbour-arbitrary"
-    gated = _late(pytester, tmp_path, "gated", "--model", "tiny-gpt2", "-k", claim, "-rs")
+    gated = _late(pytester, suite_args, tmp_path, "gated", "--model", "tiny-gpt2", "-k", claim, "-rs")
     assert gated.parseoutcomes().get("skipped") == 1
     gated.stdout.fnmatch_lines(["*phase 1 gate not met: 1.1-top3-causal is * for tiny-gpt2*distributed analysis*"])
-    forced = _late(pytester, tmp_path, "forced", "--model", "tiny-gpt2", "-k", claim, "--no-gates")
+    forced = _late(pytester, suite_args, tmp_path, "forced", "--model", "tiny-gpt2", "-k", claim, "--no-gates")
     assert "skipped" not in forced.parseoutcomes()
     rows = json.loads((tmp_path / "forced" / "claims.json").read_text())
     assert [r["id"] for r in rows] == [claim]
 
 
-def test_late_phases_end_to_end(pytester, tmp_path):
-    result = _late(pytester, tmp_path, "late", "-k", "phase2 or phase3 or phase4", "--no-gates")
+def test_late_phases_end_to_end(pytester, tmp_path, suite_args):
+    result = _late(pytester, suite_args, tmp_path, "late", "-k", "phase2 or phase3 or phase4", "--no-gates")
     assert result.ret in (0, 1)
     rows = json.loads((tmp_path / "late" / "claims.json").read_text())
     assert sorted((r["id"], r["model"]) for r in rows) == sorted(

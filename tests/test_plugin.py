@@ -15,26 +15,14 @@ N = 40
 PHASE1 = [c.id for c in load_registry() if c.phase == 1]
 
 
-def _run(pytester, report_dir, cache_dir, *args):
-    return pytester.runpytest_subprocess(
-        str(ROOT / "hypotheses"),
-        "-k",
-        "phase1",
-        "--model",
-        "tiny-gpt2",
-        "--n-problems",
-        str(N),
-        "--report-dir",
-        str(report_dir),
-        "--cache-dir",
-        str(cache_dir),
-        *args,
-    )
+def _run(pytester, suite_args, report_dir, cache_dir, *args):
+    phase1 = ("-k", "phase1", "--model", "tiny-gpt2", "--n-problems", str(N))
+    return pytester.runpytest_subprocess(*suite_args(report_dir, cache_dir, *phase1, *args))
 
 
-def test_phase1_end_to_end(pytester, tmp_path):
+def test_phase1_end_to_end(pytester, tmp_path, suite_args):
     cache = tmp_path / "cache"
-    cold = _run(pytester, tmp_path / "reports" / "run1", cache)
+    cold = _run(pytester, suite_args, tmp_path / "reports" / "run1", cache)
     claims = json.loads((tmp_path / "reports" / "run1" / "claims.json").read_text())
     assert sorted(c["id"] for c in claims) == sorted(PHASE1)
     verdicts = [c["verdict"] for c in claims]
@@ -67,7 +55,7 @@ def test_phase1_end_to_end(pytester, tmp_path):
     assert all(cid in page for cid in PHASE1) and "data:image/png;base64" in page
     assert (tmp_path / "reports" / "latest").resolve() == run.resolve()
 
-    warm = _run(pytester, tmp_path / "reports" / "run2", cache)
+    warm = _run(pytester, suite_args, tmp_path / "reports" / "run2", cache)
     assert warm.ret == cold.ret
     again = json.loads((tmp_path / "reports" / "run2" / "claims.json").read_text())
     assert [(c["id"], c["effect"], c["ci_low"], c["ci_high"]) for c in again] == [
@@ -77,8 +65,8 @@ def test_phase1_end_to_end(pytester, tmp_path):
     assert (run / "claims.json").exists(), "an earlier run's report is never overwritten"
 
 
-def test_top3_effect_equals_an_independent_recomputation(pytester, tmp_path, load_model):
-    _run(pytester, tmp_path / "r", tmp_path / "cache", "-k", "1.1-top3-causal")
+def test_top3_effect_equals_an_independent_recomputation(pytester, tmp_path, load_model, suite_args):
+    _run(pytester, suite_args, tmp_path / "r", tmp_path / "cache", "-k", "1.1-top3-causal")
     claim = json.loads((tmp_path / "r" / "claims.json").read_text())[0]
     codi = load_model("tiny-gpt2")
     from harness.data import synthetic_split
@@ -103,8 +91,8 @@ def test_top3_effect_equals_an_independent_recomputation(pytester, tmp_path, loa
         (["--n-problems", "0"], "must be positive"),
     ],
 )
-def test_usage_errors_exit_4_before_any_model_runs(pytester, tmp_path, args, message):
-    result = _run(pytester, tmp_path / "r", tmp_path / "cache", *args)
+def test_usage_errors_exit_4_before_any_model_runs(pytester, tmp_path, args, message, suite_args):
+    result = _run(pytester, suite_args, tmp_path / "r", tmp_path / "cache", *args)
     assert result.ret == 4
     assert message in result.stderr.str()
     assert "Traceback" not in result.stderr.str()

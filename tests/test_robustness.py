@@ -90,18 +90,8 @@ def test_cli_usage_errors(bad, args, message, data_error, capsys, monkeypatch):
 
 
 def _claims_args(tmp_path: Path, *args: str) -> list[str]:
-    return [
-        str(ROOT / "hypotheses"),
-        "-k",
-        "phase1",
-        "-p",
-        "no:cacheprovider",
-        "--report-dir",
-        str(tmp_path / "report"),
-        "--cache-dir",
-        str(tmp_path / "cache"),
-        *args,
-    ]
+    folders = ["--report-dir", str(tmp_path / "report"), "--cache-dir", str(tmp_path / "cache")]
+    return [str(ROOT / "hypotheses"), "-k", "phase1", "-p", "no:cacheprovider", *folders, *args]
 
 
 def _assert_usage_error(result: pytest.RunResult, message: str, tmp_path: Path) -> None:
@@ -220,28 +210,15 @@ def test_latest_moves_atomically(tmp_path):
 # --- reproducibility ---------------------------------------------------------------------
 
 
-def test_one_seed_gives_identical_claims(pytester, tmp_path, monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # both runs alike; torch's spinning threads crawl on a busy CPU
-    outputs = []
-    for name in ("A", "B"):
-        run = pytester.runpytest_subprocess(
-            str(ROOT / "hypotheses"),
-            "-k",
-            "phase1",
-            "--model",
-            "tiny-gpt2",
-            "--n-problems",
-            "30",
-            "--no-cache",
-            "--seed",
-            "3",
-            "--report-dir",
-            str(tmp_path / name),
-            "-p",
-            "no:cacheprovider",
-        )
+def test_one_seed_gives_identical_claims_serial_and_under_xdist(pytester, tmp_path, monkeypatch, suite_args):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # all runs alike; torch's spinning threads crawl on a busy CPU
+    phase1 = ("-k", "phase1", "--model", "tiny-gpt2", "--n-problems", "30", "--seed", "3")
+    runs = {"A": (), "B": (), "xdist": ("-n", "2", "--dist", "loadgroup")}
+    for name, extra in runs.items():
+        run = pytester.runpytest_subprocess(*suite_args(tmp_path / name, None, *phase1, *extra))
         assert run.ret in (0, 1), run.outlines[-20:]
-        outputs.append(tmp_path / name)
-    first, second = (json.loads((d / "claims.json").read_text()) for d in outputs)
+    outputs = [tmp_path / name for name in runs]
+    first, second, xdist = (json.loads((d / "claims.json").read_text()) for d in outputs)
+    assert xdist == first, "serial and -n 2 runs disagree"
     assert first and first == second
     assert (outputs[0] / "claims.csv").read_text() == (outputs[1] / "claims.csv").read_text()
