@@ -59,11 +59,22 @@ class ModelRun:
     def fingerprint(self) -> str:
         return self.codi.fingerprint()
 
+    @property
+    def decoding(self) -> dict:
+        """What besides weights and data decides a result: decoding settings, and the device
+        type (CPU and GPU kernels round differently, which can flip a close answer)."""
+        return {
+            "greedy": True,
+            "max_new_tokens": MAX_NEW_TOKENS,
+            "n_latent": self.codi.n_latent,
+            "device": self.codi.device.type,
+        }
+
     def key(self, **spec) -> str:
         return content_key(
             model=self.fingerprint,
             data=data_hash(self.problems),
-            decoding={"greedy": True, "max_new_tokens": MAX_NEW_TOKENS, "n_latent": self.codi.n_latent},
+            decoding=self.decoding,
             spec=spec,
         )
 
@@ -108,7 +119,7 @@ class ModelRun:
         key = content_key(
             model=self.fingerprint,
             data=data_hash(self.discovery),
-            decoding={"n_latent": self.codi.n_latent},
+            decoding=self.decoding,
             spec={"kind": "latent_attention"},
         )
 

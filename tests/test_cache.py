@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -86,6 +87,11 @@ def test_experiment_keys_cover_weights_data_and_decoding(random_codi):
     other = copy.deepcopy(random_codi)
     other.n_latent += 1
     assert ModelRun(other, problems, [], ResultCache(None)).key(kind="baseline") != key
+    on_gpu = ModelRun(random_codi, problems, [], ResultCache(None))
+    assert on_gpu.decoding["device"] == "cpu"
+    with mock.patch.object(type(random_codi), "device", new_callable=mock.PropertyMock) as device:
+        device.return_value = torch.device("cuda", 0)
+        assert on_gpu.key(kind="baseline") != key, "CPU and GPU results never share an entry"
 
 
 # A child process whose write of the entry stops half-way (np.save patched to hang after half the
