@@ -21,7 +21,7 @@ from harness.cache import ResultCache, content_key
 from harness.codi import CODIModel
 from harness.data import Problem
 from harness.discovery import LatentAttention, head_metrics, model_hub_position, record_latent_attention, top_heads
-from harness.evaluation import evaluate
+from harness.evaluation import PrefixStore, evaluate
 from harness.interventions import Head, HeadAblation, InterventionError
 from harness.probes import ProbeResults, run_probes, thought_states
 from harness.runtime import ThoughtPatch, encode_questions, run_latents
@@ -54,6 +54,7 @@ class ModelRun:
     drops: dict = field(default_factory=dict)  # memo of paired statistics (see metrics._drop)
     peers: dict[str, ModelRun] = field(default_factory=dict)  # the session's other models (phase 2)
     _maps: dict = field(default_factory=dict)  # (donor, layers) -> transplant maps
+    _prefixes: PrefixStore = field(default_factory=PrefixStore)  # question passes, shared by interventions
 
     @cached_property
     def fingerprint(self) -> str:
@@ -78,8 +79,9 @@ class ModelRun:
             spec=spec,
         )
 
-    def flags(self, spec: dict, intervene=None) -> np.ndarray:
-        """Correctness per problem under `intervene` (see `evaluation.evaluate`), cached."""
+    def flags(self, spec: dict, intervene=None, latent_only: bool = True) -> np.ndarray:
+        """Correctness per problem under `intervene` (see `evaluation.evaluate`), cached.
+        `latent_only`: the intervention acts from CT0 on, so the question passes are shared."""
 
         def compute() -> np.ndarray:
             self._computed.append(str(spec))
@@ -90,6 +92,7 @@ class ModelRun:
                 max_new_tokens=MAX_NEW_TOKENS,
                 progress=self.progress,
                 intervene=intervene,
+                prefixes=self._prefixes if latent_only else None,
             )
             return np.array([r.correct for r in result.records], dtype=bool)
 
@@ -188,7 +191,7 @@ class ModelRun:
             return HeadTransplant(self.codi, head, donor.codi, donor_head, map_in, map_out)
 
         r2 = self.cache.get_or_compute(self.key(**spec, part="fit"), fit)
-        return self.flags(spec, intervene), r2
+        return self.flags(spec, intervene, latent_only=False), r2  # the head acts at every position
 
     def critical_heads(self, n: int) -> list[Head]:
         return (self.heads or top_heads(self.ranking, n))[:n]

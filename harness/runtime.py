@@ -8,6 +8,7 @@ other problems in its batch.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -63,10 +64,35 @@ def _ones(mask: torch.Tensor, n: int = 1) -> torch.Tensor:
     return torch.cat([mask, mask.new_ones(mask.shape[0], n)], dim=1)
 
 
+@dataclass
+class Prefix:
+    """A batch's question + bot pass: what every latent loop of that batch starts from, as long
+    as an intervention acts only from CT0 on (it cannot change the question pass)."""
+
+    cache: DynamicCache
+    hidden: torch.Tensor  # [B, d] final-normed state at bot
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.cache.layers for t in (layer.keys, layer.values))
+
+
+def question_pass(codi: CODIModel, batch: Batch) -> Prefix:
+    mask = batch.attention_mask
+    cache = DynamicCache(config=codi.lm.config)
+    out = codi.step(mask, position_ids(mask), cache, input_ids=batch.input_ids)
+    return Prefix(cache, out.last_hidden_state[:, -1])
+
+
 def run_latents(
-    codi: CODIModel, batch: Batch, patch: LatentPatch | None = None, n_thoughts: int | None = None
+    codi: CODIModel,
+    batch: Batch,
+    patch: LatentPatch | None = None,
+    n_thoughts: int | None = None,
+    prefix: Prefix | None = None,
 ) -> LatentState:
-    """Question + bot in one pass, then K single-position passes over the continuous thoughts.
+    """Question + bot in one pass (or a copy of `prefix`, that pass done before), then K
+    single-position passes over the continuous thoughts.
 
     `patch` (or, without one, the model's active `ThoughtPatch`) edits each thought before it
     is fed back. `n_thoughts` stops after the first few (e.g. when only CT0 is read).
@@ -74,9 +100,12 @@ def run_latents(
     patch = patch or codi.thought_patch
     mask = batch.attention_mask
     pos = position_ids(mask)
-    cache = DynamicCache(config=codi.lm.config)
-    out = codi.step(mask, pos, cache, input_ids=batch.input_ids)
-    hidden = out.last_hidden_state[:, -1]  # [B, d]
+    if prefix is None:
+        prefix = question_pass(codi, batch)
+    else:
+        prefix = Prefix(copy.deepcopy(prefix.cache), prefix.hidden)  # the loop extends its cache
+    cache = prefix.cache
+    hidden = prefix.hidden  # [B, d]
     bot_hidden = hidden
     next_pos = pos[:, -1] + 1  # [B]
     thoughts = []

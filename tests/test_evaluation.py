@@ -1,7 +1,10 @@
+from unittest import mock
+
 import torch
 
 from harness.data import synthetic_split
-from harness.evaluation import answer_token_index, evaluate, mean_patch, thought_means
+from harness.evaluation import PrefixStore, answer_token_index, evaluate, mean_patch, thought_means
+from harness.interventions import Head, HeadAblation
 from harness.runtime import encode_questions, run_latents
 
 
@@ -32,3 +35,25 @@ def test_records_carry_what_the_claims_need(random_codi):
     assert [r.n_steps for r in result.records] == [p.n_steps for p in problems]
     assert all(0.0 <= r.confidence <= 1.0 for r in result.records)
     assert result.accuracy == sum(r.correct for r in result.records) / 8
+
+
+def test_shared_question_passes_give_the_same_results_and_are_reused(random_codi):
+    problems = synthetic_split("test")[:12]
+    heads = [Head(1, 2), Head(0, 0)]
+
+    def ablate(pmap, indices):
+        return HeadAblation(random_codi, heads, pmap.latent, "zero")
+
+    plain = [evaluate(random_codi, problems, 5, max_new_tokens=6, progress=False, intervene=i) for i in (None, ablate)]
+    store = PrefixStore()
+    calls = []
+    step = random_codi.step
+    with mock.patch.object(random_codi, "step", side_effect=lambda *a, **k: calls.append(k) or step(*a, **k)):
+        shared = [
+            evaluate(random_codi, problems, 5, max_new_tokens=6, progress=False, intervene=i, prefixes=store)
+            for i in (None, ablate)
+        ]
+    assert [r.records for r in shared] == [r.records for r in plain]
+    assert len(store.prefixes) == 3  # 12 problems in batches of 5
+    assert sum(k.get("input_ids") is not None and k["input_ids"].shape[1] > 1 for k in calls) == 3  # once a batch
+    assert PrefixStore(budget=0).get(random_codi, encode_questions(random_codi, ["a b"]), [0]) is not None
