@@ -149,13 +149,19 @@ def _figures(tables: dict[str, pd.DataFrame], models: list[str]) -> dict[str, by
     return figs
 
 
+def _note(r) -> str:
+    """Why a claim could not be measured (e.g. a second model is needed), if it says."""
+    return r.details.get("note", "") if isinstance(r.details, dict) else ""
+
+
 def _html(df: pd.DataFrame, figs: dict[str, bytes], flips: list[str]) -> str:
     rows = []
     for r in df.itertuples():
         ctrl = "" if pd.isna(r.control_percentile) else f"{r.control_percentile:.0f}"
         rows.append(
             f"<tr class='{r.verdict.lower()}'><td>{html.escape(r.id)}</td><td>{html.escape(r.model)}</td>"
-            f"<td>{html.escape(r.statement)}</td><td>{r.effect:+.1f}</td><td>[{r.ci_low:+.1f}, {r.ci_high:+.1f}]</td>"
+            f"<td>{html.escape(r.statement)}<br><i>{html.escape(_note(r))}</i></td><td>{r.effect:+.1f}</td>"
+            f"<td>[{r.ci_low:+.1f}, {r.ci_high:+.1f}]</td>"
             f"<td>{r.direction} {r.threshold:.1f}</td><td>{r.p_value:.3g}</td><td>{r.p_holm:.3g}</td><td>{ctrl}</td>"
             f"<td><b>{r.verdict}</b> ({html.escape(str(r.point_verdict))})</td></tr>"
         )
@@ -195,7 +201,7 @@ def _finding(r) -> str:
     return (
         f"**{r.id}** {r.verdict.lower()}: {r.statement}. Measured {r.effect:+.1f} points "
         f"(95% CI {r.ci_low:+.1f} to {r.ci_high:+.1f}) against a threshold of {r.direction} than {r.threshold:.1f}"
-        f" (p = {r.p_value:.2g}, Holm {r.p_holm:.2g}){control}."
+        f" (p = {r.p_value:.2g}, Holm {r.p_holm:.2g}){control}." + (f" Not measurable: {_note(r)}." if _note(r) else "")
     )
 
 
@@ -282,5 +288,6 @@ def write_report(directory: Path, results: list, runs: dict) -> Written:
         f"{r.verdict:12s} {r.id:32s} {r.model:12s} effect {r.effect:+6.1f} [{r.ci_low:+.1f}, {r.ci_high:+.1f}]"
         for r in df.itertuples()
     ]
+    lines += [f"  {r.id} on {r.model}: {_note(r)}" for r in df.itertuples() if _note(r)]
     lines += [f"verdict changed: {f}" for f in flips]
     return Written(directory, _html(df, figs, flips), lines)

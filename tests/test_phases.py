@@ -87,10 +87,14 @@ def test_the_gate_skips_phase2_with_the_reason_and_no_gates_runs_it(pytester, tm
     gated = _late(pytester, suite_args, tmp_path, "gated", "--model", "tiny-gpt2", "-k", claim, "-rs")
     assert gated.parseoutcomes().get("skipped") == 1
     gated.stdout.fnmatch_lines(["*phase 1 gate not met: 1.1-top3-causal is * for tiny-gpt2*distributed analysis*"])
-    forced = _late(pytester, suite_args, tmp_path, "forced", "--model", "tiny-gpt2", "-k", claim, "--no-gates")
+    lonely = "2.2-reroute-other-hub-arbitrary"  # needs a second model in the run
+    forced = _late(pytester, suite_args, tmp_path, "forced", "--model", "tiny-gpt2", "-k", f"{claim} or {lonely}",
+                   "--no-gates")  # fmt: skip
     assert "skipped" not in forced.parseoutcomes()
-    rows = json.loads((tmp_path / "forced" / "claims.json").read_text())
-    assert [r["id"] for r in rows] == [claim]
+    rows = {r["id"]: r for r in json.loads((tmp_path / "forced" / "claims.json").read_text())}
+    assert sorted(rows) == sorted([claim, lonely])
+    assert rows[lonely]["verdict"] == "INCONCLUSIVE" and rows[lonely]["details"]["note"].startswith("needs a second")
+    forced.stdout.fnmatch_lines([f"*{lonely} on tiny-gpt2: needs a second model in the run*"])
 
 
 def test_late_phases_end_to_end(pytester, tmp_path, suite_args):
