@@ -137,7 +137,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "model_name" in metafunc.fixturenames:
         state = metafunc.config.stash[_STATE]
         names = list(state["runs"]) or (metafunc.config.getoption("model") or list(SHIPPED))
-        metafunc.parametrize("model_name", names, scope="session")
+        # one xdist group per model (`--dist loadgroup`): one worker measures one model; marks
+        # set here exist before any collection hook (xdist's worker reads them in its own)
+        params = [pytest.param(name, marks=pytest.mark.xdist_group(name)) for name in names]
+        metafunc.parametrize("model_name", params, scope="session")
 
 
 @pytest.fixture
@@ -222,12 +225,3 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     for line in written.lines:
         terminalreporter.write_line(line)
     terminalreporter.write_line(f"report: {written.directory}")
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the groups
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Group claim tests by model for `--dist loadgroup`: one worker measures one model."""
-    for item in items:
-        callspec = getattr(item, "callspec", None)
-        if callspec is not None and "model_name" in callspec.params:
-            item.add_marker(pytest.mark.xdist_group(callspec.params["model_name"]))
