@@ -99,10 +99,15 @@ def head_metrics(att: LatentAttention) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
-def model_hub_position(att: LatentAttention) -> str:
+def model_hub_thought(att: LatentAttention) -> int:
+    """Index of the thought that later thoughts attend to most, summed over every head."""
     k = att.latent.shape[-1]
     received = (att.latent * np.tril(np.ones((k, k)), -1)).sum(-2).sum((0, 1))  # [K]
-    return f"CT{int(received.argmax())}"
+    return int(received.argmax())
+
+
+def model_hub_position(att: LatentAttention) -> str:
+    return f"CT{model_hub_thought(att)}"
 
 
 def top_heads(ranked: pd.DataFrame, n: int) -> list[Head]:

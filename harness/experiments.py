@@ -20,7 +20,7 @@ from harness.attribution import Attributions, integrated_gradients, question_tok
 from harness.cache import ResultCache, content_key
 from harness.codi import CODIModel
 from harness.data import Problem
-from harness.discovery import LatentAttention, head_metrics, model_hub_position, record_latent_attention, top_heads
+from harness.discovery import LatentAttention, head_metrics, model_hub_thought, record_latent_attention, top_heads
 from harness.evaluation import PrefixStore, evaluate
 from harness.interventions import Head, HeadAblation, InterventionError
 from harness.probes import ProbeResults, run_probes, thought_states
@@ -137,8 +137,12 @@ class ModelRun:
         return head_metrics(self._attention)
 
     @cached_property
+    def hub_thought(self) -> int:
+        return model_hub_thought(self._attention)
+
+    @property
     def hub(self) -> str:
-        return model_hub_position(self._attention)
+        return f"CT{self.hub_thought}"
 
     @cached_property
     def probes(self) -> ProbeResults:
@@ -146,8 +150,7 @@ class ModelRun:
 
         def compute() -> np.ndarray:
             self._computed.append("probes")
-            thought = int(self.hub.removeprefix("CT"))
-            states = thought_states(self.codi, self.problems, thought, self.batch_size, self.progress)
+            states = thought_states(self.codi, self.problems, self.hub_thought, self.batch_size, self.progress)
             return run_probes(states, self.problems, self.seed, self.progress).packed()
 
         packed = self.cache.get_or_compute(self.key(kind="probes", thought=self.hub, seed=self.seed), compute)
@@ -156,7 +159,7 @@ class ModelRun:
     def attributions(self, heads: list[Head], n_problems: int = IG_PROBLEMS, n_steps: int = IG_STEPS) -> Attributions:
         """3.2: integrated gradients of each head's output at the hub thought, cached."""
         problems = self.problems[:n_problems]
-        thought = int(self.hub.removeprefix("CT"))
+        thought = self.hub_thought
 
         def compute() -> np.ndarray:
             self._computed.append("integrated_gradients")

@@ -117,7 +117,7 @@ def reroute_target(run: ModelRun, kind: str) -> str | None:
     model) or the thought next to this model's hub."""
     if kind == "other_hub":
         return next(iter(run.peers.values())).hub if run.peers else None
-    hub = int(run.hub.removeprefix("CT"))
+    hub = run.hub_thought
     return f"CT{hub + 1 if hub + 1 < run.codi.n_latent else hub - 1}"
 
 
