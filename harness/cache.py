@@ -40,6 +40,9 @@ class ResultCache:
         self.directory = Path(directory) if directory is not None else None
         self.hits = self.misses = 0
 
+    def __contains__(self, key: str) -> bool:
+        return self.directory is not None and (self.directory / f"{key}.npy").exists()
+
     def get_or_compute(self, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
         """The entry under `key`, or `compute()` stored there (once, even across processes)."""
         if self.directory is None:

@@ -152,7 +152,7 @@ def evaluate_claim(claim: Claim, run: ModelRun) -> ClaimResult:
     return ClaimResult(
         id=claim.id,
         phase=claim.phase,
-        model=run.codi.name,
+        model=run.name,
         statement=claim.statement,
         metric=claim.metric,
         effect=measured.effect,

@@ -7,6 +7,7 @@ cached on disk under a content key of the model, data, decoding config and inter
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -15,6 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from harness.arch import HeadGeometry
 from harness.attention import AttentionOverride
 from harness.attribution import Attributions, integrated_gradients, question_tokens
 from harness.cache import ResultCache, content_key
@@ -23,6 +25,7 @@ from harness.data import Problem
 from harness.discovery import LatentAttention, head_metrics, model_hub_thought, record_latent_attention, top_heads
 from harness.evaluation import PrefixStore, evaluate
 from harness.interventions import Head, HeadAblation, InterventionError
+from harness.models import LazyModel, default_batch_size
 from harness.probes import ProbeResults, run_probes, thought_states
 from harness.runtime import ThoughtPatch, encode_questions, run_latents
 from harness.transplant import DEFAULT_RIDGE, HeadTransplant, LinearMap, paired_states
@@ -42,11 +45,14 @@ def data_hash(problems: list[Problem]) -> str:
 
 @dataclass
 class ModelRun:
-    codi: CODIModel
+    """One model's experiments on one data set. `model` may be a loaded `CODIModel` or a
+    `LazyModel`, loaded only when a result is not in the cache."""
+
+    model: LazyModel | CODIModel
     problems: list[Problem]  # the test split: every effect is paired over these
     discovery: list[Problem]  # disjoint split for head ranking
     cache: ResultCache
-    batch_size: int = 128
+    requested_batch_size: int | None = None  # else `default_batch_size` of the loaded model
     seed: int = 0
     heads: list[Head] | None = None  # user-named critical heads (else the ranking)
     progress: bool = False
@@ -56,9 +62,33 @@ class ModelRun:
     _maps: dict = field(default_factory=dict)  # (donor, layers) -> transplant maps
     _prefixes: PrefixStore = field(default_factory=PrefixStore)  # question passes, shared by interventions
 
-    @cached_property
+    def __post_init__(self) -> None:
+        if isinstance(self.model, CODIModel):
+            self.model = LazyModel.of(self.model)
+
+    @property
+    def codi(self) -> CODIModel:
+        return self.model.codi
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    @property
+    def n_latent(self) -> int:
+        return self.model.facts.n_latent
+
+    @property
+    def geometry(self) -> HeadGeometry:
+        return self.model.facts.geometry
+
+    @property
     def fingerprint(self) -> str:
-        return self.codi.fingerprint()
+        return self.model.facts.fingerprint
+
+    @cached_property
+    def batch_size(self) -> int:
+        return self.requested_batch_size or default_batch_size(self.codi)
 
     @property
     def decoding(self) -> dict:
@@ -67,8 +97,8 @@ class ModelRun:
         return {
             "greedy": True,
             "max_new_tokens": MAX_NEW_TOKENS,
-            "n_latent": self.codi.n_latent,
-            "device": self.codi.device.type,
+            "n_latent": self.n_latent,
+            "device": self.model.device_type,
         }
 
     def key(self, **spec) -> str:
@@ -168,12 +198,16 @@ class ModelRun:
 
         spec = {"kind": "integrated_gradients", "heads": list(map(str, heads)), "thought": thought, "n": n_problems}
         packed = self.cache.get_or_compute(self.key(**spec, n_steps=n_steps), compute)
-        return Attributions.unpack(packed, question_tokens(self.codi, problems))
+        tokens = self.cache.get_or_compute(  # as the tokenizer spells them, kept: a warm run loads no model
+            self.key(kind="question_tokens", n=n_problems),
+            lambda: np.asarray(json.dumps(question_tokens(self.codi, problems))),
+        )
+        return Attributions.unpack(packed, json.loads(str(tokens)))
 
     def transplant_maps(self, donor: ModelRun, recipient_layer: int, donor_layer: int) -> tuple[LinearMap, LinearMap]:
         """2.1: (map_in, map_out) between this model and `donor` at those layers, fitted by
         least squares on paired states of the discovery problems (memoised)."""
-        key = (donor.codi.name, recipient_layer, donor_layer)
+        key = (donor.name, recipient_layer, donor_layer)
         if key not in self._maps:
             states = paired_states(self.codi, donor.codi, self.discovery, recipient_layer, donor_layer, self.batch_size)
             self._maps[key] = states.maps()
@@ -202,7 +236,7 @@ class ModelRun:
     def scoped_heads(self, scope: str = "top", n_heads: int = 3, layer: int | None = None) -> list[Head]:
         """The heads an intervention acts on: the top `n_heads` critical heads, every head of
         one `layer`, or every head of the model."""
-        geo = self.codi.geometry
+        geo = self.geometry
         if scope == "top":
             return self.critical_heads(n_heads)
         if scope == "layer":
@@ -222,7 +256,7 @@ class ModelRun:
     def random_head_sets(self, like: list[Head], n_sets: int = 20) -> list[list[Head]]:
         """Random head sets matched by layer to `like`, never containing its heads."""
         rng = random.Random(self.seed)
-        n_heads = self.codi.geometry.n_heads
+        n_heads = self.geometry.n_heads
         sets = []
         for _ in range(n_sets):
             chosen: list[Head] = []

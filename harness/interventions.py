@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.arch import attn_out_proj
+from harness.arch import HeadGeometry, attn_out_proj
 from harness.codi import CODIModel
 
 _HEAD = re.compile(r"L(\d+)H(\d+)")
@@ -35,9 +35,8 @@ class Head:
         return f"L{self.layer}H{self.head}"
 
 
-def parse_heads(spec: str, codi: CODIModel) -> list[Head]:
+def parse_heads(spec: str, geo: HeadGeometry, model: str = "the model") -> list[Head]:
     """'L4H5,L5H30' -> heads, checked against the model's geometry (range, duplicates)."""
-    geo = codi.geometry
     heads = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         match = _HEAD.fullmatch(item)
@@ -46,7 +45,7 @@ def parse_heads(spec: str, codi: CODIModel) -> list[Head]:
         head = Head(int(match.group(1)), int(match.group(2)))
         if head.layer >= geo.n_layers or head.head >= geo.n_heads:
             raise InterventionError(
-                f"head {item} out of range for {codi.name}: {geo.n_layers} layers x {geo.n_heads} heads"
+                f"head {item} out of range for {model}: {geo.n_layers} layers x {geo.n_heads} heads"
             )
         if head in heads:
             raise InterventionError(f"head {item} given twice")

@@ -56,7 +56,7 @@ def ablation_drop(claim: Claim, run: ModelRun) -> Measured:
 
 def position_drop(claim: Claim, run: ModelRun) -> Measured:
     mode = claim.experiment.get("mode", "noise")
-    drops = {f"CT{i}": _drop(run, run.position_patch(f"CT{i}", mode)) for i in range(run.codi.n_latent)}
+    drops = {f"CT{i}": _drop(run, run.position_patch(f"CT{i}", mode)) for i in range(run.n_latent)}
     details = {"hub": run.hub, "drops": {k: v.effect for k, v in drops.items()}}
     which = claim.experiment.get("which", "hub")
     if which == "hub":
@@ -94,7 +94,7 @@ def transplant_drop(claim: Claim, run: ModelRun) -> Measured:
     peer_name, peer = next(iter(run.peers.items()))
     donor_head, head = peer.critical_heads(1)[0], run.critical_heads(1)[0]
     flags, r2 = run.transplant(peer, donor_head, head)
-    geo = peer.codi.geometry
+    geo = peer.geometry
     others = [
         Head(layer, h) for layer in range(geo.n_layers) for h in range(geo.n_heads) if Head(layer, h) != donor_head
     ]
@@ -118,7 +118,7 @@ def reroute_target(run: ModelRun, kind: str) -> str | None:
     if kind == "other_hub":
         return next(iter(run.peers.values())).hub if run.peers else None
     hub = run.hub_thought
-    return f"CT{hub + 1 if hub + 1 < run.codi.n_latent else hub - 1}"
+    return f"CT{hub + 1 if hub + 1 < run.n_latent else hub - 1}"
 
 
 def reroute_drop(claim: Claim, run: ModelRun) -> Measured:

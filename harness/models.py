@@ -6,12 +6,17 @@
 
 from __future__ import annotations
 
+import json
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from harness.arch import HeadGeometry
+from harness.cache import ResultCache, content_key
 from harness.codi import (
     DEFAULT_N_LATENT,
     HUB_WEIGHTS,
@@ -78,6 +83,141 @@ AUTO_BATCH_TOKENS = 512  # a GSM8K question (< 256 tokens), bot, K thoughts, eot
 _WORKER = re.compile(r"gw(\d+)")
 
 
+@dataclass(frozen=True)
+class Source:
+    """Where a `--model` value's weights are: checked, not loaded."""
+
+    name: str
+    path: Path  # a directory of ours, or a hub-format pytorch_model.bin
+    base: str | None = None  # the base LM of a hub-format checkpoint (HF id or directory)
+    n_latent: int = DEFAULT_N_LATENT  # hub format only (ours records it in codi.json)
+
+    def load(self) -> CODIModel:
+        if self.base is None:
+            return load_own(self.path, name=self.name)
+        return load_hub_format(self.path, self.base, self.n_latent, name=self.name)
+
+    def files(self) -> list[Path] | None:
+        """Every file the model is loaded from, or None where they cannot be listed without
+        loading (a base named by a hub id that is not in the local hub cache)."""
+        if self.base is None:
+            return _files_under(self.path)
+        base = Path(self.base)
+        if not base.is_dir():
+            from huggingface_hub import snapshot_download
+
+            try:
+                base = Path(snapshot_download(self.base, local_files_only=True))
+            except Exception:  # noqa: BLE001 - not cached (or not a hub id): the facts come from loading
+                return None
+        return [self.path.resolve(), *_files_under(base)]
+
+
+def _files_under(directory: Path) -> list[Path]:
+    return sorted(p.resolve() for p in directory.rglob("*") if p.is_file())
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the harness needs of a model besides running it: result keys, head lists and
+    thought names are built from these, so a run whose results are all cached loads no weights."""
+
+    name: str
+    fingerprint: str  # hash of every weight, as loaded and cast (`CODIModel.fingerprint`)
+    n_latent: int
+    geometry: HeadGeometry
+
+    @classmethod
+    def of(cls, codi: CODIModel) -> ModelFacts:
+        return cls(codi.name, codi.fingerprint(), codi.n_latent, codi.geometry)
+
+    def packed(self) -> np.ndarray:
+        return np.asarray(json.dumps(asdict(self)))  # a 0-d string array: cached without pickle
+
+    @classmethod
+    def unpack(cls, packed: np.ndarray) -> ModelFacts:
+        fields = json.loads(str(packed))
+        return cls(**{**fields, "geometry": HeadGeometry(**fields["geometry"])})
+
+
+class LazyModel:
+    """A resolved `--model`, loaded on the first use of `codi`.
+
+    Its `facts` come from the result cache while its files keep the paths, sizes and
+    modification times they had when the facts were recorded (make's rule), else from loading
+    it. So a warm run, or the pytest-xdist controller, never holds weights it does not run.
+    """
+
+    def __init__(self, source: Source | None, dtype: str, device: str, cache: ResultCache | None = None):
+        self.source, self.dtype, self.device = source, dtype, device
+        self.cache = cache or ResultCache(None)
+        self._codi: CODIModel | None = None
+
+    @classmethod
+    def of(cls, codi: CODIModel) -> LazyModel:
+        """A model already in memory."""
+        model = cls(None, str(codi.dtype).removeprefix("torch."), str(codi.device))
+        model._codi = codi
+        return model
+
+    @property
+    def name(self) -> str:
+        return self.source.name if self.source else self._codi.name
+
+    @property
+    def loaded(self) -> bool:
+        return self._codi is not None
+
+    @property
+    def device_type(self) -> str:
+        """Where it runs (part of every result key: CPU and GPU kernels round differently)."""
+        return self._codi.device.type if self._codi is not None else torch.device(self.device).type
+
+    @property
+    def codi(self) -> CODIModel:
+        if self._codi is None:
+            self._codi = self.source.load().cast(DTYPES[self.dtype]).to(torch.device(self.device))
+        return self._codi
+
+    @cached_property
+    def facts(self) -> ModelFacts:
+        files = self.source.files() if self.source else None
+        if files is None:
+            return ModelFacts.of(self.codi)
+        stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+        key = content_key(kind="model_facts", files=stats, dtype=self.dtype, name=self.name, n=self.source.n_latent)
+        if key not in self.cache:  # load first: a broken checkpoint fails before the cache is written
+            return ModelFacts.unpack(self.cache.get_or_compute(key, self._fresh_facts().packed))
+        return ModelFacts.unpack(self.cache.get_or_compute(key, lambda: self._fresh_facts().packed()))
+
+    def _fresh_facts(self) -> ModelFacts:
+        if self.loaded or self.device_type == "cpu":
+            return ModelFacts.of(self.codi)
+        # off the GPU: the same weights bit for bit; the GPU copy loads only if something runs
+        return ModelFacts.of(self.source.load().cast(DTYPES[self.dtype]))
+
+
+def resolve(
+    model: str,
+    base: str | None = None,
+    n_latent: int | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    cache: ResultCache | None = None,
+) -> LazyModel:
+    """Check a `--model` value (and optional `--base`), its dtype and device, and where its
+    files are, without loading its weights; fails with one line naming the problem."""
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    try:
+        target = torch.device(device)
+    except RuntimeError:
+        raise ModelLoadError(f"unknown device {device!r}; e.g. cpu, cuda, cuda:1") from None
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} requested but CUDA is not available on this machine")
+    return LazyModel(_source(model, base, n_latent), dtype, device, cache)
+
+
 def load(
     model: str,
     base: str | None = None,
@@ -87,18 +227,10 @@ def load(
 ) -> CODIModel:
     """Resolve a `--model` value (and optional `--base`) to a loaded, merged CODI model in eval
     mode, on `device` with its weights in `dtype` (`DTYPES`). LoRA is merged in float32 first."""
-    if dtype not in DTYPES:
-        raise ModelLoadError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    try:
-        target = torch.device(device)
-    except RuntimeError:
-        raise ModelLoadError(f"unknown device {device!r}; e.g. cpu, cuda, cuda:1") from None
-    if target.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {device!r} requested but CUDA is not available on this machine")
-    return _load(model, base, n_latent).cast(DTYPES[dtype]).to(target)
+    return resolve(model, base, n_latent, dtype, device).codi
 
 
-def _load(model: str, base: str | None, n_latent: int | None) -> CODIModel:
+def _source(model: str, base: str | None, n_latent: int | None) -> Source:
     spec = MODEL_SPECS.get(model)
     source = spec.checkpoint if spec else model
     base = base or (spec.base if spec else None)
@@ -106,13 +238,13 @@ def _load(model: str, base: str | None, n_latent: int | None) -> CODIModel:
     name = spec.name if spec else Path(model).name
     path = Path(source)
     if path.is_dir() and (path / OWN_META).is_file():
-        return load_own(path, name=name)
+        return Source(name, path)
     if path.is_dir() and (path / HUB_WEIGHTS).is_file():
         path = path / HUB_WEIGHTS
     if path.is_file():
         if base is None:
             raise ModelLoadError(f"{path} is a hub-format checkpoint: pass its base model with --base ID_OR_DIR")
-        return load_hub_format(path, base, k, name=name)
+        return Source(name, path, base, k)
     if path.exists():
         raise ModelLoadError(f"{path} is not a CODI checkpoint (no {OWN_META} or {HUB_WEIGHTS})")
     if spec is None and (model.startswith((".", "/")) or model.count("/") != 1):
@@ -120,7 +252,7 @@ def _load(model: str, base: str | None, n_latent: int | None) -> CODIModel:
         raise ModelLoadError(f"model {model!r} not found: not a path, a hub id or a known name ({known})")
     if base is None:
         raise ModelLoadError(f"hub id {source!r} needs its base model: pass --base ID_OR_DIR")
-    return load_hub_format(fetch_hub_weights(source), base, k, name=name)
+    return Source(name, fetch_hub_weights(source), base, k)
 
 
 def default_batch_size(codi: CODIModel) -> int:

@@ -17,7 +17,7 @@ from harness.codi import ModelLoadError
 from harness.data import DataError, held_out_splits
 from harness.experiments import ModelRun
 from harness.interventions import InterventionError, leftover_hooks, parse_heads
-from harness.models import SHIPPED, default_data, load, seed_heads
+from harness.models import SHIPPED, default_data, resolve, seed_heads
 from harness.report import REPORTS_DIR, new_run_dir, write_report
 
 REGISTRY_BY_ID = {c.id: c for c in load_registry()}
@@ -104,7 +104,7 @@ def _load_runs(config: pytest.Config) -> dict[str, ModelRun]:
     """Every selected model, its problems and the user's heads: checked before any model runs."""
     import os
 
-    from harness.models import default_batch_size, session_device
+    from harness.models import session_device
 
     n = config.getoption("n_problems")
     if n <= 0:
@@ -116,19 +116,14 @@ def _load_runs(config: pytest.Config) -> dict[str, ModelRun]:
     data = {name: config.getoption("data") or default_data(name) for name in names}
     splits = {source: held_out_splits(source, n) for source in set(data.values())}  # before any model loads
     for name in names:
-        codi = load(name, config.getoption("base"), dtype=config.getoption("dtype"), device=device)
-        problems, discovery = splits[data[name]]
         heads = config.getoption("heads")
         heads = seed_heads(name) if heads == "seed" else heads
-        heads = parse_heads(heads, codi) if heads is not None else None
-        runs[codi.name] = ModelRun(
-            codi,
-            problems,
-            discovery,
-            cache,
-            config.getoption("batch_size") or default_batch_size(codi),
-            config.getoption("seed"),
-            heads,
+        model = resolve(name, config.getoption("base"), dtype=config.getoption("dtype"), device=device, cache=cache)
+        geometry = model.facts.geometry  # from the cache, or by loading it: a broken checkpoint stops here
+        problems, discovery = splits[data[name]]
+        heads = parse_heads(heads, geometry, model.name) if heads is not None else None
+        runs[model.name] = ModelRun(
+            model, problems, discovery, cache, config.getoption("batch_size"), config.getoption("seed"), heads
         )
     return runs
 
@@ -163,7 +158,7 @@ def judge_claim(request: pytest.FixtureRequest):
                     "pivot to distributed analysis (or force with --no-gates)"
                 )
         result = evaluate_claim(claim, run)
-        leftovers = leftover_hooks(run.codi)
+        leftovers = leftover_hooks(run.codi) if run.model.loaded else []
         assert not leftovers, f"an intervention left hooks behind: {leftovers}"
         request.node.user_properties.append((RESULT_KEY, result.as_row()))
         if result.verdict == "REFUTED":
@@ -224,4 +219,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     terminalreporter.section("CODI claims")
     for line in written.lines:
         terminalreporter.write_line(line)
+    if not config.pluginmanager.hasplugin("dsession"):  # under xdist the workers load, not this process
+        loaded = [name for name, run in state["runs"].items() if run.model.loaded]
+        terminalreporter.write_line(f"models loaded: {', '.join(loaded) or 'none (every result was in the cache)'}")
     terminalreporter.write_line(f"report: {written.directory}")

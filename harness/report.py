@@ -88,12 +88,12 @@ def _experiment_tables(runs: dict, metrics: dict[str, set[str]]) -> dict[str, pd
         base = float(run.baseline.mean()) * 100
         if "position_drop" in used:
             positions[f"{name}_drop"] = [
-                base - float(run.position_patch(f"CT{i}").mean()) * 100 for i in range(run.codi.n_latent)
+                base - float(run.position_patch(f"CT{i}").mean()) * 100 for i in range(run.n_latent)
             ]
         if "pattern_drop" in used:
             heads = run.critical_heads(3)
             patterns[f"{name}_acc"] = [base] + [float(run.pattern(p, heads).mean()) * 100 for p in PATTERNS]
-    k = max((r.codi.n_latent for r in runs.values()), default=6)
+    k = max((r.n_latent for r in runs.values()), default=6)
     return {
         "ablation": pd.DataFrame({"n_heads": [0, 1, 2, 3], **ablation}),
         "positions": pd.DataFrame({"position": [f"CT{i}" for i in range(k)], **positions}),

@@ -1,11 +1,16 @@
 """Hub-format checkpoints: built here in the exact published layout, loaded by the real loader."""
 
+import copy
+import os
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from harness import models
+from harness.cache import ResultCache
 from harness.codi import CODIModel, ModelLoadError, load_base, make_prj, save_codi, wrap_lora
 from harness.data import synthetic_split
 from harness.runtime import encode_questions, generate, run_latents
@@ -131,3 +136,35 @@ def test_own_format_round_trip(random_codi, tmp_path):
     b = run_latents(loaded, encode_questions(loaded, [p.question for p in problems])).thoughts
     assert torch.equal(a, b)
     assert loaded.fingerprint() == random_codi.fingerprint()
+
+
+def test_model_facts_come_from_the_cache_while_the_files_are_unchanged(random_codi, tmp_path):
+    save_codi(random_codi, tmp_path / "m")
+    cache = ResultCache(tmp_path / "cache")
+    cold = models.resolve(str(tmp_path / "m"), cache=cache)
+    assert not cold.loaded, "resolving checks the checkpoint without loading it"
+    assert cold.facts == replace(models.ModelFacts.of(random_codi), name="m") and cold.loaded
+    warm = models.resolve(str(tmp_path / "m"), cache=cache)
+    assert warm.facts == cold.facts and not warm.loaded
+    in_bf16 = models.resolve(str(tmp_path / "m"), dtype="bfloat16", cache=cache)
+    assert in_bf16.facts.fingerprint != cold.facts.fingerprint
+    changed = copy.deepcopy(random_codi)
+    with torch.no_grad():
+        next(changed.prj.parameters()).view(-1)[0] += 1e-3
+    save_codi(changed, tmp_path / "m")
+    again = models.resolve(str(tmp_path / "m"), cache=cache)
+    assert again.facts.fingerprint == changed.fingerprint() != cold.facts.fingerprint and again.loaded
+
+
+def test_hub_format_facts_follow_the_base_files_too(hub_checkpoint, tmp_path):
+    root, _, _ = hub_checkpoint
+    cache = ResultCache(tmp_path / "cache")
+    first = models.resolve(str(root / "ckpt"), base=str(root / "base"), cache=cache)
+    assert first.source.files()[0] == (root / "ckpt" / "pytorch_model.bin").resolve()
+    assert (root / "base" / "config.json").resolve() in first.source.files()
+    facts = first.facts
+    assert not models.resolve(str(root / "ckpt"), base=str(root / "base"), cache=cache).loaded
+    config = root / "base" / "config.json"
+    os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 10**9))  # a base file changed
+    touched = models.resolve(str(root / "ckpt"), base=str(root / "base"), cache=cache)
+    assert touched.facts == facts and touched.loaded, "recomputed by loading, to the same weights"

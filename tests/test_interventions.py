@@ -96,7 +96,7 @@ def test_hooks_are_removed_even_on_error(random_codi):
 
 
 def test_parse_heads_validates(random_codi):
-    assert parse_heads("L1H2, L0H7", random_codi) == [Head(1, 2), Head(0, 7)]
+    assert parse_heads("L1H2, L0H7", random_codi.geometry) == [Head(1, 2), Head(0, 7)]
     for spec, message in [
         ("L99H0", "out of range"),
         ("L1H1,L1H1", "given twice"),
@@ -104,6 +104,6 @@ def test_parse_heads_validates(random_codi):
         ("", "no heads"),
     ]:
         with pytest.raises(InterventionError, match=message):
-            parse_heads(spec, random_codi)
+            parse_heads(spec, random_codi.geometry)
     with pytest.raises(InterventionError, match="needs values"):
         HeadAblation(random_codi, [Head(0, 0)], [1], mode="mean")

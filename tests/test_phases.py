@@ -122,3 +122,7 @@ def test_late_phases_end_to_end(pytester, tmp_path, suite_args):
     summary = (run / "summary.md").read_text()
     for title in ("(2.1)", "(2.2)", "(3.1)", "(3.2)", "(4.1)"):
         assert title in summary
+
+    warm = _late(pytester, suite_args, tmp_path, "warm", "-k", "phase2 or phase3 or phase4", "--no-gates")
+    warm.stdout.fnmatch_lines(["models loaded: none (every result was in the cache)"])
+    assert json.loads((tmp_path / "warm" / "claims.json").read_text()) == rows

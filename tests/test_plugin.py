@@ -55,8 +55,10 @@ def test_phase1_end_to_end(pytester, tmp_path, suite_args):
     assert all(cid in page for cid in PHASE1) and "data:image/png;base64" in page
     assert (tmp_path / "reports" / "latest").resolve() == run.resolve()
 
+    cold.stdout.fnmatch_lines(["models loaded: tiny-gpt2"])
     warm = _run(pytester, suite_args, tmp_path / "reports" / "run2", cache)
     assert warm.ret == cold.ret
+    warm.stdout.fnmatch_lines(["models loaded: none (every result was in the cache)"])
     again = json.loads((tmp_path / "reports" / "run2" / "claims.json").read_text())
     assert [(c["id"], c["effect"], c["ci_low"], c["ci_high"]) for c in again] == [
         (c["id"], c["effect"], c["ci_low"], c["ci_high"]) for c in claims

@@ -10,6 +10,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -99,7 +100,9 @@ def _assert_usage_error(result: pytest.RunResult, message: str, tmp_path: Path) 
     assert result.ret == 4, result.outlines + result.errlines
     assert len(errors) == 1 and errors[0].startswith("ERROR: ") and message in errors[0], errors
     assert "Traceback" not in "\n".join(result.outlines + result.errlines)
-    assert not (tmp_path / "report").exists() and not (tmp_path / "cache").exists()
+    assert not (tmp_path / "report").exists()
+    written = [np.load(entry) for entry in (tmp_path / "cache").glob("*.npy")]
+    assert all(entry.ndim == 0 and "fingerprint" in str(entry) for entry in written), "only model facts"
 
 
 @pytest.mark.parametrize(
