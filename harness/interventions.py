@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.arch import HeadGeometry, attn_out_proj
+from harness.arch import HeadGeometry, attention, attn_out_proj, blocks
 from harness.codi import CODIModel
 
 _HEAD = re.compile(r"L(\d+)H(\d+)")
@@ -151,6 +151,77 @@ class HeadCapture(_HeadHooks):
             value = view[:, local, head.head]
             store[:, which] = value if self.keep_graph else value.detach()
         return None
+
+
+# where an activation is read, per layer: the block's input, its attention's input (after the
+# block's first norm), the block's output
+SITES = ("resid_pre", "attn_in", "resid_post")
+Site = tuple[str, int]  # (site name, layer)
+
+
+def hidden_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a block or attention module reads (GPT-2 passes them positionally,
+    LLaMA by keyword): [B, T, d]."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+class ActivationCapture:
+    """Record activations at named sites at given sequence indices, in every pass run under
+    it: `.values[(site, layer)][index]` is [B, d] (detached)."""
+
+    def __init__(self, codi: CODIModel, sites: Sequence[Site], positions: Sequence[int]):
+        n_layers = codi.geometry.n_layers
+        for name, layer in sites:
+            if name not in SITES or not 0 <= layer < n_layers:
+                raise InterventionError(
+                    f"unknown site ({name!r}, {layer}); sites are {', '.join(SITES)} at layers 0..{n_layers - 1}"
+                )
+        self.codi, self.positions = codi, list(positions)
+        self.values: dict[Site, dict[int, torch.Tensor]] = {site: {} for site in sites}
+        self._handles: list = []
+
+    def __enter__(self) -> ActivationCapture:
+        lm = self.codi.lm
+        for site in self.values:
+            name, layer = site
+            if name == "resid_post":
+                self._handles.append(blocks(lm)[layer].register_forward_hook(self._post_hook(site)))
+            else:
+                module = blocks(lm)[layer] if name == "resid_pre" else attention(lm, layer)
+                self._handles.append(module.register_forward_pre_hook(self._pre_hook(site), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _store(self, site: Site, x: torch.Tensor) -> None:
+        offset = self.codi.offset
+        for p in self.positions:
+            if offset <= p < offset + x.shape[1]:
+                self.values[site][p] = x[:, p - offset].detach()
+
+    def _pre_hook(self, site: Site):
+        def hook(module, args, kwargs) -> None:
+            self._store(site, hidden_input(args, kwargs))
+
+        return hook
+
+    def _post_hook(self, site: Site):
+        def hook(module, args, output) -> None:
+            self._store(site, output[0] if isinstance(output, tuple) else output)
+
+        return hook
+
+    def stacked(self, site: Site) -> torch.Tensor:
+        """One site at every position: [B, P, d]."""
+        return torch.stack([self.values[site][p] for p in self.positions], dim=1)
+
+
+def residual_sites(n_layers: int) -> list[Site]:
+    """The residual stream before the first block and after every block (L + 1 sites)."""
+    return [("resid_pre", 0)] + [("resid_post", layer) for layer in range(n_layers)]
 
 
 def leftover_hooks(codi: CODIModel) -> list[str]:

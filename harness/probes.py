@@ -19,9 +19,9 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from harness.arch import blocks
 from harness.codi import CODIModel
 from harness.data import Problem
+from harness.interventions import ActivationCapture, residual_sites
 from harness.runtime import encode_questions, run_latents
 
 MAGNITUDE_EDGES = (10, 30, 100, 1000)  # answer buckets: <10, 10-29, 30-99, 100-999, 1000+
@@ -60,46 +60,6 @@ def control_labels(values: np.ndarray, labels: np.ndarray, seed: int) -> np.ndar
     return np.array([mapping[v] for v in values])
 
 
-class ResidualCapture:
-    """Record the residual stream at one sequence position after every block:
-    `.states` [B, L + 1, d] (index 0: the input at that position)."""
-
-    def __init__(self, codi: CODIModel, position: int):
-        self.codi, self.position = codi, position
-        self.states: torch.Tensor | None = None
-        self._handles: list = []
-
-    def _store(self, index: int, hidden: torch.Tensor) -> None:
-        local = self.position - self.codi.offset
-        if 0 <= local < hidden.shape[1]:
-            if self.states is None:
-                n_layers = len(blocks(self.codi.lm))
-                self.states = hidden.new_zeros(hidden.shape[0], n_layers + 1, hidden.shape[-1])
-            self.states[:, index] = hidden[:, local].detach()
-
-    def __enter__(self) -> ResidualCapture:
-        for i, block in enumerate(blocks(self.codi.lm)):
-            if i == 0:
-                self._handles.append(block.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
-            self._handles.append(block.register_forward_hook(self._make_hook(i + 1)))
-        return self
-
-    def _pre_hook(self, module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        self._store(0, hidden)
-
-    def _make_hook(self, index: int):
-        def hook(module, args, output):
-            self._store(index, output[0] if isinstance(output, tuple) else output)
-
-        return hook
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-
 @torch.no_grad()
 def thought_states(
     codi: CODIModel, problems: list[Problem], thought: int, batch_size: int = 128, progress: bool = False
@@ -108,9 +68,12 @@ def thought_states(
     out = []
     for start in tqdm(range(0, len(problems), batch_size), desc=f"states {codi.name}", disable=not progress):
         batch = encode_questions(codi, [p.question for p in problems[start : start + batch_size]])
-        with ResidualCapture(codi, batch.positions(codi.n_latent).latent[thought]) as capture:
+        position = batch.positions(codi.n_latent).latent[thought]
+        sites = residual_sites(codi.geometry.n_layers)
+        with ActivationCapture(codi, sites, [position]) as capture:
             run_latents(codi, batch)
-        out.append(capture.states.float().cpu().numpy())
+        states = torch.cat([capture.stacked(site) for site in sites], dim=1)  # [B, L + 1, d]
+        out.append(states.float().cpu().numpy())
     return np.concatenate(out)
 
 

@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from harness.arch import attention, attn_out_proj, backbone, blocks
+from harness.arch import attention, attn_out_proj, backbone
 from harness.codi import CODIModel
 from harness.data import Problem
-from harness.interventions import Head, InterventionError
+from harness.interventions import ActivationCapture, Head, InterventionError, hidden_input
 from harness.runtime import encode_questions, run_latents
 
 # shrinks each standardised input direction by ~1%: on the shipped models' 300 discovery problems
@@ -113,52 +113,6 @@ def fit_linear_map(
 # --- paired activations of two models ------------------------------------------------------
 
 
-def _attention_input(args: tuple, kwargs: dict) -> torch.Tensor:
-    """The normed hidden states an attention module reads (GPT-2 passes them positionally,
-    LLaMA by keyword). [B, T, d]"""
-    return args[0] if args else kwargs["hidden_states"]
-
-
-class _LayerCapture:
-    """Record one layer's attention input and its output residual at given sequence indices."""
-
-    def __init__(self, codi: CODIModel, layer: int, positions: Sequence[int]):
-        self.codi, self.layer, self.positions = codi, layer, list(positions)
-        self.attn_in: dict[int, torch.Tensor] = {}  # sequence index -> [B, d]
-        self.resid_out: dict[int, torch.Tensor] = {}
-        self._handles: list = []
-
-    def __enter__(self) -> _LayerCapture:
-        lm = self.codi.lm
-        self._handles = [
-            attention(lm, self.layer).register_forward_pre_hook(self._on_attention, with_kwargs=True),
-            blocks(lm)[self.layer].register_forward_hook(self._on_block),
-        ]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def _store(self, store: dict[int, torch.Tensor], x: torch.Tensor) -> None:
-        offset = self.codi.offset
-        for p in self.positions:
-            if offset <= p < offset + x.shape[1]:
-                store[p] = x[:, p - offset].detach()
-
-    def _on_attention(self, module, args, kwargs) -> None:
-        self._store(self.attn_in, _attention_input(args, kwargs))
-
-    def _on_block(self, module, args, output) -> None:
-        self._store(self.resid_out, output[0] if isinstance(output, tuple) else output)
-
-    def stacked(self, store: dict[int, torch.Tensor]) -> torch.Tensor:
-        """[B, P, d] -> [B * P, d], problem-major."""
-        values = torch.stack([store[p] for p in self.positions], dim=1)
-        return values.reshape(-1, values.shape[-1])
-
-
 @dataclass
 class PairedStates:
     """Activations of two models at the same (problem, named position) rows, problem-major."""
@@ -185,10 +139,12 @@ def _layer_states(
     for start in range(0, len(problems), batch_size):
         batch = encode_questions(codi, [p.question for p in problems[start : start + batch_size]])
         pmap = batch.positions(codi.n_latent)
-        with _LayerCapture(codi, layer, [pmap.index(n) for n in names]) as capture:
+        sites = [("attn_in", layer), ("resid_post", layer)]
+        with ActivationCapture(codi, sites, [pmap.index(n) for n in names]) as capture:
             run_latents(codi, batch)
-        attn_in.append(capture.stacked(capture.attn_in))
-        resid_out.append(capture.stacked(capture.resid_out))
+        for store, site in zip((attn_in, resid_out), sites):
+            values = capture.stacked(site)  # [B, P, d]
+            store.append(values.reshape(-1, values.shape[-1]))  # problem-major
     return torch.cat(attn_in), torch.cat(resid_out)
 
 
@@ -321,7 +277,7 @@ class HeadTransplant:
         self._keys = self._values = self._delta = self._targets = None
 
     def _on_attention(self, module, args, kwargs) -> None:
-        x = _attention_input(args, kwargs)  # [B, T, d_r]
+        x = hidden_input(args, kwargs)  # [B, T, d_r]
         offset, n = self.recipient.offset, x.shape[1]
         local = range(n) if self.positions is None else [p - offset for p in self.positions if offset <= p < offset + n]
         self._targets = torch.tensor(local, dtype=torch.long, device=x.device)

@@ -1,14 +1,25 @@
 """Head interventions against independent reference computations."""
 
+import copy
+
 import pytest
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
+from harness.arch import blocks
 from harness.data import synthetic_split
-from harness.interventions import Head, HeadAblation, HeadCapture, InterventionError, parse_heads
-from harness.runtime import encode_questions, generate, run_latents
+from harness.interventions import (
+    ActivationCapture,
+    Head,
+    HeadAblation,
+    HeadCapture,
+    InterventionError,
+    parse_heads,
+    residual_sites,
+)
+from harness.runtime import encode_questions, generate, position_ids, run_latents
 
 PROBLEMS = synthetic_split("test")[:6]
 
@@ -107,3 +118,31 @@ def test_parse_heads_validates(random_codi):
             parse_heads(spec, random_codi.geometry)
     with pytest.raises(InterventionError, match="needs values"):
         HeadAblation(random_codi, [Head(0, 0)], [1], mode="mean")
+
+
+@torch.no_grad()
+def test_activation_capture_equals_a_full_recompute_of_the_hidden_states(random_codi):
+    """Sites read through the KV-cached latent loop against HF's own hidden states of one pass
+    over the whole sequence (question, bot, the thoughts fed back)."""
+    batch = encode_questions(random_codi, [p.question for p in PROBLEMS])
+    pmap = batch.positions(random_codi.n_latent)
+    positions = [pmap.index("bot"), pmap.latent[2]]
+    n_layers = random_codi.geometry.n_layers
+    sites = [*residual_sites(n_layers), ("attn_in", 1)]
+    with ActivationCapture(random_codi, sites, positions) as capture:
+        thoughts = run_latents(random_codi, batch).thoughts  # [B, K, d]
+    embeds = torch.cat([random_codi.embed(batch.input_ids), thoughts[:, :-1]], dim=1)  # CT_{K-1} is never fed
+    mask = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(len(PROBLEMS), thoughts.shape[1] - 1)], 1)
+    plain = copy.deepcopy(random_codi)  # transformers records hidden states with hooks it keeps on the model
+    out = plain.step(mask, position_ids(mask), None, inputs_embeds=embeds, output_hidden_states=True)
+    reference = out.hidden_states  # L + 1 states, the last one final-normed
+    for i, site in enumerate(sites[:-2]):  # block inputs and every block output but the last
+        torch.testing.assert_close(capture.stacked(site), reference[i][:, positions], atol=1e-5, rtol=1e-4)
+    block = blocks(random_codi.lm)[1]
+    first_norm = next(m for m in block.children() if "norm" in type(m).__name__.lower())  # ln_1 / input_layernorm
+    torch.testing.assert_close(
+        capture.stacked(("attn_in", 1)), first_norm(reference[1][:, positions]), atol=1e-5, rtol=1e-4
+    )
+    assert capture.stacked(("resid_post", n_layers - 1)).shape == (len(PROBLEMS), 2, random_codi.geometry.d_model)
+    with pytest.raises(InterventionError, match="unknown site"):
+        ActivationCapture(random_codi, [("resid_mid", 0)], positions)
