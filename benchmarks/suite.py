@@ -6,7 +6,8 @@ python benchmarks/suite.py --json                      # tiny-llama, 1,000 probl
 python benchmarks/suite.py --json --skip-phase1 --n 200  # a quick check, no subprocesses
 
 Every in-process timing is the best of `--repeats` runs on the same problems. An overhead is
-time(intervened) / time(plain); it includes any change in the number of decoded tokens that
+time(intervened) / time(plain), the two timed alternately (plain, intervened, plain, ...) so
+that the machine's drift between blocks of runs does not enter the ratio; it includes any change in the number of decoded tokens that
 the intervention causes (capture changes nothing, and its predictions are checked). The xdist
 workers run with OMP_NUM_THREADS = CPU cores / workers (`--xdist-threads`): with torch's default
 every worker spins a thread per core, and on two cores two workers slow each other down ~10x.
@@ -47,6 +48,13 @@ def log(message: str) -> None:
 def best_of(repeats: int, run: Callable[[], EvalResult]) -> EvalResult:
     """The fastest of `repeats` runs (each `EvalResult` carries its own wall time)."""
     return min((run() for _ in range(repeats)), key=lambda r: r.seconds)
+
+
+def interleaved(repeats: int, plain: Callable[[], EvalResult], treated: Callable[[], EvalResult]):
+    """(fastest plain run, fastest treated run), timed alternately: a ratio of the two is not
+    moved by the machine speeding up or slowing down between blocks of runs."""
+    runs = [(plain(), treated()) for _ in range(repeats)]
+    return min((p for p, _ in runs), key=lambda r: r.seconds), min((t for _, t in runs), key=lambda r: r.seconds)
 
 
 def noise_for(codi: CODIModel, problems: list[Problem], position: int, batch_size: int, seed: int = 0) -> torch.Tensor:
@@ -104,10 +112,12 @@ def inference(args: argparse.Namespace) -> dict:
     }
     for kind, intervene in interventions(codi, problems, heads, hub, args.batch_size).items():
         log(f"intervention {kind} on {', '.join(map(str, heads))}")
-        treated = best_of(
-            args.repeats, partial(evaluate, codi, problems, args.batch_size, progress=False, intervene=intervene)
+        base, treated = interleaved(
+            args.repeats,
+            partial(evaluate, codi, problems, args.batch_size, progress=False),
+            partial(evaluate, codi, problems, args.batch_size, progress=False, intervene=intervene),
         )
-        result[f"overhead_{kind}"] = round(treated.seconds / plain.seconds, 3)
+        result[f"overhead_{kind}"] = round(treated.seconds / base.seconds, 3)
         if kind == "capture":
             result["capture_same_predictions"] = [r.pred for r in treated.records] == [r.pred for r in plain.records]
     return result

@@ -163,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         return USAGE_ERROR if e.code else 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for option in ("batch_size", "max_new_tokens", "threads", "top", "n_latent"):
+        value = getattr(args, option, None)
+        if value is not None and value <= 0:
+            print(f"error: --{option.replace('_', '-')} must be positive, got {value}", file=sys.stderr)
+            return USAGE_ERROR
     try:
         return args.func(args)
     except (ModelLoadError, DataError) as e:

@@ -113,6 +113,9 @@ def _load_runs(config: pytest.Config) -> dict[str, ModelRun]:
     n = config.getoption("n_problems")
     if n <= 0:
         raise DataError(f"--n-problems must be positive, got {n}")
+    batch_size = config.getoption("batch_size")
+    if batch_size is not None and batch_size <= 0:
+        raise DataError(f"--batch-size must be positive, got {batch_size}")
     cache = ResultCache(None if config.getoption("no_cache") else config.getoption("cache_dir"))
     runs = {}
     device = session_device(config.getoption("device"), os.environ.get("PYTEST_XDIST_WORKER"))
@@ -126,9 +129,7 @@ def _load_runs(config: pytest.Config) -> dict[str, ModelRun]:
         geometry = model.facts.geometry  # from the cache, or by loading it: a broken checkpoint stops here
         problems, discovery = splits[data[name]]
         heads = parse_heads(heads, geometry, model.name) if heads is not None else None
-        runs[model.name] = ModelRun(
-            model, problems, discovery, cache, config.getoption("batch_size"), config.getoption("seed"), heads
-        )
+        runs[model.name] = ModelRun(model, problems, discovery, cache, batch_size, config.getoption("seed"), heads)
     return runs
 
 

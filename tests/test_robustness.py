@@ -74,7 +74,11 @@ def _fill(args: list[str], bad: dict[str, str]) -> list[str]:
     ("args", "message", "data_error"),
     [(a, m, True) for a, m in DATA_CASES]
     + [(a, m, False) for a, m in MODEL_CASES]
-    + [(["--n", "-3"], "--n must be positive, got -3", True)],
+    + [
+        (["--n", "-3"], "--n must be positive, got -3", True),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be positive, got 0", True),
+        (["--batch-size", "-8"], "--batch-size must be positive, got -8", True),
+    ],
 )
 def test_cli_usage_errors(bad, args, message, data_error, capsys, monkeypatch):
     def must_not_run(*_args, **_kwargs):
@@ -114,6 +118,7 @@ def _assert_usage_error(result: pytest.RunResult, message: str, tmp_path: Path) 
         (["--model", "tiny-gpt2", "--heads", "L1H2;L0H0"], "malformed head 'L1H2;L0H0'"),
         (["--model", "tiny-gpt2", "--heads", "L0H8"], "head L0H8 out of range for tiny-gpt2: 4 layers x 8 heads"),
         (["--model", "tiny-gpt2", "--n-problems", "-5"], "--n-problems must be positive, got -5"),
+        (["--model", "tiny-gpt2", "--batch-size", "0"], "--batch-size must be positive, got 0"),
         (["--model", "tiny-gpt2", "--n-problems", "1001"], "larger than the data set (1000 problems in"),
         (["--model", "tiny-gpt2", "--heads", ""], "no heads in ''"),
         (["--model", "tiny-gpt2", "--heads", "seed"], "no seed head list for 'tiny-gpt2'"),
