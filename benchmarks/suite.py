@@ -7,10 +7,11 @@ python benchmarks/suite.py --json --skip-phase1 --n 200  # a quick check, no sub
 
 Every in-process timing is the best of `--repeats` runs on the same problems. An overhead is
 time(intervened) / time(plain), the two timed alternately (plain, intervened, plain, ...) so
-that the machine's drift between blocks of runs does not enter the ratio; it includes any change in the number of decoded tokens that
-the intervention causes (capture changes nothing, and its predictions are checked). The xdist
-workers run with OMP_NUM_THREADS = CPU cores / workers (`--xdist-threads`): with torch's default
-every worker spins a thread per core, and on two cores two workers slow each other down ~10x.
+that the machine's drift between blocks of runs does not enter the ratio; it includes any change
+in the number of decoded tokens that the intervention causes (capture changes nothing, and its
+predictions are checked). The xdist workers run with OMP_NUM_THREADS = CPU cores / workers
+(`--xdist-threads`): with torch's default every worker spins a thread per core, and on two cores
+two workers slow each other down ~10x.
 """
 
 from __future__ import annotations

@@ -286,9 +286,11 @@ def worker_device(device: str, worker: str | None, n_gpus: int) -> str:
 
 
 def session_device(device: str, worker: str | None) -> str:
-    """`worker_device` with this machine's GPU count; makes the chosen GPU the current one."""
+    """`worker_device` with this machine's GPU count; a worker makes its GPU the current one.
+    Any other process leaves CUDA uninitialised (the xdist controller never runs a model)."""
     if device != "cuda" or not torch.cuda.is_available():
         return device
     resolved = worker_device(device, worker, torch.cuda.device_count())
-    torch.cuda.set_device(torch.device(resolved))
+    if resolved != device:
+        torch.cuda.set_device(torch.device(resolved))
     return resolved

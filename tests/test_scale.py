@@ -20,6 +20,7 @@ from harness.models import (
     batch_size_for_memory,
     default_batch_size,
     load,
+    session_device,
     worker_device,
 )
 
@@ -84,6 +85,20 @@ def test_default_batch_size():
 )
 def test_worker_device(device, worker, n_gpus, expected):
     assert worker_device(device, worker, n_gpus) == expected
+
+
+@pytest.mark.parametrize(
+    ("worker", "expected", "current"), [("gw3", "cuda:1", [torch.device("cuda:1")]), (None, "cuda", [])]
+)
+def test_only_a_worker_touches_its_gpu(worker, expected, current, monkeypatch):
+    """The xdist controller (no worker id) leaves CUDA uninitialised: no context on GPU 0."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert session_device("cuda", worker) == expected
+    assert chosen == current
+    assert session_device("cpu", worker) == "cpu" and chosen == current
 
 
 def test_claims_are_grouped_by_model_for_loadgroup(pytester, tmp_path):
