@@ -156,13 +156,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_to_stderr() -> None:
+    """The harness's own messages (progress of training, cache warnings) on stderr. Not the root
+    logger: huggingface_hub has a handler of its own and would print each message twice."""
+    handler = logging.StreamHandler()  # today's sys.stderr (main may run more than once in a process)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("harness")
+    logger.handlers = [handler]
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:
         return USAGE_ERROR if e.code else 0
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _log_to_stderr()
     for option in ("batch_size", "max_new_tokens", "threads", "top", "n_latent"):
         value = getattr(args, option, None)
         if value is not None and value <= 0:

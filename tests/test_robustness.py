@@ -230,3 +230,18 @@ def test_one_seed_gives_identical_claims_serial_and_under_xdist(pytester, tmp_pa
     assert xdist == first, "serial and -n 2 runs disagree"
     assert first and first == second
     assert (outputs[0] / "claims.csv").read_text() == (outputs[1] / "claims.csv").read_text()
+
+
+def test_a_hub_warning_is_printed_once():
+    """huggingface_hub logs through a handler of its own: the CLI must not add a second copy
+    (its connection retries used to appear twice)."""
+    script = (
+        "import logging, huggingface_hub\n"
+        "from harness.cli import main\n"
+        "assert main(['evaluate', '--max-new-tokens', '0']) == 4\n"
+        "logging.getLogger('huggingface_hub.utils._http').warning('retrying in 1s')\n"
+        "logging.getLogger('harness.cache').warning('cache entry unreadable')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("retrying in 1s") == 1 and done.stderr.count("cache entry unreadable") == 1, done.stderr
