@@ -148,9 +148,12 @@ class LazyModel:
     it. So a warm run, or the pytest-xdist controller, never holds weights it does not run.
     """
 
-    def __init__(self, source: Source | None, dtype: str, device: str, cache: ResultCache | None = None):
+    def __init__(
+        self, source: Source | None, dtype: str, device: str, cache: ResultCache | None = None, keep: bool = True
+    ):
         self.source, self.dtype, self.device = source, dtype, device
         self.cache = cache or ResultCache(None)
+        self.keep = keep  # a copy loaded only to read the facts is kept (False: freed, see `_fresh_facts`)
         self._codi: CODIModel | None = None
 
     @classmethod
@@ -191,9 +194,10 @@ class LazyModel:
         return ModelFacts.unpack(self.cache.get_or_compute(key, lambda: self._fresh_facts().packed()))
 
     def _fresh_facts(self) -> ModelFacts:
-        if self.loaded or self.device_type == "cpu":
+        if self.loaded or self.keep:
             return ModelFacts.of(self.codi)
-        # off the GPU: the same weights bit for bit; the GPU copy loads only if something runs
+        # a copy on the CPU, freed: the same weights bit for bit, and no GPU holds a model this
+        # process may never run (the xdist controller; a worker of another model's group)
         return ModelFacts.of(self.source.load().cast(DTYPES[self.dtype]))
 
 
@@ -204,9 +208,11 @@ def resolve(
     dtype: str = "float32",
     device: str = "cpu",
     cache: ResultCache | None = None,
+    keep: bool = True,
 ) -> LazyModel:
     """Check a `--model` value (and optional `--base`), its dtype and device, and where its
-    files are, without loading its weights; fails with one line naming the problem."""
+    files are, without loading its weights; fails with one line naming the problem. `keep`:
+    a model loaded to record its facts stays loaded (a serial session runs every model)."""
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     try:
@@ -215,7 +221,7 @@ def resolve(
         raise ModelLoadError(f"unknown device {device!r}; e.g. cpu, cuda, cuda:1") from None
     if target.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"device {device!r} requested but CUDA is not available on this machine")
-    return LazyModel(_source(model, base, n_latent), dtype, device, cache)
+    return LazyModel(_source(model, base, n_latent), dtype, device, cache, keep)
 
 
 def load(

@@ -118,14 +118,16 @@ def _load_runs(config: pytest.Config) -> dict[str, ModelRun]:
         raise DataError(f"--batch-size must be positive, got {batch_size}")
     cache = ResultCache(None if config.getoption("no_cache") else config.getoption("cache_dir"))
     runs = {}
-    device = session_device(config.getoption("device"), os.environ.get("PYTEST_XDIST_WORKER"))
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    device = session_device(config.getoption("device"), worker)
+    serial = worker is None and not config.getoption("numprocesses", None)  # else each process runs some models
     names = config.getoption("model") or list(SHIPPED)
     data = {name: config.getoption("data") or default_data(name) for name in names}
     splits = {source: held_out_splits(source, n) for source in set(data.values())}  # before any model loads
     for name in names:
         heads = config.getoption("heads")
         heads = seed_heads(name) if heads == "seed" else heads
-        model = resolve(name, config.getoption("base"), dtype=config.getoption("dtype"), device=device, cache=cache)
+        model = resolve(name, config.getoption("base"), None, config.getoption("dtype"), device, cache, keep=serial)
         geometry = model.facts.geometry  # from the cache, or by loading it: a broken checkpoint stops here
         problems, discovery = splits[data[name]]
         heads = parse_heads(heads, geometry, model.name) if heads is not None else None

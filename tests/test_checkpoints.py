@@ -146,6 +146,8 @@ def test_model_facts_come_from_the_cache_while_the_files_are_unchanged(random_co
     assert cold.facts == replace(models.ModelFacts.of(random_codi), name="m") and cold.loaded
     warm = models.resolve(str(tmp_path / "m"), cache=cache)
     assert warm.facts == cold.facts and not warm.loaded
+    elsewhere = models.resolve(str(tmp_path / "m"), cache=ResultCache(tmp_path / "other"), keep=False)
+    assert elsewhere.facts == cold.facts and not elsewhere.loaded, "read from a freed copy (xdist)"
     in_bf16 = models.resolve(str(tmp_path / "m"), dtype="bfloat16", cache=cache)
     assert in_bf16.facts.fingerprint != cold.facts.fingerprint
     changed = copy.deepcopy(random_codi)
