@@ -189,9 +189,8 @@ class LazyModel:
             return ModelFacts.of(self.codi)
         stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
         key = content_key(kind="model_facts", files=stats, dtype=self.dtype, name=self.name, n=self.source.n_latent)
-        if key not in self.cache:  # load first: a broken checkpoint fails before the cache is written
-            return ModelFacts.unpack(self.cache.get_or_compute(key, self._fresh_facts().packed))
-        return ModelFacts.unpack(self.cache.get_or_compute(key, lambda: self._fresh_facts().packed()))
+        fresh = None if key in self.cache else self._fresh_facts()  # a broken checkpoint fails before a write
+        return ModelFacts.unpack(self.cache.get_or_compute(key, lambda: (fresh or self._fresh_facts()).packed()))
 
     def _fresh_facts(self) -> ModelFacts:
         if self.loaded or self.keep:
