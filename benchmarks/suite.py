@@ -30,12 +30,13 @@ from pathlib import Path
 
 import torch
 
+from harness.arch import Head
 from harness.attention import AttentionOverride
 from harness.codi import CODIModel
 from harness.data import Problem, held_out_splits
 from harness.discovery import head_metrics, model_hub_position, record_latent_attention, top_heads
 from harness.evaluation import EvalResult, Intervene, evaluate
-from harness.interventions import Head, HeadAblation, HeadCapture
+from harness.interventions import HeadAblation, HeadCapture
 from harness.models import SHIPPED, load
 from harness.runtime import ThoughtPatch, encode_questions, run_latents
 

@@ -6,6 +6,7 @@ targets) asks this table, in the spirit of pyvene's per-architecture component m
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from torch import nn
@@ -90,3 +91,48 @@ def head_geometry(config: PretrainedConfig) -> HeadGeometry:
         head_dim=getattr(config, "head_dim", None) or d_model // n_heads,
         d_model=d_model,
     )
+
+
+class SiteError(ValueError):
+    """A malformed or out-of-range head; the message names it."""
+
+
+_HEAD = re.compile(r"L(\d+)H(\d+)")
+
+
+@dataclass(frozen=True, order=True)
+class Head:
+    """One attention head, named `L<layer>H<head>` (query heads: for GQA models the KV head it
+    reads is `head // (n_heads // n_kv_heads)`)."""
+
+    layer: int
+    head: int
+
+    def __str__(self) -> str:
+        return f"L{self.layer}H{self.head}"
+
+    @classmethod
+    def parse(cls, name: str) -> Head:
+        """'L4H5' -> Head(4, 5); anything else is a `SiteError`."""
+        match = _HEAD.fullmatch(name.strip())
+        if not match:
+            raise SiteError(f"malformed head {name!r}; write heads as L<layer>H<head>, e.g. L4H5")
+        return cls(int(match.group(1)), int(match.group(2)))
+
+
+def check_heads(heads: list[Head], geo: HeadGeometry, model: str = "the model") -> None:
+    """Every head inside the model's geometry, none twice."""
+    for i, head in enumerate(heads):
+        if head.layer >= geo.n_layers or head.head >= geo.n_heads:
+            raise SiteError(f"head {head} out of range for {model}: {geo.n_layers} layers x {geo.n_heads} heads")
+        if head in heads[:i]:
+            raise SiteError(f"head {head} given twice")
+
+
+def parse_heads(spec: str, geo: HeadGeometry, model: str = "the model") -> list[Head]:
+    """'L4H5,L5H30' -> heads, checked against the model's geometry (range, duplicates)."""
+    heads = [Head.parse(item) for item in spec.split(",") if item.strip()]
+    if not heads:
+        raise SiteError(f"no heads in {spec!r}")
+    check_heads(heads, geo, model)
+    return heads

@@ -17,9 +17,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-from harness.arch import attention
+from harness.arch import Head, attention
 from harness.codi import CODIModel
-from harness.interventions import Head, InterventionError
+from harness.interventions import InterventionError
 from harness.positions import PositionMap
 
 IMPLEMENTATION = "codi_attention"

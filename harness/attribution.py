@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from harness.arch import Head
 from harness.codi import CODIModel
 from harness.data import NAMES, Problem
-from harness.interventions import Head, HeadCapture
+from harness.interventions import HeadCapture
 from harness.runtime import Batch, encode_questions, run_latents
 
 CATEGORIES = ("number", "operator", "entity", "other")

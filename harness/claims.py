@@ -1,45 +1,33 @@
 """Claims as data (hypotheses/claims.toml) and one generic runner that judges them.
 
-A claim names a metric (below), a threshold and a direction; the runner measures the metric's
-effect with a paired bootstrap CI and gives the verdict: SUPPORTED when the CI clears the
-threshold, REFUTED when it clears the opposite criterion (`refute_at`, by default the
-threshold itself), INCONCLUSIVE otherwise.
+A claim names an experiment kind (`metric`), its typed parameters (`experiment`), a measure,
+a threshold and a direction. Every key is validated at load against the claim schema and the
+kind's parameters (`harness.kinds`): a mistake is a `ClaimError` naming the claim and the key,
+before any model loads. The runner measures the effect with a paired CI and gives the verdict
+(`harness.verdicts`).
 """
 
 from __future__ import annotations
 
-import difflib
-from dataclasses import asdict, dataclass, field
+import hashlib
+import typing
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import tomllib
 
+from harness.arch import HeadGeometry
 from harness.data import PROJECT_ROOT
 from harness.experiments import ModelRun
-from harness.metrics import METRICS
-from harness.stats import percentile_of
+from harness.kinds import KINDS, ClaimError, Params
+from harness.kinds.base import _coerce, baseline_value, close_hint
+from harness.stats import MEASURES, percentile_of
+from harness.verdicts import DIRECTIONS, ClaimResult, judge, point_judge
 
 REGISTRY = PROJECT_ROOT / "hypotheses" / "claims.toml"
-VERDICTS = ("SUPPORTED", "REFUTED", "INCONCLUSIVE")
 PHASES = (1, 2, 3, 4)
-CLAIM_KEYS = {
-    "id",
-    "phase",
-    "statement",
-    "metric",
-    "threshold",
-    "direction",
-    "refute_at",
-    "threshold_of_baseline",
-    "labels",
-    "experiment",
-    "gate",
-}
-
-
-class ClaimError(ValueError):
-    """A malformed registry entry or an unknown claim id."""
+LABEL_KEYS = ("supported", "refuted", "inconclusive")
 
 
 @dataclass(frozen=True)
@@ -47,123 +35,155 @@ class Claim:
     id: str
     phase: int
     statement: str
-    metric: str
+    metric: str  # the experiment kind (see `harness.kinds.KINDS`)
     threshold: float
     direction: str  # "greater": the effect must exceed the threshold; "less": stay below it
+    params: Params = field(compare=False)  # the kind's typed parameters (TOML: `experiment`)
+    measure: str = "accuracy"  # accuracy (points) or answer_logprob (nats)
     refute_at: float | None = None  # the opposite criterion (default: the threshold)
     threshold_of_baseline: bool = False  # threshold is a fraction of baseline accuracy (points)
     labels: dict = field(default_factory=dict)  # the seed's names for supported / refuted
-    experiment: dict = field(default_factory=dict)
     gate: str | None = None  # id of a claim that must be SUPPORTED for this one to run
 
     @property
     def marker(self) -> str:
         return f"phase{self.phase}"
 
+    def describe(self) -> str:
+        """One line for --list-claims: id, phase, kind, every parameter (defaults filled in)."""
+        params = ", ".join(f"{k}={v!r}" for k, v in self.params.describe().items())
+        refute = f", refute_at {self.refute_at:g}" if self.refute_at is not None else ""
+        base = " x baseline" if self.threshold_of_baseline else ""
+        gate = f", gate {self.gate}" if self.gate else ""
+        return (
+            f"{self.id}  phase {self.phase}  {self.metric}({params})  measure {self.measure}, "
+            f"{self.direction} than {self.threshold:g}{base}{refute}{gate}\n    {self.statement}"
+        )
+
+
+# the TOML keys of a claim: every `Claim` field, `experiment` in place of `params`
+TOP_KEYS = [f.name for f in fields(Claim) if f.name != "params"] + ["experiment"]
+REQUIRED = ("id", "phase", "statement", "metric", "threshold", "direction")
+
+
+def parse_claim(entry: dict, where: str) -> Claim:
+    """One registry entry -> a `Claim`, every key checked (a `ClaimError` names the first bad one)."""
+    cid = entry.get("id", "?")
+    where = f"{where}: claim {cid!r}"
+    for key in entry:
+        if key not in TOP_KEYS:
+            hint = close_hint(key, TOP_KEYS)
+            raise ClaimError(f"{where}: unknown key {key!r}{hint}; claims take {', '.join(TOP_KEYS)}")
+    for key in REQUIRED:
+        if key not in entry:
+            raise ClaimError(f"{where}: missing key {key!r}")
+    hints = typing.get_type_hints(Claim)
+    values = {}
+    for key, value in entry.items():
+        if key in ("experiment", "labels"):
+            continue
+        values[key] = _coerce(value, hints[key], f"{where}: {key}")
+    if values["metric"] not in KINDS:
+        metric = values["metric"]
+        raise ClaimError(
+            f"{where}: unknown metric {metric!r}{close_hint(metric, list(KINDS))}; choose from {', '.join(KINDS)}"
+        )
+    if values["phase"] not in PHASES:
+        raise ClaimError(f"{where}: unknown phase {values['phase']!r} (markers phase1..phase4)")
+    if values["direction"] not in DIRECTIONS:
+        raise ClaimError(f"{where}: direction must be 'greater' or 'less', got {values['direction']!r}")
+    kind = KINDS[values["metric"]]
+    measure = values.get("measure", "accuracy")
+    if measure not in MEASURES:
+        raise ClaimError(f"{where}: unknown measure {measure!r}{close_hint(measure, list(MEASURES))}")
+    if measure not in kind.measures:
+        raise ClaimError(f"{where}: metric {kind.metric!r} measures {', '.join(kind.measures)}, not {measure!r}")
+    if values.get("threshold_of_baseline") and measure != "accuracy":
+        raise ClaimError(f"{where}: threshold_of_baseline is a fraction of baseline accuracy; measure is {measure!r}")
+    labels = entry.get("labels", {})
+    if not isinstance(labels, dict) or any(k not in LABEL_KEYS or not isinstance(v, str) for k, v in labels.items()):
+        raise ClaimError(f"{where}: labels maps {', '.join(LABEL_KEYS)} to names, got {labels!r}")
+    experiment = entry.get("experiment", {})
+    if not isinstance(experiment, dict):
+        raise ClaimError(f"{where}: experiment must be a table, got {experiment!r}")
+    params = kind.params.from_table(experiment, where)
+    return Claim(**values, labels=labels, params=params)
+
 
 def load_registry(path: Path = REGISTRY) -> list[Claim]:
-    data = tomllib.loads(Path(path).read_text())
-    claims = []
-    for entry in data.get("claim", []):
-        unknown = set(entry) - CLAIM_KEYS
-        if unknown:
-            key = sorted(unknown)[0]
-            close = difflib.get_close_matches(key, CLAIM_KEYS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ClaimError(f"{path}: claim {entry.get('id', '?')!r} has unknown key {key!r}{hint}")
-        if entry.get("metric") not in METRICS:
-            raise ClaimError(f"{path}: claim {entry.get('id')!r} has unknown metric {entry.get('metric')!r}")
-        if entry.get("direction") not in ("greater", "less"):
-            raise ClaimError(f"{path}: claim {entry.get('id')!r}: direction must be 'greater' or 'less'")
-        claims.append(Claim(**entry))
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ClaimError(f"{path}: cannot read the claims registry ({e})") from None
+    claims = [parse_claim(entry, str(path)) for entry in data.get("claim", [])]
     ids = [c.id for c in claims]
-    if len(set(ids)) != len(ids):
-        raise ClaimError(f"{path}: duplicate claim ids")
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise ClaimError(f"{path}: duplicate claim id {duplicates[0]!r}")
     for c in claims:
-        if c.phase not in PHASES:
-            raise ClaimError(f"{path}: claim {c.id!r} has unknown phase {c.phase!r} (markers phase1..phase4)")
         if c.gate is not None and c.gate not in ids:
             raise ClaimError(f"{path}: claim {c.id!r} is gated on unknown claim id {c.gate!r}")
     return claims
 
 
-@dataclass
-class ClaimResult:
-    id: str
-    phase: int
-    model: str
-    statement: str
-    metric: str
-    effect: float
-    ci_low: float
-    ci_high: float
-    threshold: float
-    direction: str
-    p_value: float
-    verdict: str
-    point_verdict: str
-    n: int
-    p_holm: float | None = None
-    control_percentile: float | None = None
-    details: dict = field(default_factory=dict)
-
-    def as_row(self) -> dict:
-        return asdict(self)
-
-    def message(self) -> str:
-        control = f", control percentile {self.control_percentile:.0f}" if self.control_percentile is not None else ""
-        return (
-            f"{self.id} on {self.model}: {self.verdict} - effect {self.effect:+.1f} points "
-            f"(95% CI {self.ci_low:+.1f} to {self.ci_high:+.1f}; needs {self.direction} than {self.threshold:.1f}; "
-            f"McNemar p={self.p_value:.3g}{control}; n={self.n})"
-        )
+def registry_hash(path: Path = REGISTRY) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def judge(ci_low: float, ci_high: float, threshold: float, direction: str, refute_at: float) -> str:
-    if direction == "greater":
-        if ci_low > threshold:
-            return "SUPPORTED"
-        if ci_high < refute_at:
-            return "REFUTED"
-    else:
-        if ci_high < threshold:
-            return "SUPPORTED"
-        if ci_low > refute_at:
-            return "REFUTED"
-    return "INCONCLUSIVE"
+def check_against_model(claims: list[Claim], geo: HeadGeometry, n_latent: int, model: str) -> None:
+    """Named heads, positions and layers exist in `model`; else a `ClaimError`."""
+    for c in claims:
+        try:
+            c.params.check_model(geo, n_latent, model)
+        except ValueError as e:
+            raise ClaimError(f"claim {c.id!r}: {e}") from None
 
 
-def point_judge(effect: float, threshold: float, direction: str, refute_at: float, labels: dict) -> str:
-    above, below = (
-        (effect > threshold, effect < refute_at) if direction == "greater" else (effect < threshold, effect > refute_at)
-    )
-    key = "supported" if above else "refuted" if below else "inconclusive"
-    return labels.get(key, key)
+def _heads_text(details: dict) -> str:
+    heads = " ".join(details.get("heads", []))
+    source = details.get("heads_from")
+    return f"{heads} ({source})" if heads and source else heads
 
 
 def evaluate_claim(claim: Claim, run: ModelRun) -> ClaimResult:
-    measured, details, null = METRICS[claim.metric](claim, run)
+    measured = KINDS[claim.metric].measure(claim.params, run, claim.measure)
+    effect, details, null = measured.effect, measured.details, measured.null
     threshold = claim.threshold
     if claim.threshold_of_baseline:  # e.g. "keeps > 90% of baseline": drop < 10% of baseline acc
-        threshold = claim.threshold * 100.0 * float(run.baseline.mean())
-    if claim.experiment.get("against_control") and null:
+        threshold = claim.threshold * baseline_value(run, "accuracy")
+    p_value, p_test = effect.p_value, effect.test
+    if measured.bootstrap is not None:  # the share of resampled effects against the claim
+        against = measured.bootstrap > threshold if claim.direction == "less" else measured.bootstrap < threshold
+        p_value = float(np.mean(against))
+    if getattr(claim.params, "against_control", False) and null:
         threshold = float(np.percentile(null, 95))
+        p_value = (1 + sum(x >= effect.effect for x in null)) / (1 + len(null))
+        p_test = f"control share ({len(null)} random sets)"
     refute_at = claim.refute_at if claim.refute_at is not None else threshold
+    statement = claim.statement
+    if details.get("heads_from") == "--heads":
+        statement += f" [run on the heads named by --heads: {', '.join(details['heads'])}]"
     return ClaimResult(
         id=claim.id,
         phase=claim.phase,
         model=run.name,
-        statement=claim.statement,
+        statement=statement,
         metric=claim.metric,
-        effect=measured.effect,
-        ci_low=measured.ci_low,
-        ci_high=measured.ci_high,
+        measure=claim.measure,
+        effect=effect.effect,
+        ci_low=effect.ci_low,
+        ci_high=effect.ci_high,
         threshold=threshold,
         direction=claim.direction,
-        p_value=measured.p_value,
-        verdict=judge(measured.ci_low, measured.ci_high, threshold, claim.direction, refute_at),
-        point_verdict=point_judge(measured.effect, threshold, claim.direction, refute_at, claim.labels),
-        n=measured.n,
-        control_percentile=percentile_of(measured.effect, null) if null else None,
-        details={**details, **({"control_drops": null} if null else {})},
+        p_value=p_value,
+        p_test=p_test,
+        verdict=judge(effect.ci_low, effect.ci_high, threshold, claim.direction, refute_at),
+        point_verdict=point_judge(effect.effect, threshold, claim.direction, refute_at, claim.labels),
+        n=effect.n,
+        heads=_heads_text(details),
+        positions=" ".join(details.get("positions", [])),
+        mode=str(details.get("mode", "")),
+        baseline=baseline_value(run, claim.measure) if "baseline_accuracy" in details else float("nan"),
+        control_percentile=percentile_of(effect.effect, null) if null else None,
+        details={**details, **({"control": null} if null else {})},
     )

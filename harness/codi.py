@@ -24,6 +24,7 @@ from transformers import (
 )
 
 from harness.arch import ArchSpec, HeadGeometry, arch_of, backbone, head_geometry
+from harness.data import ANSWER_PREFIX
 
 DEFAULT_N_LATENT = 6
 LORA_R, LORA_ALPHA = 128, 32
@@ -52,6 +53,7 @@ class CODIModel(nn.Module):
         n_latent: int = DEFAULT_N_LATENT,
         name: str = "",
         prj_dropout: float = 0.0,
+        answer_prefix: str = ANSWER_PREFIX,
     ):
         super().__init__()
         assert lm.get_input_embeddings().num_embeddings == base_vocab_size + 3, (
@@ -64,6 +66,7 @@ class CODIModel(nn.Module):
         self.n_latent = n_latent
         self.name = name
         self.eos_id = tokenizer.eos_token_id
+        self.answer_prefix = answer_prefix  # what the model writes before the number (teacher forcing)
         self.offset = 0  # sequence index of the first token of the current pass (see `step`)
         self.thought_patch = None  # set by `runtime.ThoughtPatch` while it is active
 
@@ -174,6 +177,9 @@ def load_own(directory: Path, name: str = "") -> CODIModel:
 # --- the published hub format -------------------------------------------------------------
 
 
+HUB_ANSWER_PREFIX = "The answer is:"  # how the published CODI models write their answers
+
+
 @dataclass(frozen=True)
 class HubLayout:
     """How the published checkpoints store the CODI module (`codi.` + peft keys, `prj.`)."""
@@ -225,7 +231,9 @@ def load_hub_format(weights: Path, base: str, n_latent: int = DEFAULT_N_LATENT, 
     _check_fits(weights, peft_lm.state_dict(), lm_state, layout.lm_prefix)
     peft_lm.load_state_dict(lm_state, strict=False)
     merged = peft_lm.merge_and_unload()
-    codi = CODIModel(merged, tokenizer, base_vocab, n_latent, name=name or weights.parent.name)
+    codi = CODIModel(
+        merged, tokenizer, base_vocab, n_latent, name=name or weights.parent.name, answer_prefix=HUB_ANSWER_PREFIX
+    )
     _check_fits(weights, codi.prj.state_dict(), prj_state, layout.prj_prefix)
     codi.prj.load_state_dict(prj_state)
     return codi.eval()

@@ -21,10 +21,10 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from harness.arch import Head
 from harness.attention import AttentionRecord
 from harness.codi import CODIModel
 from harness.data import Problem
-from harness.interventions import Head
 from harness.runtime import encode_questions, run_latents
 
 WEIGHTS = {"flow": 0.4, "hub": 0.4, "skip": 0.2}

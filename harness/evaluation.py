@@ -13,12 +13,13 @@ import torch
 from tqdm import tqdm
 
 from harness.codi import CODIModel
-from harness.data import Problem, is_correct, parse_answer
+from harness.data import Problem, format_number, is_correct, parse_answer
 from harness.positions import PositionMap
 from harness.runtime import (
     Batch,
     LatentPatch,
     Prefix,
+    answer_logprobs,
     decode_ids,
     decode_texts,
     encode_questions,
@@ -42,6 +43,7 @@ class Record:
     correct: bool
     confidence: float  # probability of the first token of the predicted number
     n_steps: int
+    answer_logprob: float  # log p of the gold number, teacher-forced after eot (nats)
 
 
 @dataclass
@@ -148,12 +150,15 @@ def evaluate(
         batch = encode_questions(codi, [p.question for p in chunk])
         prefix = prefixes.get(codi, batch, indices) if prefixes is not None else None  # before any hook
         with intervene(batch.positions(codi.n_latent), indices) if intervene else nullcontext():
-            gen = generate(codi, run_latents(codi, batch, patch, prefix=prefix), max_new_tokens)
+            state = run_latents(codi, batch, patch, prefix=prefix)
+            logprobs = answer_logprobs(codi, state, [format_number(p.answer) for p in chunk]).tolist()
+            gen = generate(codi, state, max_new_tokens)
         for row, (i, p, text) in enumerate(zip(indices, chunk, decode_texts(codi, gen))):
             pred = parse_answer(text)
             j = answer_token_index(codi, gen.tokens[row, : gen.lengths[row]].tolist())
             confidence = float(gen.token_probs[row, j]) if j is not None else 0.0
-            records[i] = Record(p.id, p.answer, text, pred, is_correct(pred, p.answer), confidence, p.n_steps)
+            correct = is_correct(pred, p.answer)
+            records[i] = Record(p.id, p.answer, text, pred, correct, confidence, p.n_steps, logprobs[row])
         bar.update(len(chunk))
     bar.close()
     return EvalResult(records, time.perf_counter() - start)

@@ -1,7 +1,9 @@
-"""Experiments on one model and data set: cached per-problem correctness under interventions.
+"""A model's run on one data set: a generic cached runner of intervention specs.
 
-Every result is an array of correctness flags over the same problems (so effects are paired),
-cached on disk under a content key of the model, data, decoding config and intervention spec.
+`ModelRun.measure(spec)` gives a `Condition`: per-problem correctness, teacher-forced answer
+log-probability and answer confidence over the same test problems (so every effect is
+paired), cached on disk under a content key of the model, data, decoding config and the
+spec's own fields. `ModelRun.effect` compares conditions and memoises the statistics.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -16,24 +19,90 @@ import numpy as np
 import pandas as pd
 import torch
 
-from harness.arch import HeadGeometry
-from harness.attention import AttentionOverride
+from harness.arch import Head, HeadGeometry
 from harness.attribution import Attributions, integrated_gradients, question_tokens
 from harness.cache import ResultCache, content_key
 from harness.codi import CODIModel
 from harness.data import Problem
 from harness.discovery import LatentAttention, head_metrics, model_hub_thought, record_latent_attention, top_heads
 from harness.evaluation import PrefixStore, evaluate
-from harness.interventions import Head, HeadAblation, InterventionError
+from harness.interventions import HeadCapture
 from harness.models import LazyModel, default_batch_size
 from harness.probes import ProbeResults, run_probes, thought_states
-from harness.runtime import ThoughtPatch, encode_questions, run_latents
+from harness.runtime import encode_questions, generate, run_latents
+from harness.specs import Baseline, Spec, TransplantHead, installer, what_runs, with_draw
+from harness.stats import PairedEffect, paired_effect
 from harness.transplant import DEFAULT_RIDGE, HeadTransplant, LinearMap, paired_states
+from harness.verdicts import ClaimResult, claim_result
 
 MAX_NEW_TOKENS = 256
-POSITION_MODES = ("noise", "zero", "mean", "resample")
 IG_PROBLEMS = 100  # problems attributed by integrated gradients (3.2)
 IG_STEPS = 32
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One condition's per-problem results over the run's test problems."""
+
+    correct: np.ndarray  # [N] 1.0 / 0.0
+    answer_logprob: np.ndarray  # [N] nats: log p of the gold number, teacher-forced after eot
+    confidence: np.ndarray  # [N] probability of the first token of the predicted number
+
+    def values(self, measure: str) -> np.ndarray:
+        """[N] values of `measure` ("accuracy": the correctness flags)."""
+        return self.correct if measure == "accuracy" else self.answer_logprob
+
+    @property
+    def accuracy(self) -> float:
+        return float(np.mean(self.correct))
+
+
+@dataclass(frozen=True)
+class Paired:
+    """A condition (its draws) beside the baseline over the same problems: what a Python claim
+    measures. `effect(measure)` is the paired drop with its CI; `claim(...)` its verdict row."""
+
+    run: ModelRun
+    spec: Spec
+    baseline: Condition
+    draws: list[Condition]
+
+    def effect(self, measure: str = "accuracy") -> PairedEffect:
+        return self.run.effect(self.draws, measure, reference=self.baseline)
+
+    def frame(self) -> pd.DataFrame:
+        """One row per problem: id, baseline and treated (mean over draws) of both measures."""
+        treated = {f: np.mean([getattr(d, f) for d in self.draws], axis=0) for f in ("correct", "answer_logprob")}
+        return pd.DataFrame(
+            {
+                "id": [p.id for p in self.run.problems],
+                "baseline_correct": self.baseline.correct,
+                "correct": treated["correct"],
+                "baseline_answer_logprob": self.baseline.answer_logprob,
+                "answer_logprob": treated["answer_logprob"],
+            }
+        )
+
+    def claim(
+        self, id: str, statement: str, threshold: float, direction: str, measure: str = "accuracy", **kwargs
+    ) -> ClaimResult:
+        """The verdict row of "this condition's drop in `measure` is `direction` than
+        `threshold`" (keywords as `verdicts.claim_result`)."""
+        values = self.baseline.values(measure)
+        baseline = 100.0 * float(values.mean()) if measure == "accuracy" else float(values.mean())
+        return claim_result(
+            self.effect(measure),
+            id=id,
+            statement=statement,
+            model=self.run.name,
+            threshold=threshold,
+            direction=direction,
+            measure=measure,
+            baseline=baseline,
+            details={"spec": self.spec.key(), "n_draws": len(self.draws)},
+            **what_runs(self.spec),
+            **kwargs,
+        )
 
 
 def data_hash(problems: list[Problem]) -> str:
@@ -57,10 +126,13 @@ class ModelRun:
     heads: list[Head] | None = None  # user-named critical heads (else the ranking)
     progress: bool = False
     _computed: list[str] = field(default_factory=list)
-    drops: dict = field(default_factory=dict)  # memo of paired statistics (see metrics._drop)
+    drops: dict = field(default_factory=dict)  # memo of paired statistics (see `effect`)
     peers: dict[str, ModelRun] = field(default_factory=dict)  # the session's other models (phase 2)
     _maps: dict = field(default_factory=dict)  # (donor, layers) -> transplant maps
     _prefixes: PrefixStore = field(default_factory=PrefixStore)  # question passes, shared by interventions
+    _thoughts: dict = field(default_factory=dict)  # split -> clean thoughts
+    _head_outputs: dict = field(default_factory=dict)  # (heads, positions, split) -> clean head outputs
+    _donors: dict = field(default_factory=dict)  # fingerprint -> donor run (transplants)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, CODIModel):
@@ -109,43 +181,57 @@ class ModelRun:
             spec=spec,
         )
 
-    def flags(self, spec: dict, intervene=None, latent_only: bool = True) -> np.ndarray:
-        """Correctness per problem under `intervene` (see `evaluation.evaluate`), cached.
-        `latent_only`: the intervention acts from CT0 on, so the question passes are shared."""
+    def measure(self, spec: Spec) -> Condition:
+        """Per-problem results of one condition, cached on disk under the spec's own fields."""
 
         def compute() -> np.ndarray:
-            self._computed.append(str(spec))
+            self._computed.append(spec.describe())
             result = evaluate(
                 self.codi,
                 self.problems,
                 self.batch_size,
                 max_new_tokens=MAX_NEW_TOKENS,
                 progress=self.progress,
-                intervene=intervene,
-                prefixes=self._prefixes if latent_only else None,
+                intervene=None if isinstance(spec, Baseline) else installer(spec, self),
+                prefixes=self._prefixes if spec.latent_only(self.n_latent) else None,
             )
-            return np.array([r.correct for r in result.records], dtype=bool)
+            return np.array([[r.correct, r.answer_logprob, r.confidence] for r in result.records]).T  # [3, N]
 
-        return self.cache.get_or_compute(self.key(**spec), compute)
+        return Condition(*self.cache.get_or_compute(self.key(**spec.key()), compute))
+
+    def measure_draws(self, spec: Spec, n_draws: int) -> list[Condition]:
+        """A randomised condition's `n_draws` independent draws (one condition otherwise)."""
+        return [self.measure(with_draw(spec, d)) for d in range(n_draws if spec.randomised else 1)]
+
+    def paired(self, spec: Spec, n_draws: int = 5) -> Paired:
+        """`spec` measured (`n_draws` draws if it is randomised) beside the baseline."""
+        return Paired(self, spec, self.baseline, self.measure_draws(spec, n_draws))
+
+    def effect(
+        self, treated: Spec | Sequence[Condition], measure: str = "accuracy", reference: Condition | None = None
+    ) -> PairedEffect:
+        """The paired drop from `reference` (default: the baseline) to `treated` (a spec: one
+        draw; or the conditions of several draws), memoised: several claims share comparisons
+        and the bootstrap is the slow part of a warm run."""
+        conditions = [self.measure(treated)] if isinstance(treated, Spec) else list(treated)
+        reference = self.baseline if reference is None else reference
+        ref = reference.values(measure)
+        values = np.stack([c.values(measure) for c in conditions])  # [D, N]
+        key = (measure, ref.tobytes(), values.tobytes())
+        if key not in self.drops:
+            self.drops[key] = paired_effect(ref, values, measure, seed=self.seed)
+        return self.drops[key]
 
     # --- baselines and discovery ---------------------------------------------------------
 
     @cached_property
-    def baseline(self) -> np.ndarray:
-        return self.flags({"kind": "baseline"})
+    def baseline(self) -> Condition:
+        return self.measure(Baseline())
 
-    @cached_property
+    @property
     def baseline_confidence(self) -> np.ndarray:
-        """Probability of the first answer token per problem (difficulty tiers), cached."""
-
-        def compute() -> np.ndarray:
-            self._computed.append("baseline_confidence")
-            result = evaluate(
-                self.codi, self.problems, self.batch_size, max_new_tokens=MAX_NEW_TOKENS, progress=self.progress
-            )
-            return np.array([r.confidence for r in result.records], dtype=np.float64)
-
-        return self.cache.get_or_compute(self.key(kind="baseline_confidence"), compute)
+        """Probability of the first answer token per problem (difficulty tiers)."""
+        return self.baseline.confidence
 
     @cached_property
     def _attention(self) -> LatentAttention:
@@ -213,45 +299,38 @@ class ModelRun:
             self._maps[key] = states.maps()
         return self._maps[key]
 
-    def transplant(self, donor: ModelRun, donor_head: Head, head: Head) -> tuple[np.ndarray, np.ndarray]:
-        """2.1: correctness with `donor_head` of `donor` transplanted into this model's `head`
-        (every position), and the maps' fit [R^2 in, held-out R^2 in, R^2 out, held-out R^2 out]."""
-        spec = {"kind": "transplant", "donor": donor.fingerprint, "donor_head": str(donor_head), "head": str(head),
-                "ridge": DEFAULT_RIDGE, "discovery": data_hash(self.discovery)}  # fmt: skip
+    def transplant_spec(self, donor: ModelRun, donor_head: Head, head: Head) -> TransplantHead:
+        """2.1: `donor_head` of `donor` transplanted into this model's `head` (every position)."""
+        spec = TransplantHead(donor.fingerprint, donor_head, head, DEFAULT_RIDGE, data_hash(self.discovery))
+        self._donors[donor.fingerprint] = donor
+        return spec
+
+    def transplant_fit(self, spec: TransplantHead) -> np.ndarray:
+        """The maps' fit [R^2 in, held-out R^2 in, R^2 out, held-out R^2 out], cached."""
+        donor = self._donors[spec.donor]
 
         def fit() -> np.ndarray:
-            maps = self.transplant_maps(donor, head.layer, donor_head.layer)
+            maps = self.transplant_maps(donor, spec.head.layer, spec.donor_head.layer)
             return np.array([v for m in maps for v in (m.r2, np.nan if m.r2_heldout is None else m.r2_heldout)])
 
-        def intervene(pmap, indices):
-            map_in, map_out = self.transplant_maps(donor, head.layer, donor_head.layer)
-            return HeadTransplant(self.codi, head, donor.codi, donor_head, map_in, map_out)
+        return self.cache.get_or_compute(self.key(**spec.key(), part="fit"), fit)
 
-        r2 = self.cache.get_or_compute(self.key(**spec, part="fit"), fit)
-        return self.flags(spec, intervene, latent_only=False), r2  # the head acts at every position
+    def transplant_hook(self, spec: TransplantHead) -> HeadTransplant:
+        donor = self._donors[spec.donor]
+        map_in, map_out = self.transplant_maps(donor, spec.head.layer, spec.donor_head.layer)
+        return HeadTransplant(self.codi, spec.head, donor.codi, spec.donor_head, map_in, map_out)
 
     def critical_heads(self, n: int) -> list[Head]:
-        return (self.heads or top_heads(self.ranking, n))[:n]
+        return self.heads_for((), n)[0]
 
-    def scoped_heads(self, scope: str = "top", n_heads: int = 3, layer: int | None = None) -> list[Head]:
-        """The heads an intervention acts on: the top `n_heads` critical heads, every head of
-        one `layer`, or every head of the model."""
-        geo = self.geometry
-        if scope == "top":
-            return self.critical_heads(n_heads)
-        if scope == "layer":
-            if layer is None or not 0 <= layer < geo.n_layers:
-                raise InterventionError(f"scope 'layer' needs a layer in 0..{geo.n_layers - 1}, got {layer!r}")
-            return [Head(layer, h) for h in range(geo.n_heads)]
-        if scope == "all":
-            return [Head(layer, h) for layer in range(geo.n_layers) for h in range(geo.n_heads)]
-        raise InterventionError(f"unknown head scope {scope!r}; choose from top, layer, all")
-
-    # --- head ablation ----------------------------------------------------------------
-
-    def ablation(self, heads: list[Head], mode: str = "zero") -> np.ndarray:
-        spec = {"kind": "head_ablation", "heads": sorted(map(str, heads)), "mode": mode, "positions": "latent"}
-        return self.flags(spec, lambda pmap, idx: HeadAblation(self.codi, heads, pmap.latent, mode))
+    def heads_for(self, named: Sequence[str], n_heads: int) -> tuple[list[Head], str]:
+        """The heads a claim acts on and where they come from: the claim's own `heads`, else
+        the session's `--heads`, else the top `n_heads` of the discovery ranking."""
+        if named:
+            return [Head.parse(h) for h in named], "claim"
+        if self.heads:
+            return self.heads[:n_heads], "--heads"
+        return top_heads(self.ranking, n_heads), "ranking"
 
     def random_head_sets(self, like: list[Head], n_sets: int = 20) -> list[list[Head]]:
         """Random head sets matched by layer to `like`, never containing its heads."""
@@ -266,50 +345,38 @@ class ModelRun:
             sets.append(chosen)
         return sets
 
-    # --- position patching ------------------------------------------------------------
+    # --- what specs read (`specs.RunContext`) ---------------------------------------------
 
-    @cached_property
-    def thoughts(self) -> torch.Tensor:
-        """Unpatched thoughts of every problem: [N, K, d]."""
-        out = []
-        with torch.no_grad():
-            for start in range(0, len(self.problems), self.batch_size):
-                chunk = self.problems[start : start + self.batch_size]
+    def split(self, name: str) -> list[Problem]:
+        return {"test": self.problems, "discovery": self.discovery}[name]
+
+    @torch.no_grad()
+    def clean_thoughts(self, split: str) -> torch.Tensor:
+        """Unpatched thoughts of every problem of `split`: [N, K, d] (memoised)."""
+        if split not in self._thoughts:
+            problems, out = self.split(split), []
+            for start in range(0, len(problems), self.batch_size):
+                chunk = problems[start : start + self.batch_size]
                 out.append(run_latents(self.codi, encode_questions(self.codi, [p.question for p in chunk])).thoughts)
-        return torch.cat(out)
+            self._thoughts[split] = torch.cat(out)
+        return self._thoughts[split]
 
-    def replacement(self, position: int, mode: str) -> torch.Tensor:
-        """What CT_position becomes for every problem: [N, d]."""
-        thoughts = self.thoughts[:, position]  # [N, d]
-        if mode == "zero":
-            return torch.zeros_like(thoughts)
-        if mode == "mean":
-            return thoughts.mean(0, keepdim=True).expand_as(thoughts)
-        g = torch.Generator().manual_seed(self.seed * 1000 + position)
-        if mode == "resample":  # another problem's thought (a derangement)
-            n = len(thoughts)
-            return thoughts[(torch.randperm(n - 1, generator=g) + 1 + torch.arange(n)) % n]
-        noise = torch.randn(thoughts.shape, generator=g).to(thoughts.device)  # generated on the CPU: reproducible
-        scale = thoughts.float().norm(dim=-1).mean()
-        return (noise / noise.norm(dim=-1, keepdim=True) * scale).to(thoughts.dtype)
-
-    def position_patch(self, name: str, mode: str = "noise") -> np.ndarray:
-        if mode not in POSITION_MODES:
-            raise ValueError(f"unknown position-patch mode {mode!r}; choose from {', '.join(POSITION_MODES)}")
-        position = int(name.removeprefix("CT"))
-        spec = {"kind": "position_patch", "position": name, "mode": mode, "seed": self.seed}
-
-        def intervene(pmap, indices):
-            pmap.thought_index(name)  # validates the name
-            values = self.replacement(position, mode)[indices]
-            return ThoughtPatch(self.codi, lambda i, t: values.to(t) if i == position else t)
-
-        return self.flags(spec, intervene)
-
-    # --- attention patterns -----------------------------------------------------------
-
-    def pattern(self, pattern: str, heads: list[Head], target: str | None = None) -> np.ndarray:
-        spec = {"kind": "attention_pattern", "pattern": pattern, "heads": sorted(map(str, heads)), "hub": self.hub}
-        if target:
-            spec["target"] = target
-        return self.flags(spec, lambda pmap, idx: AttentionOverride(self.codi, heads, pattern, pmap, self.hub, target))
+    @torch.no_grad()
+    def head_outputs(self, heads: tuple[Head, ...], positions: tuple[str, ...], split: str) -> dict[Head, torch.Tensor]:
+        """Each head's clean output at named fixed positions over `split`: {head: [N, P, hd]}
+        (memoised; eot needs the first decoding step, so it runs when eot is named)."""
+        key = (heads, positions, split)
+        if key not in self._head_outputs:
+            problems, parts = self.split(split), {h: [] for h in heads}
+            for start in range(0, len(problems), self.batch_size):
+                chunk = problems[start : start + self.batch_size]
+                batch = encode_questions(self.codi, [p.question for p in chunk])
+                targets = batch.positions(self.n_latent).resolve(positions)
+                with HeadCapture(self.codi, heads, targets) as capture:
+                    state = run_latents(self.codi, batch)
+                    if "eot" in positions:
+                        generate(self.codi, state, max_new_tokens=1)
+                for h in heads:
+                    parts[h].append(capture.values[h])
+            self._head_outputs[key] = {h: torch.cat(v) for h, v in parts.items()}
+        return self._head_outputs[key]

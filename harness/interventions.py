@@ -8,51 +8,19 @@ tokens of the current pass through `CODIModel.offset`.
 
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
-from harness.arch import HeadGeometry, attention, attn_out_proj, blocks
+from harness.arch import Head, attention, attn_out_proj, blocks
 from harness.codi import CODIModel
 
-_HEAD = re.compile(r"L(\d+)H(\d+)")
 MODES = ("zero", "mean", "resample")
 
 
 class InterventionError(ValueError):
     """A bad head, position or mode; the message names it."""
-
-
-@dataclass(frozen=True, order=True)
-class Head:
-    layer: int
-    head: int
-
-    def __str__(self) -> str:
-        return f"L{self.layer}H{self.head}"
-
-
-def parse_heads(spec: str, geo: HeadGeometry, model: str = "the model") -> list[Head]:
-    """'L4H5,L5H30' -> heads, checked against the model's geometry (range, duplicates)."""
-    heads = []
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        match = _HEAD.fullmatch(item)
-        if not match:
-            raise InterventionError(f"malformed head {item!r}; write heads as L<layer>H<head>, e.g. L4H5")
-        head = Head(int(match.group(1)), int(match.group(2)))
-        if head.layer >= geo.n_layers or head.head >= geo.n_heads:
-            raise InterventionError(
-                f"head {item} out of range for {model}: {geo.n_layers} layers x {geo.n_heads} heads"
-            )
-        if head in heads:
-            raise InterventionError(f"head {item} given twice")
-        heads.append(head)
-    if not heads:
-        raise InterventionError(f"no heads in {spec!r}")
-    return heads
 
 
 class _HeadHooks(ABC):

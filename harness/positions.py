@@ -21,6 +21,25 @@ class PositionError(ValueError):
     """An unknown position name."""
 
 
+# names a claim or spec may use: the K thoughts one by one, every thought (`latent`), the bot
+# and eot tokens, the question tokens, the generated (or teacher-forced) answer tokens
+NAMED_SPANS = ("latent", "bot", "eot", "question", "answer")
+FIXED = ("bot", "eot")  # one index, the same for every row
+
+
+def check_position(name: str, n_latent: int) -> None:
+    """`name` is a position a model with `n_latent` thoughts has; else a `PositionError`."""
+    match = _CT.fullmatch(name)
+    if name in NAMED_SPANS or (match and int(match.group(1)) < n_latent):
+        return
+    raise PositionError(f"unknown position {name!r}; choose from CT0..CT{n_latent - 1}, {', '.join(NAMED_SPANS)}")
+
+
+def is_fixed(name: str) -> bool:
+    """One index per name, the same in every row (bot, CT<i>, eot, and `latent` = the thoughts)."""
+    return name in FIXED or name == "latent" or bool(_CT.fullmatch(name))
+
+
 @dataclass(frozen=True)
 class PositionMap:
     width: int  # T: padded question + bot
@@ -57,6 +76,22 @@ class PositionMap:
         """Indices of the first `n_tokens` generated tokens (fed after eot)."""
         start = self.width + self.n_latent + 1
         return range(start, start + n_tokens)
+
+    def resolve(self, names: tuple[str, ...] | list[str], max_answer: int = 1024) -> list[int]:
+        """Sorted sequence indices of named positions. `question` is every index before bot: left
+        padding included, which no query attends to, so acting there changes nothing; `answer`
+        is the first `max_answer` tokens after eot."""
+        out: set[int] = set()
+        for name in names:
+            if name == "latent":
+                out.update(self.latent)
+            elif name == "question":
+                out.update(range(self.width - 1))
+            elif name == "answer":
+                out.update(self.answer(max_answer))
+            else:
+                out.add(self.index(name))
+        return sorted(out)
 
     def thought_index(self, name: str) -> int:
         """i for `CT<i>` (for thought-level interventions)."""

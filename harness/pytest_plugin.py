@@ -2,34 +2,43 @@
 and the report written at the end of a session.
 
 SUPPORTED passes; REFUTED fails with the numbers; INCONCLUSIVE is reported as its own outcome
-('I', "inconclusive") and does not fail the run.
+('I', "inconclusive") and does not fail the run. The registry and every claim's parameters are
+checked when the session starts: a mistake is one line and exit status 4 before any model runs.
+
+Fixtures for claim tests (registry rows and researchers' own Python claims alike):
+`model_run` (the `ModelRun` of the test's `model_name`), `run_claim(claim)` (a registry claim
+measured, phase gates applied) and `assert_claim(result)` (records the row for the report,
+then passes, fails or reports INCONCLUSIVE).
 """
 
 from __future__ import annotations
 
 import gc
+import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from harness.arch import SiteError, parse_heads
 from harness.cache import DEFAULT_DIR, ResultCache
-from harness.claims import PHASES, Claim, ClaimResult, evaluate_claim, load_registry
+from harness.claims import PHASES, REGISTRY, Claim, ClaimError, check_against_model, evaluate_claim, load_registry
 from harness.codi import ModelLoadError
 from harness.data import DataError, held_out_splits
 from harness.experiments import ModelRun
-from harness.interventions import InterventionError, leftover_hooks, parse_heads
+from harness.interventions import InterventionError, leftover_hooks
 from harness.models import SHIPPED, default_data, resolve, seed_heads
 from harness.report import REPORTS_DIR, new_run_dir, write_report
+from harness.verdicts import ClaimResult
 
-REGISTRY_BY_ID = {c.id: c for c in load_registry()}
+_REGISTRY: dict[str, Claim] = {}  # the session's claims by id, loaded in `pytest_configure`
 
 
 def claim_params(phase: int) -> list:
     """The registry's claims of one phase as pytest parameters: id = claim id, marker = phase."""
     return [
-        pytest.param(c, id=c.id, marks=getattr(pytest.mark, c.marker))
-        for c in REGISTRY_BY_ID.values()
-        if c.phase == phase
+        pytest.param(c, id=c.id, marks=getattr(pytest.mark, c.marker)) for c in _REGISTRY.values() if c.phase == phase
     ]
 
 
@@ -65,6 +74,27 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--no-cache", action="store_true", help="recompute every result")
     group.addoption("--cache-dir", default=str(DEFAULT_DIR), help="result cache directory")
     group.addoption("--no-gates", action="store_true", help="run phase-2 claims even when phase 1's gate is not met")
+    group.addoption("--registry", default=str(REGISTRY), help="the claims registry (default hypotheses/claims.toml)")
+    group.addoption(
+        "--list-claims",
+        action="store_true",
+        help="print every claim (id, phase, kind, parameters with defaults, statement) and exit; loads no model",
+    )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> int | None:
+    if not config.getoption("list_claims"):
+        return None
+    try:
+        claims = load_registry(Path(config.getoption("registry")))
+    except ClaimError as e:
+        sys.stderr.write(f"ERROR: {e}\n")
+        return pytest.ExitCode.USAGE_ERROR
+    for c in claims:
+        sys.stdout.write(c.describe() + "\n")
+    sys.stdout.write(f"{len(claims)} claims in {config.getoption('registry')}\n")
+    return pytest.ExitCode.OK
 
 
 def _runs_claims(config: pytest.Config) -> bool:
@@ -86,10 +116,14 @@ def pytest_configure(config: pytest.Config) -> None:
     # the end (its unraisable-exception check), 1.5 s on a warm 10 s run: exempt what exists now
     gc.freeze()
     try:
+        claims = load_registry(Path(config.getoption("registry")))
+        _REGISTRY.clear()
+        _REGISTRY.update({c.id: c for c in claims})
         state["runs"] = _load_runs(config)
         for name, run in state["runs"].items():
             run.peers = {other: r for other, r in state["runs"].items() if other != name}
-    except (ModelLoadError, DataError, InterventionError) as e:
+            check_against_model(claims, run.geometry, run.n_latent, name)
+    except (ClaimError, ModelLoadError, DataError, InterventionError, SiteError) as e:
         raise pytest.UsageError(str(e)) from None
     if hasattr(config, "workerinput"):  # xdist workers measure; the controller reports
         return
@@ -146,35 +180,53 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture
-def judge_claim(request: pytest.FixtureRequest):
-    """`judge_claim(claim, model_name)`: measure, record, and pass / fail / inconclusive.
+def model_run(request: pytest.FixtureRequest, model_name: str) -> ModelRun:
+    """The session's run of the test's model: `measure(spec)`, `paired(spec)`, `effect(...)`."""
+    return request.config.stash[_STATE]["runs"][model_name]
 
-    The result travels with the test report (user properties), so the report is written by
+
+@pytest.fixture
+def run_claim(request: pytest.FixtureRequest, model_run: ModelRun) -> Callable[[Claim], ClaimResult]:
+    """`run_claim(claim)`: a registry claim measured on the test's model. A phase-2 claim whose
+    gate is not SUPPORTED is skipped with the reason (unless --no-gates)."""
+
+    def run(claim: Claim) -> ClaimResult:
+        if claim.gate and not request.config.getoption("no_gates"):
+            gate = evaluate_claim(_REGISTRY[claim.gate], model_run)
+            if gate.verdict != "SUPPORTED":
+                pytest.skip(
+                    f"phase 1 gate not met: {gate.id} is {gate.verdict} for {model_run.name} "
+                    f"(effect {gate.effect:+.1f} points, 95% CI {gate.ci_low:+.1f} to {gate.ci_high:+.1f}); "
+                    "pivot to distributed analysis (or force with --no-gates)"
+                )
+        return evaluate_claim(claim, model_run)
+
+    return run
+
+
+@pytest.fixture
+def assert_claim(request: pytest.FixtureRequest) -> Callable[[ClaimResult], ClaimResult]:
+    """`assert_claim(result)`: record the row for the report, then pass (SUPPORTED), fail with
+    the numbers (REFUTED) or report INCONCLUSIVE. Also asserts that no hook was left behind.
+
+    The row travels with the test report (user properties), so the report is written by
     whichever process collects the reports: the session itself, or the xdist controller.
     """
     state = request.config.stash[_STATE]
 
-    def judge(claim: Claim, model_name: str) -> ClaimResult:
-        run = state["runs"][model_name]
-        if claim.gate and not request.config.getoption("no_gates"):
-            gate = evaluate_claim(REGISTRY_BY_ID[claim.gate], run)
-            if gate.verdict != "SUPPORTED":
-                pytest.skip(
-                    f"phase 1 gate not met: {gate.id} is {gate.verdict} for {model_name} "
-                    f"(effect {gate.effect:+.1f} points, 95% CI {gate.ci_low:+.1f} to {gate.ci_high:+.1f}); "
-                    "pivot to distributed analysis (or force with --no-gates)"
-                )
-        result = evaluate_claim(claim, run)
-        leftovers = leftover_hooks(run.codi) if run.model.loaded else []
+    def check(result: ClaimResult) -> ClaimResult:
+        run = state["runs"].get(result.model)
+        leftovers = leftover_hooks(run.codi) if run is not None and run.model.loaded else []
         assert not leftovers, f"an intervention left hooks behind: {leftovers}"
-        request.node.user_properties.append((RESULT_KEY, result.as_row()))
+        row = json.loads(json.dumps(result.as_row(), default=float))  # plain types: rows cross to xdist's controller
+        request.node.user_properties.append((RESULT_KEY, row))
         if result.verdict == "REFUTED":
             pytest.fail(result.message(), pytrace=False)
         if result.verdict == "INCONCLUSIVE":
             raise Inconclusive(result.message())
         return result
 
-    return judge
+    return check
 
 
 class _Collector:

@@ -175,6 +175,46 @@ def generate(codi: CODIModel, state: LatentState, max_new_tokens: int = 256) -> 
     return Generation(torch.stack(tokens, 1), torch.stack(probs, 1), lengths, first_logits)
 
 
+def answer_targets(codi: CODIModel, answers: list[str]) -> tuple[list[list[int]], list[int]]:
+    """Each gold answer as the model writes it (`codi.answer_prefix` then the number), as ids,
+    and how many of its last ids are the number (the scored part; all of them when the prefix
+    does not tokenize on its own)."""
+    tok = codi.tokenizer
+    prefix = tok(codi.answer_prefix, add_special_tokens=False)["input_ids"]
+    ids, scored = [], []
+    for answer in answers:
+        full = tok(f"{codi.answer_prefix} {answer}", add_special_tokens=False)["input_ids"]
+        ids.append(full)
+        scored.append(
+            len(full) - len(prefix) if full[: len(prefix)] == prefix and len(full) > len(prefix) else len(full)
+        )
+    return ids, scored
+
+
+def answer_logprobs(codi: CODIModel, state: LatentState, answers: list[str]) -> torch.Tensor:
+    """Log-probability (nats) of each row's gold answer number under teacher forcing: eot and
+    the answer's tokens in one pass over a copy of the latent cache: [B].
+
+    Rows are right-padded with eos; a padded token is never a target, and no real token
+    attends to a later one, so padding cannot leak."""
+    ids, scored = answer_targets(codi, answers)
+    batch_size, width = len(ids), 1 + max(len(a) for a in ids)
+    tokens = torch.full((batch_size, width), codi.eos_id, dtype=torch.long)
+    tokens[:, 0] = codi.eot_id
+    for row, a in enumerate(ids):
+        tokens[row, 1 : 1 + len(a)] = torch.tensor(a)
+    tokens = tokens.to(codi.device)
+    mask = _ones(state.attention_mask, width)
+    positions = state.next_position[:, None] + torch.arange(width, device=codi.device)  # [B, W]
+    out = codi.step(mask, positions, copy.deepcopy(state.cache), input_ids=tokens)
+    logp = codi.logits(out.last_hidden_state[:, :-1]).float().log_softmax(-1)  # [B, W-1, V+3]
+    token_logp = logp.gather(-1, tokens[:, 1:, None])[..., 0]  # [B, W-1]: log p of token t+1 at t
+    total = torch.zeros(batch_size, dtype=torch.float64)
+    for row, (a, k) in enumerate(zip(ids, scored)):
+        total[row] = token_logp[row, len(a) - k : len(a)].double().sum().cpu()
+    return total
+
+
 def decode_ids(codi: CODIModel, ids: list[int]) -> str:
     """Text of generated ids, dropping CODI's pad/bot/eot (not in the base tokenizer)."""
     return codi.tokenizer.decode([t for t in ids if t < codi.base_vocab_size], skip_special_tokens=True)

@@ -21,8 +21,9 @@ class PairedEffect:
     effect: float  # accuracy drop, percentage points
     ci_low: float
     ci_high: float
-    p_value: float  # exact McNemar
+    p_value: float
     n: int
+    test: str = "McNemar exact"  # the test behind p_value
 
 
 def _as_bool(x) -> np.ndarray:
@@ -77,12 +78,12 @@ def difference_of_drops(
     db = 100.0 * (_as_bool(base_b).astype(float) - _as_bool(treat_b).astype(float))
     if da.size < 2 or db.size < 2:
         nan = float("nan")
-        return PairedEffect(nan, nan, nan, nan, int(da.size + db.size))
+        return PairedEffect(nan, nan, nan, nan, int(da.size + db.size), "Welch t (one-sided)")
     low, high = _percentile_ci((da, db), _mean_difference, n_resamples, level, seed)
     effect = float(da.mean() - db.mean())
     p = scipy_stats.ttest_ind(da, db, equal_var=False, alternative="greater").pvalue
     p = float(effect <= 0) if np.isnan(p) else float(p)  # no variance in either group
-    return PairedEffect(effect, low, high, p, int(da.size + db.size))
+    return PairedEffect(effect, low, high, p, int(da.size + db.size), "Welch t (one-sided)")
 
 
 def accuracy_above(correct, chance: float, n_resamples: int = N_RESAMPLES, seed: int = 0) -> PairedEffect:
@@ -92,7 +93,8 @@ def accuracy_above(correct, chance: float, n_resamples: int = N_RESAMPLES, seed:
     ci = accuracy_drop(hits, np.zeros_like(hits), n_resamples=n_resamples, seed=seed)  # CI of the accuracy
     p = scipy_stats.binomtest(int(hits.sum()), hits.size, chance, alternative="greater").pvalue
     shift = 100.0 * chance
-    return PairedEffect(ci.effect - shift, ci.ci_low - shift, ci.ci_high - shift, float(p), int(hits.size))
+    shifted = (ci.effect - shift, ci.ci_low - shift, ci.ci_high - shift)
+    return PairedEffect(*shifted, float(p), int(hits.size), "binomial exact (one-sided)")
 
 
 def mean_with_ci(values, n_resamples: int = N_RESAMPLES, seed: int = 0, level: float = 0.95) -> PairedEffect:
@@ -102,7 +104,60 @@ def mean_with_ci(values, n_resamples: int = N_RESAMPLES, seed: int = 0, level: f
     assert x.ndim == 1 and x.size > 1, "per-problem differences"
     low, high = _percentile_ci((x,), _mean, n_resamples, level, seed)
     p = 1.0 if np.all(x == x[0]) and x[0] <= 0 else float(scipy_stats.wilcoxon(x, alternative="greater").pvalue)
-    return PairedEffect(float(x.mean()), low, high, p, int(x.size))
+    return PairedEffect(float(x.mean()), low, high, p, int(x.size), "Wilcoxon signed-rank (one-sided)")
+
+
+MEASURES = ("accuracy", "answer_logprob")
+UNITS = {"accuracy": "points", "answer_logprob": "nats"}
+
+
+def paired_effect(
+    reference, treated, measure: str = "accuracy", n_resamples: int = N_RESAMPLES, seed: int = 0, level: float = 0.95
+) -> PairedEffect:
+    """Drop from `reference` [N] to `treated` [D, N] (D independent draws of a randomised
+    condition, or 1), paired over the same N problems: accuracy in points (flags), or answer
+    log-probability in nats.
+
+    One draw: accuracy has the paired bootstrap CI and exact McNemar p of `accuracy_drop`;
+    log-probability a paired bootstrap CI and a two-sided Wilcoxon signed-rank p. Several
+    draws: the bootstrap resamples problems and draws together (a verdict cannot hinge on one
+    draw) and p is a two-sided Wilcoxon signed-rank test of the per-problem differences
+    averaged over draws."""
+    if measure not in MEASURES:
+        raise ValueError(f"unknown measure {measure!r}; choose from {', '.join(MEASURES)}")
+    ref = np.asarray(reference, dtype=float)
+    treat = np.atleast_2d(np.asarray(treated, dtype=float))  # [D, N]
+    assert ref.ndim == 1 and treat.shape[1] == ref.size and ref.size > 0, "paired values over the same problems"
+    scale = 100.0 if measure == "accuracy" else 1.0
+    if treat.shape[0] == 1 and measure == "accuracy":
+        return accuracy_drop(ref.astype(bool), treat[0].astype(bool), n_resamples, seed, level)
+    diff = scale * (ref[None] - treat)  # [D, N]
+    per_problem = diff.mean(0)  # [N]
+    if treat.shape[0] == 1:
+        low, high = _percentile_ci((per_problem,), _mean, n_resamples, level, seed)
+    else:
+        low, high = _joint_ci(diff, n_resamples, level, seed)
+    if np.all(per_problem == 0):
+        p = 1.0
+    else:
+        p = float(scipy_stats.wilcoxon(per_problem, zero_method="zsplit").pvalue)
+    return PairedEffect(float(diff.mean()), low, high, p, int(ref.size), "Wilcoxon signed-rank")
+
+
+def _joint_ci(diff: np.ndarray, n_resamples: int, level: float, seed: int) -> tuple[float, float]:
+    """Percentile CI of the mean of `diff` [D, N] when draws and problems are both resampled
+    (with replacement, independently), in chunks of 1,000 resamples."""
+    rng = np.random.default_rng(seed)
+    n_draws, n = diff.shape
+    stats = []
+    for start in range(0, n_resamples, 1000):
+        size = min(1000, n_resamples - start)
+        draw_counts = rng.multinomial(n_draws, np.full(n_draws, 1 / n_draws), size=size)  # [S, D]
+        problem_counts = rng.multinomial(n, np.full(n, 1 / n), size=size)  # [S, N]
+        stats.append(((draw_counts @ diff) * problem_counts).sum(1) / (n_draws * n))
+    values = np.concatenate(stats)
+    alpha = (1 - level) / 2
+    return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
 
 
 def mean_drop(baseline, treated) -> float:

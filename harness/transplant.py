@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from harness.arch import attention, attn_out_proj, backbone
+from harness.arch import Head, attention, attn_out_proj, backbone
 from harness.codi import CODIModel
 from harness.data import Problem
-from harness.interventions import ActivationCapture, Head, InterventionError, hidden_input
+from harness.interventions import ActivationCapture, InterventionError, hidden_input
 from harness.runtime import encode_questions, run_latents
 
 # shrinks each standardised input direction by ~1%: on the shipped models' 300 discovery problems

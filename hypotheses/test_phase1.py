@@ -6,5 +6,6 @@ from harness.pytest_plugin import claim_params
 
 
 @pytest.mark.parametrize("claim", claim_params(1))
-def test_claim(claim, model_name, judge_claim):
-    judge_claim(claim, model_name)
+def test_claim(claim, run_claim, assert_claim):
+    result = run_claim(claim)  # measured on this model: effect, 95% CI, p, control
+    assert_claim(result)  # SUPPORTED passes, REFUTED fails, INCONCLUSIVE is its own outcome

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
+from harness.arch import Head
 from harness.attention import AttentionOverride, AttentionRecord
 from harness.data import synthetic_split
-from harness.interventions import Head, InterventionError
+from harness.interventions import InterventionError
 from harness.runtime import encode_questions, generate, run_latents
 
 PROBLEMS = synthetic_split("test")[:5]

@@ -5,12 +5,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from harness.arch import Head
 from harness.cache import ResultCache
 from harness.claims import REGISTRY, ClaimError, ClaimResult, judge, load_registry, point_judge
 from harness.codi import ModelLoadError
 from harness.data import synthetic_split
 from harness.experiments import ModelRun
-from harness.interventions import Head, InterventionError
+from harness.interventions import InterventionError
 from harness.models import seed_heads
 from harness.stats import accuracy_drop
 

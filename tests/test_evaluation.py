@@ -2,9 +2,10 @@ from unittest import mock
 
 import torch
 
+from harness.arch import Head
 from harness.data import synthetic_split
 from harness.evaluation import PrefixStore, answer_token_index, evaluate, mean_patch, thought_means
-from harness.interventions import Head, HeadAblation
+from harness.interventions import HeadAblation
 from harness.runtime import encode_questions, run_latents
 
 

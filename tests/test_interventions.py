@@ -8,17 +8,9 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from harness.arch import blocks
+from harness.arch import Head, blocks, parse_heads
 from harness.data import synthetic_split
-from harness.interventions import (
-    ActivationCapture,
-    Head,
-    HeadAblation,
-    HeadCapture,
-    InterventionError,
-    parse_heads,
-    residual_sites,
-)
+from harness.interventions import ActivationCapture, HeadAblation, HeadCapture, InterventionError, residual_sites
 from harness.runtime import encode_questions, generate, position_ids, run_latents
 
 PROBLEMS = synthetic_split("test")[:6]

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from harness.arch import Head
 from harness.attribution import CATEGORIES, integrated_gradients, token_category
 from harness.claims import load_registry
 from harness.data import synthetic_split
-from harness.interventions import Head
 from harness.probes import chance, control_labels, critical_layer, first_result, probe_correct
 from harness.tiers import assign_tiers, tier_sizes
 

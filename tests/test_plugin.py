@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from harness.arch import Head
 from harness.claims import load_registry
 from harness.evaluation import evaluate
-from harness.interventions import Head, HeadAblation
+from harness.interventions import HeadAblation
 from harness.stats import accuracy_drop
 
 ROOT = Path(__file__).resolve().parent.parent

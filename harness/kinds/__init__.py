@@ -1,0 +1,22 @@
+"""The experiment kinds: one module each (typed parameters, measurement, report section), and
+the registry claims name them by (`metric = "..."`). A new kind is one new module and one
+entry here."""
+
+from harness.kinds import (
+    attention_pattern,
+    attribution,
+    head_ablation,
+    position_patch,
+    probes,
+    reroute,
+    tiers,
+    transplant,
+)
+from harness.kinds.base import ClaimError, Kind, Measured, Params, Section
+
+KINDS: dict[str, Kind] = {
+    module.KIND.metric: module.KIND
+    for module in (head_ablation, position_patch, attention_pattern, reroute, transplant, probes, attribution, tiers)
+}
+
+__all__ = ["KINDS", "ClaimError", "Kind", "Measured", "Params", "Section"]

@@ -1,0 +1,117 @@
+"""Attention-pattern override (metric `pattern_drop`): chosen heads' attention at the latent
+queries forced to the hub, uniform or sequential pattern; the drop from baseline.
+
+Heads: named `heads`, or a `scope`: the top `n_heads` of the ranking (default), every head of
+one `layer`, or every head of the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from harness.arch import Head, HeadGeometry
+from harness.experiments import ModelRun
+from harness.kinds.base import Kind, Measured, Params, Section, baseline_value, choices, forbid_together, png
+from harness.specs import AttentionPattern
+from harness.verdicts import ClaimResult
+
+PATTERNS = ("hub", "uniform", "sequential")
+SCOPES = ("top", "layer", "all")
+
+
+@dataclass(frozen=True)
+class PatternParams(Params):
+    pattern: str = choices(*PATTERNS)
+    heads: tuple[str, ...] = ()
+    scope: str = choices(*SCOPES, default="top")
+    n_heads: int = 3  # scope "top"
+    layer: int | None = None  # scope "layer"
+
+    def validate(self, given: set[str]) -> None:
+        forbid_together(given, ("heads", "n_heads"), ("heads", "scope"))
+        if self.scope == "layer" and self.layer is None:
+            raise ValueError("scope 'layer' needs a layer")
+        if self.layer is not None and self.scope != "layer":
+            raise ValueError(f"layer applies to scope 'layer', not {self.scope!r}")
+        if "n_heads" in given and self.scope != "top":
+            raise ValueError(f"n_heads applies to scope 'top', not {self.scope!r}")
+        if self.n_heads < 1:
+            raise ValueError("n_heads must be at least 1")
+
+    def check_model(self, geo: HeadGeometry, n_latent: int, model: str) -> None:
+        super().check_model(geo, n_latent, model)
+        if self.layer is not None and not 0 <= self.layer < geo.n_layers:
+            raise ValueError(f"layer {self.layer} out of range for {model}: layers 0..{geo.n_layers - 1}")
+
+
+def scoped_heads(p: PatternParams, run: ModelRun) -> tuple[list[Head], str]:
+    geo = run.geometry
+    if p.scope == "layer":
+        return [Head(p.layer, h) for h in range(geo.n_heads)], f"layer {p.layer}"
+    if p.scope == "all":
+        return [Head(layer, h) for layer in range(geo.n_layers) for h in range(geo.n_heads)], "all heads"
+    return run.heads_for(p.heads, p.n_heads)
+
+
+def measure(p: PatternParams, run: ModelRun, measure: str) -> Measured:
+    heads, source = scoped_heads(p, run)
+    condition = AttentionPattern(tuple(heads), p.pattern, run.hub)
+    details = {
+        "pattern": p.pattern,
+        "hub": run.hub,
+        "heads": [str(h) for h in heads],
+        "heads_from": source,
+        "positions": ["latent"],
+        "mode": p.pattern,
+        "accuracy": 100.0 * run.measure(condition).accuracy,
+        "baseline_accuracy": baseline_value(run, "accuracy"),
+    }
+    return Measured(run.effect(condition, measure), details)
+
+
+def section(results: list[ClaimResult], runs: dict[str, ModelRun]) -> Section:
+    rows = [
+        {
+            "model": r.model,
+            "pattern": r.details["pattern"],
+            "heads": " ".join(r.details["heads"]),
+            "heads_from": r.details["heads_from"],
+            "hub": r.details["hub"],
+            "measure": r.measure,
+            "baseline_accuracy": r.details["baseline_accuracy"],
+            "accuracy": r.details["accuracy"],
+            "drop": r.effect,
+            "ci_low": r.ci_low,
+            "ci_high": r.ci_high,
+        }  # fmt: skip
+        for r in results
+    ]
+    table = pd.DataFrame(rows).drop_duplicates(subset=["model", "pattern", "heads", "measure"])
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    acc = table[table.measure == "accuracy"].reset_index(drop=True)
+    labels = [f"{r.pattern}\n{r.heads}" for r in acc.itertuples()]
+    models = list(dict.fromkeys(acc.model))
+    for j, model in enumerate(models):
+        g = acc[acc.model == model]
+        err = [g["drop"] - g["ci_low"], g["ci_high"] - g["drop"]]
+        ax.bar(g.index + 0.0, g["drop"], 0.8, yerr=err, capsize=3, label=model, color=f"C{j}")
+    ax.set_xticks(np.arange(len(acc)), labels, fontsize=6)
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set(ylabel="accuracy drop (points, 95% CI)", title="Attention pattern forced at the latent queries")
+    if models:
+        ax.legend(fontsize=7)
+    return Section("Attention patterns", {"patterns": table}, {"patterns.png": png(fig)})
+
+
+KIND = Kind(
+    "pattern_drop",
+    PatternParams,
+    measure,
+    section,
+    "heads' attention at the thoughts forced to a pattern (hub / uniform / sequential); drop from baseline",
+)

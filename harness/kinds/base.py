@@ -1,0 +1,219 @@
+"""What every experiment kind is made of: typed parameters validated at load, a measurement,
+and a report section.
+
+A kind's parameters are a frozen dataclass whose fields and defaults are written once. A
+claim's `experiment` table is checked against them before any model loads: an unknown key
+(with a did-you-mean hint), a wrong type, a value outside its choices, a setting that would be
+ignored (e.g. `layer` without `scope = "layer"`) is a `ClaimError` naming the claim and key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import io
+import re
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from harness.arch import Head, HeadGeometry, SiteError, check_heads
+from harness.positions import PositionError, check_position
+from harness.stats import MEASURES, PairedEffect
+from harness.verdicts import ClaimResult
+
+if TYPE_CHECKING:
+    from harness.experiments import ModelRun
+
+_CT = re.compile(r"CT\d+")
+
+
+class ClaimError(ValueError):
+    """A malformed claim (registry entry or Python claim); the message names claim and key."""
+
+
+def choices(*values: str, default: Any = dataclasses.MISSING) -> Any:
+    """A field that takes one of `values`."""
+    return field(default=default, metadata={"choices": values})
+
+
+def close_hint(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """`value` read from TOML as type `hint` (int, float, bool, str, tuple[str, ...],
+    fixed-length tuples, and `X | None`), else a `ClaimError`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        if value is None:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, where)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ClaimError(f"{where} must be a list, got {value!r}")
+        if args[-1] is not Ellipsis and len(value) != len(args):
+            raise ClaimError(f"{where} must be a list of {len(args)} items, got {value!r}")
+        inner = args[0]
+        return tuple(_coerce(v, inner, where) for v in value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ClaimError(f"{where} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ClaimError(f"{where} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ClaimError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ClaimError(f"{where} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported parameter type {hint!r}")
+
+
+@dataclass(frozen=True)
+class Params:
+    """Base of every kind's parameters. Fields named `heads` hold head names (`L2H3`), fields
+    named `positions` hold position names; both are checked against each model at session
+    start (`check_model`)."""
+
+    @classmethod
+    def from_table(cls, table: dict, where: str) -> Params:
+        names = [f.name for f in dataclasses.fields(cls)]
+        hints = typing.get_type_hints(cls)
+        for key in table:
+            if key not in names:
+                takes = ", ".join(names) or "no keys"
+                raise ClaimError(
+                    f"{where}: unknown experiment key {key!r}{close_hint(key, names)}; this kind takes {takes}"
+                )
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in table:
+                if f.default is dataclasses.MISSING:
+                    raise ClaimError(f"{where}: experiment key {f.name!r} is required")
+                continue
+            value = _coerce(table[f.name], hints[f.name], f"{where}: experiment key {f.name!r}")
+            allowed = f.metadata.get("choices")
+            items = value if isinstance(value, tuple) else (value,)
+            bad = [v for v in items if allowed and v is not None and v not in allowed]
+            if bad:
+                raise ClaimError(
+                    f"{where}: experiment key {f.name!r} is {bad[0]!r}{close_hint(str(bad[0]), list(allowed))}; "
+                    f"choose from {', '.join(allowed)}"
+                )
+            values[f.name] = value
+        params = cls(**values)
+        try:
+            if "heads" in values:
+                for name in values["heads"]:
+                    Head.parse(name)
+            for name in values.get("positions", ()):
+                check_position(name, n_latent=10**6)  # CT<i> against the model in `check_model`
+            params.validate(set(table))
+        except (SiteError, PositionError, ValueError) as e:
+            raise ClaimError(f"{where}: {e}") from None
+        return params
+
+    def validate(self, given: set[str]) -> None:
+        """Cross-field rules (raise ValueError); `given` are the keys the claim wrote."""
+
+    def check_model(self, geo: HeadGeometry, n_latent: int, model: str) -> None:
+        """Named heads and positions exist in `model` (raise ValueError)."""
+        heads = [Head.parse(h) for h in getattr(self, "heads", ())]
+        check_heads(heads, geo, model)
+        for name in getattr(self, "positions", ()):
+            check_position(name, n_latent)
+
+    def describe(self) -> dict:
+        """Every parameter, defaults filled in (for --list-claims and the report)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def forbid_together(given: set[str], *groups: tuple[str, ...]) -> None:
+    """At most one of each group of keys given (a second would be ignored)."""
+    for group in groups:
+        both = [k for k in group if k in given]
+        if len(both) > 1:
+            raise ValueError(f"give {' or '.join(repr(k) for k in group)}, not both: one would be ignored")
+
+
+def thought_names(positions: tuple[str, ...]) -> None:
+    bad = [p for p in positions if p != "latent" and not _CT.fullmatch(p)]
+    if bad:
+        raise ValueError(f"thought patches act on thoughts (CT<i> or latent), not {', '.join(bad)}")
+
+
+@dataclass
+class Measured:
+    """A kind's measurement: the effect, what was run and the numbers its section draws
+    (`details`: `heads`, `positions`, `mode` are shown in every claim row), and the control
+    distribution where the claim has one."""
+
+    effect: PairedEffect
+    details: dict
+    null: list[float] | None = None
+    bootstrap: np.ndarray | None = None  # resampled effects: p is then the share against the claim
+
+
+@dataclass
+class Section:
+    """A kind's part of the report: a CSV, figures, a title for summary.md."""
+
+    title: str
+    tables: dict[str, pd.DataFrame]  # CSV name -> table
+    figures: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One experiment kind: `measure(params, run, measure)` and `section(results, runs)`."""
+
+    metric: str  # the name claims use (`metric = "..."`)
+    params: type[Params]
+    measure: Callable[[Any, ModelRun, str], Measured]
+    section: Callable[[list[ClaimResult], dict[str, ModelRun]], Section | None]
+    summary: str  # one line: what it measures
+    measures: tuple[str, ...] = MEASURES
+
+
+def nan_effect(n: int, test: str = "") -> PairedEffect:
+    nan = float("nan")
+    return PairedEffect(nan, nan, nan, nan, n, test)
+
+
+def png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def by_model(results: list[ClaimResult]) -> dict[str, list[ClaimResult]]:
+    out: dict[str, list[ClaimResult]] = {}
+    for r in results:
+        out.setdefault(r.model, []).append(r)
+    return out
+
+
+def mean_drop(reference: np.ndarray, treated: np.ndarray, measure: str) -> float:
+    """The drop alone (points or nats), for control distributions that need no CI."""
+    scale = 100.0 if measure == "accuracy" else 1.0
+    return scale * float(np.mean(reference) - np.mean(treated))
+
+
+def baseline_value(run: ModelRun, measure: str) -> float:
+    """Baseline accuracy (%) or mean answer log-probability (nats)."""
+    values = run.baseline.values(measure)
+    return 100.0 * float(values.mean()) if measure == "accuracy" else float(values.mean())

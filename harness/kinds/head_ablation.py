@@ -1,0 +1,148 @@
+"""Head ablation (metric `ablation_drop`): heads' outputs replaced at named positions; the drop
+from baseline, against random head sets matched by layer (the control)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from harness.experiments import ModelRun
+from harness.kinds.base import (
+    Kind,
+    Measured,
+    Params,
+    Section,
+    baseline_value,
+    by_model,
+    choices,
+    forbid_together,
+    mean_drop,
+    png,
+)
+from harness.positions import is_fixed
+from harness.specs import HEAD_MODES, AblateHeads
+from harness.verdicts import ClaimResult
+
+MAX_INCREMENTAL = 5  # top-k curves only for short ranked lists (each k is a condition)
+
+
+@dataclass(frozen=True)
+class AblationParams(Params):
+    heads: tuple[str, ...] = ()  # named heads, e.g. ["L2H3", "L3H1"]; else the top `n_heads`
+    n_heads: int = 3
+    positions: tuple[str, ...] = ("latent",)  # CT<i>, bot, eot, question, answer, latent
+    mode: str = choices(*HEAD_MODES, default="zero")
+    n_random: int = 20  # random head sets matched by layer (the control); 0: none
+    against_control: bool = False  # threshold: the control's 95th percentile
+    n_draws: int = 5  # independent derangements (mode "resample")
+
+    def validate(self, given: set[str]) -> None:
+        forbid_together(given, ("heads", "n_heads"))
+        if self.n_heads < 1 or self.n_random < 0 or self.n_draws < 1:
+            raise ValueError("n_heads and n_draws must be at least 1, n_random at least 0")
+        if "n_draws" in given and self.mode != "resample":
+            raise ValueError(f"n_draws applies to mode 'resample'; mode {self.mode!r} is deterministic")
+        if self.against_control and self.n_random < 2:
+            raise ValueError("against_control needs n_random of at least 2")
+        if self.mode != "zero" and not all(is_fixed(p) for p in self.positions):
+            raise ValueError(
+                f"mode {self.mode!r} needs positions with one index per row (bot, CT<i>, eot, latent), "
+                f"not {', '.join(p for p in self.positions if not is_fixed(p))}"
+            )
+
+
+def measure(p: AblationParams, run: ModelRun, measure: str) -> Measured:
+    heads, source = run.heads_for(p.heads, p.n_heads)
+    spec = AblateHeads(tuple(heads), p.positions, p.mode)
+    draws = run.measure_draws(spec, p.n_draws)
+    effect = run.effect(draws, measure)
+    reference = run.baseline.values(measure)
+    null = [
+        mean_drop(reference, run.measure(AblateHeads(tuple(s), p.positions, p.mode)).values(measure), measure)
+        for s in run.random_head_sets(heads, p.n_random)
+    ]
+    details = {
+        "heads": [str(h) for h in heads],
+        "heads_from": source,
+        "positions": list(spec.positions),
+        "mode": p.mode,
+        "n_draws": len(draws),
+        "accuracy": 100.0 * float(np.mean([d.accuracy for d in draws])),
+        "baseline_accuracy": baseline_value(run, "accuracy"),
+    }
+    if source != "claim" and len(heads) <= MAX_INCREMENTAL:  # an ordered list: the top-k curve
+        details["incremental"] = [
+            100.0 * run.measure(AblateHeads(tuple(heads[:k]), p.positions, p.mode)).accuracy
+            for k in range(1, len(heads))
+        ] + [details["accuracy"]]
+    return Measured(effect, details, null or None)
+
+
+def section(results: list[ClaimResult], runs: dict[str, ModelRun]) -> Section:
+    rows = [
+        {
+            "claim": r.id,
+            "model": r.model,
+            "heads": " ".join(r.details["heads"]),
+            "heads_from": r.details["heads_from"],
+            "positions": " ".join(r.details["positions"]),
+            "mode": r.details["mode"],
+            "measure": r.measure,
+            "n": r.n,
+            "baseline_accuracy": r.details["baseline_accuracy"],
+            "accuracy": r.details["accuracy"],
+            "drop": r.effect,
+            "ci_low": r.ci_low,
+            "ci_high": r.ci_high,
+            "control_p5": np.percentile(r.details["control"], 5) if r.details.get("control") else np.nan,
+            "control_p95": np.percentile(r.details["control"], 95) if r.details.get("control") else np.nan,
+        }
+        for r in results
+    ]
+    tables = {"ablation_claims": pd.DataFrame(rows).drop_duplicates(subset=["model", "heads", "positions", "mode"])}
+    curves = {}  # the seed's shape: n_heads, <model>_acc, control band at the full set
+    for model, group in by_model(results).items():
+        ranked = [r for r in group if "incremental" in r.details and r.measure == "accuracy"]
+        if ranked:
+            r = ranked[0]
+            curves[model] = ([r.details["baseline_accuracy"], *r.details["incremental"]], r)
+    figures = {}
+    if curves:
+        n = max(len(acc) for acc, _ in curves.values())
+        seed = {"n_heads": list(range(n))}
+        fig = Figure(figsize=(6, 4))
+        ax = fig.subplots()
+        for j, (model, (acc, r)) in enumerate(curves.items()):
+            seed[f"{model}_acc"] = acc + [np.nan] * (n - len(acc))
+            line = ax.plot(range(len(acc)), acc, marker="o", label=f"{model} ({', '.join(r.details['heads'])})")[0]
+            control = r.details.get("control")
+            if control:
+                base = r.details["baseline_accuracy"]
+                lo, hi = base - np.percentile(control, 95), base - np.percentile(control, 5)
+                x = len(acc) - 1 + 0.1 * (j + 1)
+                ax.errorbar([x], [(lo + hi) / 2], yerr=[[(hi - lo) / 2]], fmt="none", capsize=4, color=line.get_color())
+                seed[f"{model}_random_p5"] = [np.nan] * (len(acc) - 1) + [lo] + [np.nan] * (n - len(acc))
+                seed[f"{model}_random_p95"] = [np.nan] * (len(acc) - 1) + [hi] + [np.nan] * (n - len(acc))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set(
+            xlabel="heads zero-ablated (in ranked order)",
+            ylabel="accuracy (%)",
+            title="Head ablation (bars: random head sets matched by layer, p5-p95)",
+        )
+        ax.legend(fontsize=7)
+        figures["ablation.png"] = png(fig)
+        tables["ablation"] = pd.DataFrame(seed)
+    return Section("Head ablation", tables, figures)
+
+
+KIND = Kind(
+    "ablation_drop",
+    AblationParams,
+    measure,
+    section,
+    "heads' outputs replaced (zero / mean / resample) at named positions; drop from baseline",
+)

@@ -1,0 +1,94 @@
+"""Cross-model head transplantation (metric `transplant_drop`): the other model's top head
+replaces this model's top head through linear maps between the residual spaces (fitted by
+least squares on the discovery split); control: random donor heads of the same model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from harness.arch import Head
+from harness.experiments import ModelRun
+from harness.kinds.base import Kind, Measured, Params, Section, baseline_value, mean_drop, nan_effect, png
+from harness.verdicts import ClaimResult
+
+R2 = ("in", "in_heldout", "out", "out_heldout")
+
+
+@dataclass(frozen=True)
+class TransplantParams(Params):
+    n_random: int = 3  # random donor heads (the control)
+
+    def validate(self, given: set[str]) -> None:
+        if self.n_random < 0:
+            raise ValueError("n_random must be at least 0")
+
+
+def measure(p: TransplantParams, run: ModelRun, measure: str) -> Measured:
+    if not run.peers:
+        return Measured(nan_effect(len(run.problems)), {"note": "needs a second model in the run", "heads": []})
+    peer_name, peer = next(iter(run.peers.items()))
+    donor_head, head = peer.critical_heads(1)[0], run.critical_heads(1)[0]
+    spec = run.transplant_spec(peer, donor_head, head)
+    condition = run.measure(spec)
+    geo = peer.geometry
+    others = [
+        Head(layer, h) for layer in range(geo.n_layers) for h in range(geo.n_heads) if Head(layer, h) != donor_head
+    ]
+    rng = np.random.default_rng(run.seed)
+    picks = sorted(rng.choice(len(others), size=min(p.n_random, len(others)), replace=False))
+    reference = run.baseline.values(measure)
+    null = [
+        mean_drop(reference, run.measure(run.transplant_spec(peer, others[i], head)).values(measure), measure)
+        for i in picks
+    ]
+    details = {
+        "donor": f"{peer_name} {donor_head}",
+        "heads": [str(head)],
+        "heads_from": "ranking" if not run.heads else "--heads",
+        "positions": ["every position"],
+        "mode": f"transplant from {peer_name} {donor_head}",
+        "accuracy": 100.0 * condition.accuracy,
+        "baseline_accuracy": baseline_value(run, "accuracy"),
+        "r2": dict(zip(R2, map(float, run.transplant_fit(spec)))),
+        "random_donors": [str(others[i]) for i in picks],
+    }
+    return Measured(run.effect(spec, measure), details, null or None)
+
+
+def section(results: list[ClaimResult], runs: dict[str, ModelRun]) -> Section:
+    rows = [
+        {
+            "recipient": r.model,
+            "recipient_head": r.details["heads"][0],
+            "donor": r.details["donor"],
+            "baseline_accuracy": r.details["baseline_accuracy"],
+            "accuracy": r.details["accuracy"],
+            **{f"r2_{k}": v for k, v in r.details["r2"].items()},
+        }  # fmt: skip
+        for r in results
+        if "donor" in r.details
+    ]
+    table = pd.DataFrame(rows).drop_duplicates()
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    if len(table):
+        x = np.arange(len(table))
+        ax.bar(x - 0.2, table.baseline_accuracy, 0.4, label="baseline")
+        ax.bar(x + 0.2, table.accuracy, 0.4, label="donor head transplanted")
+        ax.set_xticks(x, [f"{r.recipient} {r.recipient_head}\n<- {r.donor}" for r in table.itertuples()], fontsize=7)
+        ax.legend(fontsize=7)
+    ax.set(ylabel="accuracy (%)", title="Cross-model head transplantation")
+    return Section("Cross-model head transplantation (2.1)", {"transplant": table}, {"transplant.png": png(fig)})
+
+
+KIND = Kind(
+    "transplant_drop",
+    TransplantParams,
+    measure,
+    section,
+    "the other model's top head transplanted into this model's top head; drop from baseline",
+)

@@ -1,0 +1,346 @@
+"""Intervention specs: typed, frozen descriptions of one experimental condition.
+
+A spec's fields *are* its cache key (`Spec.key`): the hook that runs is built from the same
+fields, so two different head sets can never share a cache entry and a reordered head set is
+the same condition. Specs compose with `+` (ablate heads *and* patch a thought in one
+condition). What a spec needs from its model's run (the clean thoughts, captured head
+outputs, the peer models) it asks through `RunContext`, so this module knows nothing of
+`ModelRun`.
+
+    AblateHeads(heads=("L2H3", "L3H1"), positions=("CT2",), mode="mean")
+    PatchThoughts(positions=("CT1",), mode="noise", draw=2)
+    AttentionPattern(heads=("L0H3",), pattern="uniform", hub="CT1")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from harness.arch import Head
+from harness.attention import PATTERNS, AttentionOverride
+from harness.codi import CODIModel
+from harness.interventions import HeadAblation, InterventionError
+from harness.positions import PositionMap, is_fixed
+from harness.runtime import LatentPatch, ThoughtPatch
+
+HEAD_MODES = ("zero", "mean", "resample")
+THOUGHT_MODES = ("noise", "zero", "mean", "resample")
+NOISE_SEED_STRIDE = 1_000_003  # seeds of draw d: seed * 1000 + thought + d * stride (draw 0: as before)
+
+
+class RunContext(Protocol):
+    """What a spec reads from the run it is measured in (implemented by `ModelRun`)."""
+
+    codi: CODIModel
+    seed: int
+
+    def clean_thoughts(self, split: str) -> torch.Tensor:
+        """Unpatched thoughts of the `test` or `discovery` problems: [N, K, d]."""
+
+    def head_outputs(self, heads: tuple[Head, ...], positions: tuple[str, ...], split: str) -> dict[Head, torch.Tensor]:
+        """Each head's clean output at the named fixed positions: {head: [N, P, hd]}."""
+
+    def transplant_hook(self, spec: TransplantHead) -> AbstractContextManager:
+        """The hook of a head transplant (it needs the donor model and fitted maps)."""
+
+
+def derangement(n: int, generator: torch.Generator) -> torch.Tensor:
+    """A permutation of range(n) with no fixed point: [n] (another problem for every problem)."""
+    return (torch.randperm(n - 1, generator=generator) + 1 + torch.arange(n)) % n
+
+
+def norm_matched_noise(thoughts: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Gaussian directions scaled to the thoughts' mean norm: [N, d] -> [N, d]. Generated on
+    the CPU (reproducible across devices)."""
+    noise = torch.randn(thoughts.shape, generator=generator).to(thoughts.device)
+    scale = thoughts.float().norm(dim=-1).mean()
+    return (noise / noise.norm(dim=-1, keepdim=True) * scale).to(thoughts.dtype)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Base of every condition. Subclasses are frozen dataclasses of canonical fields."""
+
+    randomised = False  # a `draw` field picks one of several independent draws
+
+    def key(self) -> dict:
+        """The cache key: the spec's type and every field (heads as names)."""
+        return {
+            "spec": type(self).__name__,
+            **{f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)},
+        }
+
+    def parts(self) -> tuple[Spec, ...]:
+        return (self,)
+
+    def latent_only(self, n_latent: int) -> bool:
+        """Acts from CT0 on: every batch's question pass (question + bot) can be shared."""
+        return True
+
+    def latent_patch(self, run: RunContext, indices: list[int]) -> LatentPatch | None:
+        """A replacement of thoughts for the batch of problems `indices`, if the spec has one."""
+        return None
+
+    def hooks(self, run: RunContext, pmap: PositionMap, indices: list[int]) -> list[AbstractContextManager]:
+        """Hooks to install while the batch runs."""
+        return []
+
+    def __add__(self, other: Spec) -> Compose:
+        return Compose(self.parts() + other.parts())
+
+    def describe(self) -> str:
+        fields = ", ".join(f"{k}={v}" for k, v in self.key().items() if k != "spec")
+        return f"{type(self).__name__}({fields})"
+
+
+def _plain(value):
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, Head):
+        return str(value)
+    if isinstance(value, Spec):
+        return value.key()
+    return value
+
+
+def _heads(heads: Sequence[Head | str]) -> tuple[Head, ...]:
+    parsed = [h if isinstance(h, Head) else Head.parse(h) for h in heads]
+    if not parsed:
+        raise InterventionError("an intervention on heads needs at least one head")
+    if len(set(parsed)) != len(parsed):
+        raise InterventionError(f"a head is given twice in {', '.join(map(str, parsed))}")
+    return tuple(sorted(parsed))
+
+
+def _names(positions: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(positions, str):
+        positions = (positions,)
+    if not positions:
+        raise InterventionError("an intervention needs at least one position")
+    return tuple(sorted(set(positions)))
+
+
+@dataclass(frozen=True)
+class Baseline(Spec):
+    """No intervention."""
+
+
+@dataclass(frozen=True)
+class AblateHeads(Spec):
+    """Heads' outputs (their slice of the attention output projection's input) replaced at the
+    named positions: zero; mean (per head and position over the discovery split); resample
+    (the same head and position from another test problem: a derangement, one per draw)."""
+
+    heads: tuple[Head, ...]
+    positions: tuple[str, ...] = ("latent",)
+    mode: str = "zero"
+    draw: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "heads", _heads(self.heads))
+        object.__setattr__(self, "positions", _names(self.positions))
+        if self.mode not in HEAD_MODES:
+            raise InterventionError(f"unknown head-ablation mode {self.mode!r}; choose from {', '.join(HEAD_MODES)}")
+        if self.mode != "zero" and not all(is_fixed(p) for p in self.positions):
+            raise InterventionError(
+                f"mode {self.mode!r} needs positions with one index per row (bot, CT<i>, eot, latent); "
+                f"got {', '.join(self.positions)} (question and answer spans take mode 'zero')"
+            )
+        if self.draw and self.mode != "resample":
+            raise InterventionError(f"mode {self.mode!r} is not random: it has no draws")
+
+    @property
+    def randomised(self) -> bool:  # type: ignore[override]
+        return self.mode == "resample"
+
+    def latent_only(self, n_latent: int) -> bool:
+        return not {"bot", "question"} & set(self.positions)
+
+    def hooks(self, run: RunContext, pmap: PositionMap, indices: list[int]) -> list[AbstractContextManager]:
+        targets = pmap.resolve(self.positions)
+        values = None
+        if self.mode == "mean":  # [P, hd] per head
+            values = {h: v.mean(0) for h, v in run.head_outputs(self.heads, self.positions, "discovery").items()}
+        elif self.mode == "resample":  # [B, P, hd] per head: another problem's output
+            outputs = run.head_outputs(self.heads, self.positions, "test")
+            n = next(iter(outputs.values())).shape[0]
+            generator = torch.Generator().manual_seed(run.seed * 1000 + 500 + self.draw * NOISE_SEED_STRIDE)
+            source = derangement(n, generator)[indices]
+            values = {h: v[source] for h, v in outputs.items()}
+        return [HeadAblation(run.codi, self.heads, targets, self.mode, values)]
+
+
+@dataclass(frozen=True)
+class PatchThoughts(Spec):
+    """Continuous thoughts replaced before they are fed back: Gaussian noise matched to that
+    thought's mean norm over the test problems (one draw per `draw`), zero, the mean over the
+    discovery split, or another test problem's thought (a derangement, one per draw)."""
+
+    positions: tuple[str, ...]
+    mode: str = "noise"
+    draw: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "positions", _names(self.positions))
+        if self.mode not in THOUGHT_MODES:
+            raise InterventionError(f"unknown thought-patch mode {self.mode!r}; choose from {', '.join(THOUGHT_MODES)}")
+        bad = [p for p in self.positions if p != "latent" and not p.startswith("CT")]
+        if bad:
+            raise InterventionError(f"thought patches act on thoughts (CT<i> or latent), not {', '.join(bad)}")
+        if self.draw and self.mode not in ("noise", "resample"):
+            raise InterventionError(f"mode {self.mode!r} is not random: it has no draws")
+
+    @property
+    def randomised(self) -> bool:  # type: ignore[override]
+        return self.mode in ("noise", "resample")
+
+    def thought_indices(self, n_latent: int) -> list[int]:
+        if "latent" in self.positions:
+            return list(range(n_latent))
+        return sorted(int(p.removeprefix("CT")) for p in self.positions)
+
+    def replacement(self, run: RunContext, thought: int) -> torch.Tensor:
+        """What CT_thought becomes for every test problem: [N, d]."""
+        thoughts = run.clean_thoughts("test")[:, thought]  # [N, d]
+        if self.mode == "zero":
+            return torch.zeros_like(thoughts)
+        if self.mode == "mean":
+            return run.clean_thoughts("discovery")[:, thought].mean(0, keepdim=True).expand_as(thoughts)
+        generator = torch.Generator().manual_seed(run.seed * 1000 + thought + self.draw * NOISE_SEED_STRIDE)
+        if self.mode == "resample":
+            return thoughts[derangement(len(thoughts), generator)]
+        return norm_matched_noise(thoughts, generator)
+
+    def latent_patch(self, run: RunContext, indices: list[int]) -> LatentPatch:
+        chosen = self.thought_indices(run.codi.n_latent)
+        if max(chosen) >= run.codi.n_latent:
+            raise InterventionError(f"{run.codi.name} has thoughts CT0..CT{run.codi.n_latent - 1}, not CT{max(chosen)}")
+        values = {i: self.replacement(run, i)[indices] for i in chosen}
+        return lambda i, thought: values[i].to(thought) if i in values else thought
+
+
+@dataclass(frozen=True)
+class AttentionPattern(Spec):
+    """Heads' attention at the latent queries rewritten: hub (80% on `hub`), uniform,
+    sequential (all on the previous position) or reroute (the hub's mass moved to `target`)."""
+
+    heads: tuple[Head, ...]
+    pattern: str
+    hub: str
+    target: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "heads", _heads(self.heads))
+        if self.pattern not in PATTERNS:
+            raise InterventionError(f"unknown attention pattern {self.pattern!r}; choose from {', '.join(PATTERNS)}")
+        if (self.pattern == "reroute") != (self.target is not None):
+            raise InterventionError("a target is given exactly for pattern 'reroute'")
+
+    def hooks(self, run: RunContext, pmap: PositionMap, indices: list[int]) -> list[AbstractContextManager]:
+        return [AttentionOverride(run.codi, self.heads, self.pattern, pmap, self.hub, self.target)]
+
+
+@dataclass(frozen=True)
+class TransplantHead(Spec):
+    """The donor model's head replaces this model's `head` at every position, through linear
+    maps between the residual spaces fitted on the discovery split (see `harness.transplant`)."""
+
+    donor: str  # the donor model's fingerprint
+    donor_head: Head
+    head: Head
+    ridge: float
+    discovery: str  # hash of the problems the maps are fitted on
+
+    def latent_only(self, n_latent: int) -> bool:
+        return False
+
+    def hooks(self, run: RunContext, pmap: PositionMap, indices: list[int]) -> list[AbstractContextManager]:
+        return [run.transplant_hook(self)]
+
+
+@dataclass(frozen=True)
+class Compose(Spec):
+    """Several specs in one condition (their hooks together; thought patches chained)."""
+
+    specs: tuple[Spec, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        flat = tuple(p for s in self.specs for p in s.parts() if not isinstance(p, Baseline))
+        object.__setattr__(self, "specs", flat)
+
+    @property
+    def randomised(self) -> bool:  # type: ignore[override]
+        return any(s.randomised for s in self.specs)
+
+    def parts(self) -> tuple[Spec, ...]:
+        return self.specs
+
+    def latent_only(self, n_latent: int) -> bool:
+        return all(s.latent_only(n_latent) for s in self.specs)
+
+    def latent_patch(self, run: RunContext, indices: list[int]) -> LatentPatch | None:
+        patches = [p for p in (s.latent_patch(run, indices) for s in self.specs) if p is not None]
+        if not patches:
+            return None
+
+        def chained(i: int, thought: torch.Tensor) -> torch.Tensor:
+            for patch in patches:
+                thought = patch(i, thought)
+            return thought
+
+        return chained
+
+    def hooks(self, run: RunContext, pmap: PositionMap, indices: list[int]) -> list[AbstractContextManager]:
+        return [h for s in self.specs for h in s.hooks(run, pmap, indices)]
+
+
+def what_runs(spec: Spec) -> dict[str, str]:
+    """The heads, positions and mode of a condition, as the claims table shows them."""
+    heads, positions, modes = [], [], []
+    for part in spec.parts():
+        if isinstance(part, AblateHeads | AttentionPattern):
+            heads += [str(h) for h in part.heads]
+        if isinstance(part, TransplantHead):
+            heads.append(str(part.head))
+        if isinstance(part, AblateHeads | PatchThoughts):
+            positions += list(part.positions)
+        modes.append(
+            {
+                AblateHeads: lambda s: f"heads {s.mode}",
+                PatchThoughts: lambda s: f"thoughts {s.mode}",
+                AttentionPattern: lambda s: f"attention {s.pattern}",
+                TransplantHead: lambda s: "transplant",
+            }.get(type(part), lambda s: type(s).__name__)(part)
+        )
+    return {"heads": " ".join(heads), "positions": " ".join(dict.fromkeys(positions)), "mode": " + ".join(modes)}
+
+
+def with_draw(spec: Spec, draw: int) -> Spec:
+    """The same condition with draw `draw` of each random part."""
+    if isinstance(spec, Compose):
+        return Compose(tuple(with_draw(s, draw) for s in spec.specs))
+    return dataclasses.replace(spec, draw=draw) if spec.randomised else spec
+
+
+@contextmanager
+def _installed(managers: list[AbstractContextManager]) -> Iterator[None]:
+    with ExitStack() as stack:  # a hook that fails to install removes the ones before it
+        for manager in managers:
+            stack.enter_context(manager)
+        yield
+
+
+def installer(spec: Spec, run: RunContext) -> Callable[[PositionMap, list[int]], AbstractContextManager]:
+    """`evaluate`'s `intervene`: every hook of `spec` (and its thought patch) for one batch."""
+
+    def intervene(pmap: PositionMap, indices: list[int]) -> AbstractContextManager:
+        patch = spec.latent_patch(run, indices)
+        return _installed(spec.hooks(run, pmap, indices) + ([ThoughtPatch(run.codi, patch)] if patch else []))
+
+    return intervene

@@ -1,0 +1,137 @@
+"""Verdicts: the one place a measured effect becomes SUPPORTED / REFUTED / INCONCLUSIVE.
+
+Registry claims and researchers' own Python tests both end here (`ClaimResult`), so their
+rows land in the same claims table, CSVs and report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from harness.stats import UNITS, PairedEffect
+
+VERDICTS = ("SUPPORTED", "REFUTED", "INCONCLUSIVE")
+DIRECTIONS = ("greater", "less")
+
+
+def judge(ci_low: float, ci_high: float, threshold: float, direction: str, refute_at: float) -> str:
+    """SUPPORTED when the CI clears the threshold, REFUTED when it clears the opposite
+    criterion (`refute_at`), INCONCLUSIVE otherwise (a NaN CI included)."""
+    if direction == "greater":
+        if ci_low > threshold:
+            return "SUPPORTED"
+        if ci_high < refute_at:
+            return "REFUTED"
+    else:
+        if ci_high < threshold:
+            return "SUPPORTED"
+        if ci_low > refute_at:
+            return "REFUTED"
+    return "INCONCLUSIVE"
+
+
+def point_judge(effect: float, threshold: float, direction: str, refute_at: float, labels: dict) -> str:
+    """The seed's criterion on the point estimate alone, in the seed's words (`labels`)."""
+    above, below = (
+        (effect > threshold, effect < refute_at) if direction == "greater" else (effect < threshold, effect > refute_at)
+    )
+    key = "supported" if above else "refuted" if below else "inconclusive"
+    return labels.get(key, key)
+
+
+@dataclass
+class ClaimResult:
+    """One claim on one model: what was run, what was measured, and the verdict."""
+
+    id: str
+    phase: int
+    model: str
+    statement: str
+    metric: str  # the experiment kind
+    measure: str  # accuracy (points) or answer_logprob (nats)
+    effect: float
+    ci_low: float
+    ci_high: float
+    threshold: float
+    direction: str
+    p_value: float
+    p_test: str  # the test behind p_value
+    verdict: str
+    point_verdict: str
+    n: int
+    heads: str = ""  # what was run: heads (and where they came from), positions, mode
+    positions: str = ""
+    mode: str = ""
+    baseline: float = float("nan")  # baseline accuracy (%) or mean answer log-prob (nats)
+    p_holm: float | None = None
+    control_percentile: float | None = None
+    details: dict = field(default_factory=dict)
+
+    @property
+    def units(self) -> str:
+        return UNITS.get(self.measure, "")
+
+    def as_row(self) -> dict:
+        return asdict(self)
+
+    def message(self) -> str:
+        control = f", control percentile {self.control_percentile:.0f}" if self.control_percentile is not None else ""
+        ran = "; ".join(
+            f"{k} {v}" for k, v in (("heads", self.heads), ("at", self.positions), ("mode", self.mode)) if v
+        )
+        return (
+            f"{self.id} on {self.model}: {self.verdict} - effect {self.effect:+.2f} {self.units} "
+            f"(95% CI {self.ci_low:+.2f} to {self.ci_high:+.2f}; needs {self.direction} than {self.threshold:.2f}; "
+            f"{self.p_test} p={self.p_value:.3g}{control}; n={self.n}" + (f"; {ran}" if ran else "") + ")"
+        )
+
+
+def claim_result(
+    effect: PairedEffect,
+    *,
+    id: str,
+    statement: str,
+    model: str,
+    threshold: float,
+    direction: str,
+    measure: str = "accuracy",
+    refute_at: float | None = None,
+    phase: int = 0,
+    labels: dict | None = None,
+    heads: str = "",
+    positions: str = "",
+    mode: str = "",
+    baseline: float = float("nan"),
+    metric: str = "python",
+    details: dict | None = None,
+) -> ClaimResult:
+    """The verdict of a measured effect as a claims-table row: what a Python claim returns
+    (phase 0: claims outside the registry's phases form their own Holm family)."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be 'greater' or 'less', got {direction!r}")
+    if measure not in UNITS:
+        raise ValueError(f"unknown measure {measure!r}; choose from {', '.join(UNITS)}")
+    refute = threshold if refute_at is None else refute_at
+    return ClaimResult(
+        id=id,
+        phase=phase,
+        model=model,
+        statement=statement,
+        metric=metric,
+        measure=measure,
+        effect=effect.effect,
+        ci_low=effect.ci_low,
+        ci_high=effect.ci_high,
+        threshold=threshold,
+        direction=direction,
+        p_value=effect.p_value,
+        p_test=effect.test,
+        verdict=judge(effect.ci_low, effect.ci_high, threshold, direction, refute),
+        point_verdict=point_judge(effect.effect, threshold, direction, refute, labels or {}),
+        n=effect.n,
+        heads=heads,
+        positions=positions,
+        mode=mode,
+        baseline=baseline,
+        details=details or {},
+    )
