@@ -51,8 +51,13 @@ class RunContext(Protocol):
 
 
 def derangement(n: int, generator: torch.Generator) -> torch.Tensor:
-    """A permutation of range(n) with no fixed point: [n] (another problem for every problem)."""
-    return (torch.randperm(n - 1, generator=generator) + 1 + torch.arange(n)) % n
+    """A uniformly random permutation of range(n) with no fixed point: [n] (another problem for
+    every problem), by rejection (about e tries)."""
+    assert n >= 2, "a derangement needs at least two problems"
+    while True:
+        perm = torch.randperm(n, generator=generator)
+        if not bool((perm == torch.arange(n)).any()):
+            return perm
 
 
 def norm_matched_noise(thoughts: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

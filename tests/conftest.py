@@ -1,9 +1,15 @@
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import settings
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import eager_attention_forward
 
+from harness.arch import Head
 from harness.interventions import leftover_hooks
 from harness.training import build_tiny
 
@@ -43,3 +49,37 @@ def suite_args():
     """`suite_args(report_dir, cache_dir or None, *args)`: the arguments of a claims-suite run
     (for pytester) with its own report folder and cache (None: --no-cache)."""
     return _suite_args
+
+
+_ZEROED: dict = {}
+
+
+def _zeroing_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Eager attention with the chosen heads' probabilities zeroed at the chosen queries."""
+    heads, positions, codi = _ZEROED["heads"], _ZEROED["positions"], _ZEROED["codi"]
+    module.num_key_value_groups = getattr(module, "num_key_value_groups", 1)
+    out, weights = eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout)
+    probs = weights.clone()
+    local = [p - codi.offset for p in positions if 0 <= p - codi.offset < query.shape[2]]
+    for h in heads:
+        if h.layer == module.layer_idx and local:
+            probs[:, h.head, local] = 0.0
+    v = value.repeat_interleave(module.num_key_value_groups, dim=1)
+    return torch.matmul(probs, v).transpose(1, 2).contiguous(), probs
+
+
+AttentionInterface.register("zero_heads_reference", _zeroing_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register("zero_heads_reference", ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+
+
+@contextmanager
+def zeroed_attention(codi, heads: list[Head], positions: list[int]) -> Iterator[None]:
+    """An independent reference for zero-ablation: the heads' attention probabilities zeroed
+    at the query positions (eager attention), not their output slice."""
+    _ZEROED.update(heads=heads, positions=positions, codi=codi)
+    previous = codi.lm.config._attn_implementation
+    codi.lm.set_attn_implementation("zero_heads_reference")
+    try:
+        yield
+    finally:
+        codi.lm.set_attn_implementation(previous)

@@ -7,13 +7,14 @@ from hypothesis import strategies as st
 
 from harness.arch import Head
 from harness.cache import ResultCache
-from harness.claims import REGISTRY, ClaimError, ClaimResult, judge, load_registry, point_judge
+from harness.claims import REGISTRY, ClaimError, check_against_model, load_registry
 from harness.codi import ModelLoadError
 from harness.data import synthetic_split
 from harness.experiments import ModelRun
-from harness.interventions import InterventionError
+from harness.kinds.attention_pattern import PatternParams, scoped_heads
 from harness.models import seed_heads
 from harness.stats import accuracy_drop
+from harness.verdicts import ClaimResult, judge, point_judge
 
 ENTRY = """
 [[claim]]
@@ -47,13 +48,86 @@ def test_shipped_registry_has_the_seed_phase1_claims():
         (ENTRY.replace("threshold = 10.0", "treshold = 10.0"), "unknown key 'treshold' (did you mean 'threshold'?)"),
         (ENTRY.replace("ablation_drop", "ablation_dorp"), "unknown metric 'ablation_dorp'"),
         (ENTRY.replace('"greater"', '"more"'), "direction must be"),
-        (ENTRY + ENTRY, "duplicate claim ids"),
+        (ENTRY + ENTRY, "duplicate claim id 'x.1'"),
+        (
+            ENTRY.replace("threshold = 10.0", "threshhold = 10.0"),
+            "unknown key 'threshhold' (did you mean 'threshold'?)",
+        ),
+        (ENTRY.replace("threshold = 10.0", 'threshold = "ten"'), "threshold must be a number, got 'ten'"),
+        (ENTRY.replace("phase = 1", "phase = 7"), "unknown phase 7"),
+        (ENTRY.replace("threshold = 10.0", ""), "missing key 'threshold'"),
+        (ENTRY + 'measure = "answer_logprb"', "unknown measure 'answer_logprb' (did you mean 'answer_logprob'?)"),
+        (ENTRY + "experiment = { head = ['L0H1'] }", "unknown experiment key 'head' (did you mean 'heads'?)"),
+        (ENTRY + "experiment = { heads = 'L0H1' }", "experiment key 'heads' must be a list, got 'L0H1'"),
+        (ENTRY + "experiment = { heads = ['L0-H1'] }", "malformed head 'L0-H1'"),
+        (ENTRY + "experiment = { positions = ['CT-1'] }", "unknown position 'CT-1'"),
+        (ENTRY + "experiment = { positions = ['thought2'] }", "unknown position 'thought2'"),
+        (ENTRY + "experiment = { mode = 'meen' }", "'mode' is 'meen' (did you mean 'mean'?); choose from zero, mean"),
+        (ENTRY + "experiment = { n_heads = 2.5 }", "'n_heads' must be an integer, got 2.5"),
+        (ENTRY + "experiment = { heads = ['L0H1'], n_heads = 2 }", "give 'heads' or 'n_heads', not both"),
+        (ENTRY + "experiment = { n_draws = 3 }", "n_draws applies to mode 'resample'; mode 'zero' is deterministic"),
+        (ENTRY + "experiment = { mode = 'mean', positions = ['question'] }", "mode 'mean' needs positions"),
+        (
+            ENTRY.replace("ablation_drop", "pattern_drop") + "experiment = { pattern = 'hub', scope = 'layr' }",
+            "'scope' is 'layr' (did you mean 'layer'?)",
+        ),
+        (
+            ENTRY.replace("ablation_drop", "pattern_drop") + "experiment = { pattern = 'hub', layer = 1 }",
+            "layer applies to scope 'layer', not 'top'",
+        ),
+        (
+            ENTRY.replace("ablation_drop", "pattern_drop") + "experiment = { scope = 'all' }",
+            "experiment key 'pattern' is required",
+        ),
+        (
+            ENTRY.replace("ablation_drop", "position_drop") + "experiment = { which = 'hub', positions = ['CT1'] }",
+            "give 'which' or 'positions', not both",
+        ),
+        (
+            ENTRY.replace("ablation_drop", "position_drop") + "experiment = { positions = ['bot'] }",
+            "thought patches act on thoughts (CT<i> or latent), not bot",
+        ),
+        (
+            ENTRY.replace("ablation_drop", "probe_layer")
+            + 'measure = "answer_logprob"\nexperiment = { test = "critical_layer" }',
+            "metric 'probe_layer' measures accuracy, not 'answer_logprob'",
+        ),
+        (ENTRY + 'measure = "answer_logprob"\nthreshold_of_baseline = true', "threshold_of_baseline is a fraction"),
+        (ENTRY + 'gate = "nope"', "gated on unknown claim id 'nope'"),
     ],
 )
 def test_malformed_registry_entries_are_named(tmp_path, text, message):
     with pytest.raises(ClaimError) as err:
         load_registry(_registry(tmp_path, text))
     assert message in str(err.value)
+    assert "\n" not in str(err.value), "one line"
+
+
+@pytest.mark.parametrize(
+    ("experiment", "message"),
+    [
+        ("{ heads = ['L4H0'] }", "head L4H0 out of range for m: 4 layers x 8 heads"),
+        ("{ heads = ['L0H8'] }", "head L0H8 out of range for m"),
+        ("{ heads = ['L0H1', 'L0H1'] }", "head L0H1 given twice"),
+        ("{ positions = ['CT6'] }", "unknown position 'CT6'; choose from CT0..CT5"),
+    ],
+)
+def test_heads_and_positions_are_checked_against_each_model(tmp_path, random_codi, experiment, message):
+    claims = load_registry(_registry(tmp_path, ENTRY + f"experiment = {experiment}"))
+    with pytest.raises(ClaimError, match="claim 'x.1': " + message.replace("(", r"\(").replace(")", r"\)")):
+        check_against_model(claims, random_codi.geometry, random_codi.n_latent, "m")
+
+
+def test_every_shipped_claim_fits_both_tiny_models(random_codi):
+    check_against_model(load_registry(), random_codi.geometry, random_codi.n_latent, random_codi.name)
+
+
+def test_defaults_are_written_once_and_shown_filled_in(tmp_path):
+    (claim,) = load_registry(_registry(tmp_path, ENTRY + "experiment = { heads = ['L2H3'], positions = ['CT2'] }"))
+    params = claim.params.describe()
+    assert params["heads"] == ["L2H3"] and params["positions"] == ["CT2"]
+    assert params["mode"] == "zero" and params["n_random"] == 20 and claim.measure == "accuracy"
+    assert "heads=['L2H3']" in claim.describe() and "positions=['CT2']" in claim.describe()
 
 
 @given(low=points, width=st.floats(min_value=0, max_value=50), threshold=points)
@@ -98,12 +172,14 @@ def test_claim_rows_round_trip_through_their_schema():
         model="m",
         statement="s",
         metric="ablation_drop",
+        measure="accuracy",
         effect=12.0,
         ci_low=9.0,
         ci_high=15.0,
         threshold=10.0,
         direction="greater",
         p_value=0.01,
+        p_test="McNemar exact",
         verdict="INCONCLUSIVE",
         point_verdict="causal",
         n=100,
@@ -120,19 +196,23 @@ def test_claim_rows_round_trip_through_their_schema():
         "threshold",
         "p_value",
         "verdict",
+        "measure",
+        "heads",
+        "positions",
+        "mode",
+        "baseline",
     } <= set(row)
 
 
 def test_head_scopes(random_codi, tmp_path):
     run = ModelRun(random_codi, [], synthetic_split("discovery")[:4], ResultCache(tmp_path), heads=[Head(1, 2)])
     geo = random_codi.geometry
-    assert run.scoped_heads("top", 1) == [Head(1, 2)]
-    assert run.scoped_heads("layer", layer=2) == [Head(2, h) for h in range(geo.n_heads)]
-    assert len(run.scoped_heads("all")) == geo.n_layers * geo.n_heads
-    with pytest.raises(InterventionError, match="needs a layer"):
-        run.scoped_heads("layer", layer=geo.n_layers)
-    with pytest.raises(InterventionError, match="unknown head scope"):
-        run.scoped_heads("some")
+    assert scoped_heads(PatternParams("hub", n_heads=1), run) == ([Head(1, 2)], "--heads")
+    assert scoped_heads(PatternParams("hub", heads=("L0H3",)), run) == ([Head(0, 3)], "claim")
+    assert scoped_heads(PatternParams("hub", scope="layer", layer=2), run)[0] == [Head(2, h) for h in range(8)]
+    assert len(scoped_heads(PatternParams("hub", scope="all"), run)[0]) == geo.n_layers * geo.n_heads
+    with pytest.raises(ValueError, match="layer 4 out of range"):
+        PatternParams("hub", scope="layer", layer=geo.n_layers).check_model(geo, 6, "m")
 
 
 def test_seed_head_lists_of_the_real_models():

@@ -4,11 +4,9 @@ import copy
 
 import pytest
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from harness.arch import Head, blocks, parse_heads
+from conftest import zeroed_attention
+from harness.arch import Head, SiteError, blocks, parse_heads
 from harness.data import synthetic_split
 from harness.interventions import ActivationCapture, HeadAblation, HeadCapture, InterventionError, residual_sites
 from harness.runtime import encode_questions, generate, position_ids, run_latents
@@ -41,38 +39,14 @@ def test_no_op_ablation_reproduces_the_baseline_bit_for_bit(random_codi):
     assert torch.equal(t3, thoughts) and torch.equal(l3, logits)
 
 
-_ZEROED: dict = {}
-
-
-def _zeroing_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Eager attention with the chosen heads' probabilities zeroed at the chosen queries."""
-    heads, positions, codi = _ZEROED["heads"], _ZEROED["positions"], _ZEROED["codi"]
-    module.num_key_value_groups = getattr(module, "num_key_value_groups", 1)
-    out, weights = eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout)
-    probs = weights.clone()
-    local = [p - codi.offset for p in positions if 0 <= p - codi.offset < query.shape[2]]
-    for h in heads:
-        if h.layer == module.layer_idx and local:
-            probs[:, h.head, local] = 0.0
-    v = value.repeat_interleave(module.num_key_value_groups, dim=1)
-    return torch.matmul(probs, v).transpose(1, 2).contiguous(), probs
-
-
 @torch.no_grad()
 def test_zero_ablation_equals_zeroing_the_heads_attention_weights(random_codi):
     heads = [Head(1, 2), Head(2, 5), Head(2, 0)]
     _, _, pmap = _run(random_codi)
     with HeadAblation(random_codi, heads, pmap.latent):
         thoughts, logits, _ = _run(random_codi)
-    AttentionInterface.register("zero_heads_reference", _zeroing_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register("zero_heads_reference", ALL_MASK_ATTENTION_FUNCTIONS["eager"])
-    _ZEROED.update(heads=heads, positions=pmap.latent, codi=random_codi)
-    previous = random_codi.lm.config._attn_implementation
-    random_codi.lm.set_attn_implementation("zero_heads_reference")
-    try:
+    with zeroed_attention(random_codi, heads, pmap.latent):
         ref_thoughts, ref_logits, _ = _run(random_codi)
-    finally:
-        random_codi.lm.set_attn_implementation(previous)
     baseline, _, _ = _run(random_codi)
     assert (ref_thoughts - baseline).abs().max() > 1e-4, "the ablation must change something"
     torch.testing.assert_close(thoughts, ref_thoughts, atol=1e-5, rtol=1e-4)
@@ -106,7 +80,7 @@ def test_parse_heads_validates(random_codi):
         ("layer1", "malformed"),
         ("", "no heads"),
     ]:
-        with pytest.raises(InterventionError, match=message):
+        with pytest.raises(SiteError, match=message):
             parse_heads(spec, random_codi.geometry)
     with pytest.raises(InterventionError, match="needs values"):
         HeadAblation(random_codi, [Head(0, 0)], [1], mode="mean")

@@ -1,0 +1,186 @@
+"""Intervention specs and the generic runner: a spec measures exactly what it names (checked
+against independent computations), its fields are its cache key, the answer log-probability
+equals a full recompute, and randomised conditions are averaged over draws."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import zeroed_attention
+from harness.arch import Head
+from harness.cache import ResultCache
+from harness.claims import evaluate_claim, parse_claim
+from harness.data import format_number, synthetic_split
+from harness.evaluation import evaluate
+from harness.experiments import ModelRun
+from harness.interventions import HeadAblation, HeadCapture, InterventionError
+from harness.runtime import ThoughtPatch, answer_logprobs, answer_targets, encode_questions, position_ids, run_latents
+from harness.specs import NOISE_SEED_STRIDE, AblateHeads, AttentionPattern, PatchThoughts, derangement, with_draw
+from harness.stats import accuracy_drop
+
+TEST = synthetic_split("test")[:24]
+DISCOVERY = synthetic_split("discovery")[:12]
+
+
+@pytest.fixture
+def run(load_model, tmp_path):
+    return ModelRun(load_model("tiny-gpt2"), TEST, DISCOVERY, ResultCache(tmp_path), requested_batch_size=8)
+
+
+def _logprobs(result) -> np.ndarray:
+    return np.array([r.answer_logprob for r in result.records])
+
+
+def test_named_heads_at_a_named_thought_equal_zeroed_attention_weights(run):
+    claim = parse_claim(
+        {"id": "c", "phase": 1, "statement": "s", "metric": "ablation_drop", "threshold": 1.0,
+         "direction": "greater", "experiment": {"heads": ["L3H1", "L1H2"], "positions": ["CT2"], "n_random": 0}},
+        "test",
+    )  # fmt: skip
+    result = evaluate_claim(claim, run)
+    assert result.heads == "L3H1 L1H2 (claim)" and result.positions == "CT2" and result.mode == "zero"
+    codi, heads = run.codi, [Head(1, 2), Head(3, 1)]
+    base = evaluate(codi, TEST, batch_size=5, progress=False)
+    width = {}
+
+    def zeroing(pmap, indices):
+        width["ct2"] = pmap.index("CT2")
+        return zeroed_attention(codi, heads, [pmap.index("CT2")])
+
+    ref = evaluate(codi, TEST, batch_size=5, progress=False, intervene=zeroing)
+    measured = run.measure(AblateHeads(("L1H2", "L3H1"), ("CT2",)))
+    np.testing.assert_allclose(measured.answer_logprob, _logprobs(ref), atol=2e-4)
+    assert np.abs(_logprobs(ref) - _logprobs(base)).max() > 1e-3, "the ablation must change something"
+    effect = accuracy_drop([r.correct for r in base.records], [r.correct for r in ref.records])
+    assert result.effect == pytest.approx(effect.effect) and result.n == len(TEST)
+    latent_everywhere = run.measure(AblateHeads(("L1H2", "L3H1")))
+    assert not np.allclose(latent_everywhere.answer_logprob, measured.answer_logprob), "CT2 alone is not latent"
+
+
+def test_distinct_head_sets_are_two_computations_and_a_reordered_set_is_one(run):
+    run.measure(AblateHeads(("L0H1", "L1H2")))
+    assert len(run._computed) == 1
+    hits = run.cache.hits
+    run.measure(AblateHeads((Head(1, 2), Head(0, 1))))  # the same set, another order
+    assert len(run._computed) == 1 and run.cache.hits == hits + 1
+    for other in (
+        AblateHeads(("L0H1", "L1H3")),
+        AblateHeads(("L0H1", "L1H2"), positions=("CT2",)),
+        AblateHeads(("L0H1", "L1H2"), mode="mean"),
+        AttentionPattern(("L0H1", "L1H2"), "uniform", hub="CT1"),
+    ):
+        run.measure(other)
+    assert len(run._computed) == 5, "each distinct spec is its own computation"
+    keys = {run.key(**s.key()) for s in (AblateHeads(("L0H1",)), AblateHeads(("L0H2",)), AblateHeads(("L1H1",)))}
+    assert len(keys) == 3
+
+
+@torch.no_grad()
+def test_mean_mode_uses_each_heads_mean_over_the_discovery_split(run):
+    codi, heads = run.codi, [Head(2, 3), Head(0, 5)]
+    outputs = {h: [] for h in heads}
+    for p in DISCOVERY:  # one problem at a time: no batching in the reference
+        batch = encode_questions(codi, [p.question])
+        with HeadCapture(codi, heads, [batch.positions(codi.n_latent).index("CT2")]) as cap:
+            run_latents(codi, batch)
+        for h in heads:
+            outputs[h].append(cap.values[h][0])  # [1, hd]
+    means = {h: torch.stack(v).mean(0) for h, v in outputs.items()}  # [1, hd]
+    ref = evaluate(
+        codi,
+        TEST,
+        batch_size=24,
+        progress=False,
+        intervene=lambda pmap, idx: HeadAblation(codi, heads, [pmap.index("CT2")], "mean", means),
+    )
+    measured = run.measure(AblateHeads(tuple(heads), ("CT2",), mode="mean"))
+    np.testing.assert_allclose(measured.answer_logprob, _logprobs(ref), atol=2e-4)
+    zero = run.measure(AblateHeads(tuple(heads), ("CT2",)))
+    assert np.abs(zero.answer_logprob - measured.answer_logprob).max() > 1e-3
+
+
+@torch.no_grad()
+def test_resample_mode_gives_each_problem_another_problems_head_output(run):
+    codi, heads, problems = run.codi, [Head(1, 4)], TEST[:8]
+    small = ModelRun(codi, problems, DISCOVERY, ResultCache(None), requested_batch_size=3)
+    spec = AblateHeads(tuple(heads), ("CT1", "CT3"), mode="resample", draw=1)
+    measured = small.measure(spec)
+    source = derangement(len(problems), torch.Generator().manual_seed(0 * 1000 + 500 + NOISE_SEED_STRIDE))
+    assert all(int(source[i]) != i for i in range(len(problems))), "a derangement"
+    own = []
+    for p in problems:  # each problem alone
+        batch = encode_questions(codi, [p.question])
+        pmap = batch.positions(codi.n_latent)
+        with HeadCapture(codi, heads, [pmap.index("CT1"), pmap.index("CT3")]) as cap:
+            run_latents(codi, batch)
+        own.append(cap.values[heads[0]])  # [1, 2, hd]
+    for i, p in enumerate(problems):
+
+        def resampled(pmap, idx, values={heads[0]: own[int(source[i])]}):  # noqa: B006 (bound per problem)
+            return HeadAblation(codi, heads, [pmap.index("CT1"), pmap.index("CT3")], "resample", values)
+
+        ref = evaluate(codi, [p], progress=False, intervene=resampled)
+        assert measured.answer_logprob[i] == pytest.approx(ref.records[0].answer_logprob, abs=2e-4)
+    assert small.measure(with_draw(spec, 2)).answer_logprob.tolist() != measured.answer_logprob.tolist()
+
+
+@torch.no_grad()
+def test_composed_specs_apply_both_interventions(run):
+    codi, heads = run.codi, [Head(2, 1)]
+    composed = AblateHeads(tuple(heads), ("CT1",)) + PatchThoughts(("CT3",), mode="zero")
+
+    def both(pmap, idx):
+        class Both:
+            def __enter__(self):
+                self.a = HeadAblation(codi, heads, [pmap.index("CT1")]).__enter__()
+                self.b = ThoughtPatch(codi, lambda i, t: torch.zeros_like(t) if i == 3 else t).__enter__()
+
+            def __exit__(self, *exc):
+                self.b.__exit__(*exc)
+                self.a.__exit__(*exc)
+
+        return Both()
+
+    ref = evaluate(codi, TEST, batch_size=8, progress=False, intervene=both)
+    np.testing.assert_allclose(run.measure(composed).answer_logprob, _logprobs(ref), atol=2e-4)
+    alone = run.measure(AblateHeads(tuple(heads), ("CT1",)))
+    assert np.abs(alone.answer_logprob - _logprobs(ref)).max() > 1e-3
+    assert run.paired(composed).claim("x", "s", 0.0, "greater").mode == "heads zero + thoughts zero"
+
+
+def test_randomised_conditions_are_measured_over_draws(run):
+    noise = run.measure_draws(PatchThoughts(("CT1",)), 3)
+    assert len(noise) == 3 and len(run._computed) == 3
+    assert len({c.answer_logprob.tobytes() for c in noise}) == 3, "independent draws"
+    assert len(run.measure_draws(PatchThoughts(("CT1",), mode="zero"), 3)) == 1, "a deterministic mode: one"
+    effect = run.effect(noise, "answer_logprob")
+    per_draw = [run.effect([c], "answer_logprob").effect for c in noise]
+    assert effect.effect == pytest.approx(np.mean(per_draw)) and effect.test == "Wilcoxon signed-rank"
+    with pytest.raises(InterventionError, match="not random"):
+        PatchThoughts(("CT1",), mode="zero", draw=1)
+
+
+@torch.no_grad()
+def test_answer_logprob_equals_a_full_recompute(load_model):
+    codi = load_model("tiny-gpt2")
+    problems = TEST[:5]
+    batch = encode_questions(codi, [p.question for p in problems])
+    answers = [format_number(p.answer) for p in problems]
+    got = answer_logprobs(codi, run_latents(codi, batch), answers)
+    ids, scored = answer_targets(codi, answers)
+    assert all(k == len(a) - 3 for a, k in zip(ids, scored)), "the number after 'answer is :'"
+    for row, p in enumerate(problems):  # one sequence, no cache, no padding: every input embedded at once
+        alone = encode_questions(codi, [p.question])
+        thoughts = run_latents(codi, alone).thoughts[0]  # [K, d]
+        tokens = torch.tensor(ids[row])
+        embeds = torch.cat(
+            [codi.embed(alone.input_ids[0]), thoughts, codi.embed(torch.tensor([codi.eot_id])), codi.embed(tokens)]
+        )[None]
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+        out = codi.step(mask, position_ids(mask), None, inputs_embeds=embeds)
+        logp = codi.logits(out.last_hidden_state[0]).log_softmax(-1)  # [T, V+3]
+        start = embeds.shape[1] - len(tokens)  # index of the first answer token
+        expected = sum(
+            float(logp[start + j - 1, t]) for j, t in enumerate(tokens.tolist()) if j >= len(tokens) - scored[row]
+        )
+        assert float(got[row]) == pytest.approx(expected, abs=1e-4)
