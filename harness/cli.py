@@ -1,4 +1,4 @@
-"""`python -m harness train|evaluate|rank-heads`: argument parsing and one-line usage errors (exit 4)."""
+"""`python -m harness train|evaluate|rank-heads|claims`: argument parsing and one-line usage errors (exit 4)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 
 from harness.codi import ModelLoadError
-from harness.data import DataError
+from harness.data import PROJECT_ROOT, DataError
 
 USAGE_ERROR = 4
+REGISTRY_DEFAULT = PROJECT_ROOT / "hypotheses" / "claims.toml"
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -110,6 +111,25 @@ def _rank_heads(args: argparse.Namespace) -> int:
     return 0
 
 
+def _claims(args: argparse.Namespace) -> int:
+    from harness.claims import ClaimError, check_against_model, load_registry
+    from harness.models import resolve
+
+    try:
+        claims = load_registry(Path(args.registry))
+        for name in args.model or []:
+            facts = resolve(name, args.base).facts  # geometry from the cache, else by loading it
+            check_against_model(claims, facts.geometry, facts.n_latent, name)
+    except ClaimError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return USAGE_ERROR
+    for claim in claims:
+        print(claim.describe())
+    checked = f"; checked against {', '.join(args.model)}" if args.model else ""
+    print(f"{len(claims)} claims in {args.registry}{checked}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -153,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     rk.add_argument("--threads", type=int, help="torch CPU threads")
     rk.add_argument("--json", action="store_true", help="print one JSON object")
     rk.set_defaults(func=_rank_heads)
+    cl = sub.add_parser("claims", help="validate the claims registry and list every claim with its parameters")
+    cl.add_argument("--registry", default=str(REGISTRY_DEFAULT), help="default hypotheses/claims.toml")
+    cl.add_argument("--model", action="append", help="also check named heads and thoughts against this model")
+    cl.add_argument("--base", help="base model (HF id or directory) for hub-format checkpoints")
+    cl.set_defaults(func=_claims)
     return parser
 
 

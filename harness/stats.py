@@ -118,8 +118,9 @@ def paired_effect(
     condition, or 1), paired over the same N problems: accuracy in points (flags), or answer
     log-probability in nats.
 
-    One draw: accuracy has the paired bootstrap CI and exact McNemar p of `accuracy_drop`;
-    log-probability a paired bootstrap CI and a two-sided Wilcoxon signed-rank p. Several
+    One draw: accuracy (0/1 flags) has the paired bootstrap CI and exact McNemar p of
+    `accuracy_drop`; log-probability (or accuracy averaged over draws) a paired bootstrap CI
+    and a two-sided Wilcoxon signed-rank p. Several
     draws: the bootstrap resamples problems and draws together (a verdict cannot hinge on one
     draw) and p is a two-sided Wilcoxon signed-rank test of the per-problem differences
     averaged over draws."""
@@ -129,7 +130,8 @@ def paired_effect(
     treat = np.atleast_2d(np.asarray(treated, dtype=float))  # [D, N]
     assert ref.ndim == 1 and treat.shape[1] == ref.size and ref.size > 0, "paired values over the same problems"
     scale = 100.0 if measure == "accuracy" else 1.0
-    if treat.shape[0] == 1 and measure == "accuracy":
+    binary = np.isin(ref, (0.0, 1.0)).all() and np.isin(treat, (0.0, 1.0)).all()
+    if treat.shape[0] == 1 and measure == "accuracy" and binary:
         return accuracy_drop(ref.astype(bool), treat[0].astype(bool), n_resamples, seed, level)
     diff = scale * (ref[None] - treat)  # [D, N]
     per_problem = diff.mean(0)  # [N]

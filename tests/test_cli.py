@@ -81,3 +81,17 @@ def test_rank_heads_prints_and_writes_every_head(saved_model, capsys, tmp_path):
     assert [row["name"] for row in printed["top"]] == list(ranked["name"][:3])
     assert ranked["composite"].is_monotonic_decreasing
     assert printed["hub_position"] in {f"CT{i}" for i in range(6)}
+
+
+def test_claims_command_validates_and_lists(capsys, tmp_path):
+    assert main(["claims", "--model", "tiny-gpt2"]) == 0
+    out = capsys.readouterr().out
+    assert "21 claims in" in out and "checked against tiny-gpt2" in out and "1.2-hub-drop  phase 1" in out
+    registry = tmp_path / "claims.toml"
+    registry.write_text(
+        '[[claim]]\nid = "x"\nphase = 1\nstatement = "s"\nmetric = "ablation_drop"\nthreshold = 1.0\n'
+        'direction = "greater"\nexperiment = { heads = ["L7H0"] }\n'
+    )
+    assert main(["claims", "--registry", str(registry), "--model", "tiny-gpt2"]) == USAGE_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: claim 'x': head L7H0 out of range for tiny-gpt2: 4 layers x 8 heads"]

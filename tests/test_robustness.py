@@ -16,6 +16,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from harness import report
+from harness.claims import load_registry
 from harness.cli import USAGE_ERROR, main
 from harness.tokenizer import build_word_tokenizer
 
@@ -245,3 +246,68 @@ def test_a_hub_warning_is_printed_once():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("retrying in 1s") == 1 and done.stderr.count("cache entry unreadable") == 1, done.stderr
+
+
+_EXTRA = """
+[[claim]]
+id = "mine"
+phase = 1
+statement = "s"
+metric = "{metric}"
+threshold = 1.0
+direction = "greater"
+experiment = {experiment}
+"""
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.replace("threshold = 10.0", "threshhold = 10.0", 1), "unknown key 'threshhold' (did you mean"),
+        (
+            lambda t: t + _EXTRA.format(metric="ablation_drop", experiment="{ heads = ['L9H0'] }"),
+            "claim 'mine': head L9H0 out of range for tiny-gpt2: 4 layers x 8 heads",
+        ),
+        (
+            lambda t: t + _EXTRA.format(metric="ablation_drop", experiment="{ positions = ['CT9'] }"),
+            "claim 'mine': unknown position 'CT9'; choose from CT0..CT5",
+        ),
+        (
+            lambda t: t + _EXTRA.format(metric="pattern_drop", experiment="{ pattern = 'hub', scope = 'layr' }"),
+            "experiment key 'scope' is 'layr' (did you mean 'layer'?)",
+        ),
+        (
+            lambda t: (
+                t
+                + _EXTRA.format(metric="ablation_drop", experiment="{ mode = 'mean', heads = ['L0H0'] }").replace(
+                    'direction = "greater"\nexperiment', 'direction = "greater"\nmesure = "accuracy"\nexperiment'
+                )
+            ),
+            "unknown key 'mesure' (did you mean 'measure'?)",
+        ),
+    ],
+)
+def test_a_broken_registry_stops_the_suite_with_one_line(edit, message, pytester, tmp_path, monkeypatch):
+    registry = tmp_path / "claims.toml"
+    registry.write_text(edit((ROOT / "hypotheses" / "claims.toml").read_text()))
+    result = pytester.runpytest_inprocess(*_claims_args(tmp_path, "--model", "tiny-gpt2", "--registry", str(registry)))
+    _assert_usage_error(result, message, tmp_path)
+
+
+def test_list_claims_shows_every_parameter_and_loads_no_model(pytester, tmp_path, monkeypatch):
+    def must_not_run(*_args, **_kwargs):
+        raise AssertionError("--list-claims loaded a model")
+
+    monkeypatch.setattr("harness.models.resolve", must_not_run)
+    monkeypatch.setattr("harness.pytest_plugin.resolve", must_not_run)
+    result = pytester.runpytest_inprocess(str(ROOT / "hypotheses"), "--list-claims", "-p", "no:cacheprovider")
+    assert result.ret == 0
+    out = "\n".join(result.outlines)
+    for claim in load_registry():
+        assert claim.id in out and claim.statement in out
+    assert "1.1-top3-causal  phase 1  ablation_drop(heads=[], n_heads=3, positions=['latent'], mode='zero'" in out
+    assert "21 claims in" in out
+    registry = tmp_path / "claims.toml"
+    registry.write_text("[[claim]]\nid = 'x'\n")
+    broken = pytester.runpytest_inprocess(str(ROOT / "hypotheses"), "--list-claims", "--registry", str(registry))
+    assert broken.ret == 4 and any("missing key 'phase'" in line for line in broken.errlines)

@@ -9,6 +9,7 @@ from harness.stats import (
     holm,
     mcnemar_exact,
     mean_with_ci,
+    paired_effect,
     percentile_of,
 )
 
@@ -84,3 +85,32 @@ def test_mean_with_ci_of_per_problem_differences():
     assert eff.p_value == pytest.approx(wilcoxon(x, alternative="greater").pvalue)
     flat = mean_with_ci(np.zeros(10))
     assert (flat.effect, flat.ci_low, flat.ci_high, flat.p_value) == (0.0, 0.0, 0.0, 1.0)
+
+
+def test_draws_are_averaged_and_their_spread_widens_the_ci():
+    rng = np.random.default_rng(0)
+    base = np.ones(400)
+    steady = [np.where(rng.random(400) < 0.2, 0.0, 1.0) for _ in range(4)]  # every draw about -20
+    one = paired_effect(base, steady[:1])
+    assert one.test == "McNemar exact" and one.effect == pytest.approx(100 * (1 - steady[0].mean()))
+    joint = paired_effect(base, steady)
+    assert joint.effect == pytest.approx(np.mean([100 * (1 - s.mean()) for s in steady]))
+    assert joint.test == "Wilcoxon signed-rank" and joint.ci_low < joint.effect < joint.ci_high
+    # two draws that disagree (drops 0 and 40 points): averaged per problem the CI would be as
+    # narrow as one draw's; resampling draws too makes it span both
+    split = [np.ones(400), np.where(np.arange(400) % 5 < 2, 0.0, 1.0)]
+    wide = paired_effect(base, split)
+    per_problem = paired_effect(base, [np.mean(split, axis=0)])
+    assert wide.effect == pytest.approx(20.0) and per_problem.effect == pytest.approx(20.0)
+    assert wide.ci_high - wide.ci_low > 3 * (per_problem.ci_high - per_problem.ci_low)
+
+
+def test_log_probability_drops_are_in_nats_with_a_wilcoxon_p():
+    rng = np.random.default_rng(1)
+    base = rng.normal(-1.0, 0.3, 200)
+    treated = base - 0.5 + rng.normal(0, 0.1, 200)
+    effect = paired_effect(base, [treated], "answer_logprob")
+    assert effect.effect == pytest.approx(np.mean(base - treated)) and effect.ci_low < 0.5 < effect.ci_high
+    assert effect.p_value == pytest.approx(wilcoxon(base - treated).pvalue) and effect.test == "Wilcoxon signed-rank"
+    with pytest.raises(ValueError, match="unknown measure"):
+        paired_effect(base, [treated], "logprob")
