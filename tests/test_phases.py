@@ -118,7 +118,7 @@ def test_late_phases_end_to_end(pytester, tmp_path, suite_args):
     transplant = {r["model"]: r for r in rows if r["id"] == "2.1-transplant-universal"}
     assert transplant["tiny-gpt2"]["details"]["donor"].startswith("tiny-llama")
     assert 0 < transplant["tiny-gpt2"]["details"]["r2"]["in"] <= 1
-    assert len(transplant["tiny-llama"]["details"]["control_drops"]) == 3
+    assert len(transplant["tiny-llama"]["details"]["control"]) == 3
     summary = (run / "summary.md").read_text()
     for title in ("(2.1)", "(2.2)", "(3.1)", "(3.2)", "(4.1)"):
         assert title in summary

@@ -105,7 +105,12 @@ def section(results: list[ClaimResult], runs: dict[str, ModelRun]) -> Section:
     ax.set(ylabel="accuracy drop (points, 95% CI)", title="Attention pattern forced at the latent queries")
     if models:
         ax.legend(fontsize=7)
-    return Section("Attention patterns", {"patterns": table}, {"patterns.png": png(fig)})
+    seed = {"pattern": ["baseline", *PATTERNS]}  # the seed's shape: pattern, <model>_acc
+    for model, g in acc.groupby("model", sort=False):
+        by_pattern = dict(zip(g.pattern, g.accuracy))
+        seed[f"{model}_acc"] = [g.baseline_accuracy.iloc[0], *(by_pattern.get(p, np.nan) for p in PATTERNS)]
+    tables = {"patterns": pd.DataFrame(seed), "pattern_claims": table}
+    return Section("Attention patterns", tables, {"patterns.png": png(fig)})
 
 
 KIND = Kind(

@@ -109,12 +109,20 @@ def section(results: list[ClaimResult], runs: dict[str, ModelRun]) -> Section:
         for r in results
         if "per_thought" not in r.details
     ]
-    tables = {"positions": pd.DataFrame(rows)} if rows else {}
+    tables = {}
+    if rows:  # the seed's shape: position, <model>_drop (noise; other modes <model>_<mode>_drop), CIs
+        long = pd.DataFrame(rows)
+        wide = pd.DataFrame({"position": list(dict.fromkeys(long.position))})
+        for (model, mode), g in long.groupby(["model", "mode"], sort=False):
+            prefix = model if mode == "noise" else f"{model}_{mode}"
+            for column in ("drop", "ci_low", "ci_high"):
+                wide[f"{prefix}_{column}"] = g[column].to_numpy()
+        tables["positions"] = wide
     if named:
         tables["positions_named"] = pd.DataFrame(named)
     figures = {}
     if rows:
-        table = tables["positions"]
+        table = pd.DataFrame(rows)
         fig = Figure(figsize=(7, 4))
         ax = fig.subplots()
         groups = list(table.groupby(["model", "mode"], sort=False))
