@@ -13,8 +13,8 @@ from harness import models
 from harness.cache import ResultCache
 from harness.codi import CODIModel, ModelLoadError, load_base, make_prj, save_codi, wrap_lora
 from harness.data import synthetic_split
+from harness.fullsize import build_tokenizer, shape_of
 from harness.runtime import encode_questions, generate, run_latents
-from harness.tokenizer import build_word_tokenizer
 
 BASES = {
     "gpt2": lambda v: GPT2LMHeadModel(GPT2Config(vocab_size=v, n_embd=64, n_layer=2, n_head=4, n_positions=128)),
@@ -54,9 +54,9 @@ def _randomize_lora(module: nn.Module) -> None:
 def hub_checkpoint(request, tmp_path_factory):
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp(request.param)
-    tokenizer = build_word_tokenizer()
+    tokenizer = build_tokenizer(shape_of(request.param, tiny=True))  # byte-level BPE, the published specials
     base = BASES[request.param](len(tokenizer))
-    base.config.eos_token_id = tokenizer.eos_token_id
+    base.config.bos_token_id, base.config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     base.save_pretrained(root / "base")
     tokenizer.save_pretrained(root / "base")
     ref = HubCODI(root / "base")
