@@ -224,7 +224,7 @@ def load_base(base: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
             f"cannot load base model {base!r} ({str(e).splitlines()[0]}); with no network, pass a local "
             "directory with --base"
         ) from None
-    lm.resize_token_embeddings(lm.config.vocab_size + 3)
+    lm.resize_token_embeddings(lm.config.vocab_size + 3, mean_resizing=False)  # the checkpoint holds the new rows
     return lm, tokenizer
 
 

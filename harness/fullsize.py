@@ -54,6 +54,9 @@ LLAMA3_SPECIALS = (  # ids 128000.. of the Llama-3 tokenizers; the rest are rese
 )
 TRAINED_MERGES = 4000  # BPE vocabulary learnt from the GSM8K questions; the rest is filler
 WEIGHT_STD = 0.02  # std of every random weight (HF's initializer range); LoRA B and prj too
+TINY_STD = 0.3  # toy sizes: large enough that every smoke intervention changes some answer
+LLAMA_HEADS = "L4H5,L5H30,L5H28"  # the seed analysis's critical heads
+GPT2_HEADS = "L0H3,L1H7,L2H11"  # L0H3 (the seed's) and two heads of the next layers
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,7 @@ class Shape:
     eos: str
     seed_heads: str
     hub: str
+    std: float  # of every random weight
 
 
 def _llama_specials(n: int) -> tuple[str, ...]:
@@ -77,7 +81,9 @@ def _llama_specials(n: int) -> tuple[str, ...]:
 
 def _gpt2_config(tiny: bool) -> GPT2Config:
     if tiny:
-        return GPT2Config(vocab_size=401, n_embd=48, n_layer=3, n_head=12, n_positions=512, bos_token_id=400, eos_token_id=400)
+        return GPT2Config(
+            vocab_size=401, n_embd=48, n_layer=3, n_head=12, n_positions=512, bos_token_id=400, eos_token_id=400
+        )
     return GPT2Config()  # gpt2: 124M, vocab 50257, 12 x 12 heads, d 768, 1024 positions; bos = eos = 50256
 
 
@@ -111,12 +117,14 @@ def _llama_config(tiny: bool) -> LlamaConfig:
 def shape_of(arch: str, tiny: bool = False) -> Shape:
     """CODI-GPT2 or CODI-LLaMA-3.2-1B (or their toy versions)."""
     if arch == "gpt2":
-        return Shape("gpt2", lambda: _gpt2_config(tiny), 400 if tiny else 50_256, ("<|endoftext|>",), None,
-                     "<|endoftext|>", "L0H3,L1H7,L2H11", "CT1")  # fmt: skip
+        regular, specials = (400 if tiny else 50_256), ("<|endoftext|>",)
+        std = TINY_STD if tiny else WEIGHT_STD
+        return Shape("gpt2", lambda: _gpt2_config(tiny), regular, specials, None, specials[0], GPT2_HEADS, "CT1", std)
     if arch == "llama":
-        n_special = 16 if tiny else 256
-        return Shape("llama", lambda: _llama_config(tiny), 400 if tiny else 128_000, _llama_specials(n_special),
-                     "<|begin_of_text|>", "<|eot_id|>", "L4H5,L5H30,L5H28", "CT0")  # fmt: skip
+        regular, specials = (400, _llama_specials(16)) if tiny else (128_000, _llama_specials(256))
+        bos, eos = "<|begin_of_text|>", "<|eot_id|>"
+        std = TINY_STD if tiny else WEIGHT_STD
+        return Shape("llama", lambda: _llama_config(tiny), regular, specials, bos, eos, LLAMA_HEADS, "CT0", std)
     raise ValueError(f"unknown architecture {arch!r}; choose gpt2 or llama")
 
 
@@ -152,15 +160,16 @@ class HubFiles:
 
 def build_checkpoint(arch: str, root: Path, dtype: str = "float32", tiny: bool = False, seed: int = 0) -> HubFiles:
     """Write a random-weight base directory and hub-format checkpoint under `root`, every
-    weight drawn from N(0, WEIGHT_STD^2) in `dtype` (norm gains 1, LoRA B random too, so the
+    weight drawn from N(0, shape.std^2) in `dtype` (norm gains 1; LoRA B random too, so the
     adapters change the merged weights)."""
     shape = shape_of(arch, tiny)
     files = HubFiles(root / "ckpt" / HUB_WEIGHTS, root / "base")
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(shape)
     config = shape.config()
+    config.initializer_range = std = shape.std
     assert len(tokenizer) == config.vocab_size, "the tokenizer fills the base vocabulary"
-    lm = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])  # HF init: N(0, 0.02^2), norms 1
+    lm = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])  # HF init: N(0, std^2), norms 1
     lm.save_pretrained(files.base)
     tokenizer.save_pretrained(files.base)
     lm.resize_token_embeddings(config.vocab_size + 3, mean_resizing=False)  # pad, bot, eot
@@ -169,9 +178,9 @@ def build_checkpoint(arch: str, root: Path, dtype: str = "float32", tiny: bool =
     with torch.no_grad():
         for name, param in codi.named_parameters():
             if "lora_B" in name:  # peft starts B at zero: the adapters would change nothing
-                param.normal_(0.0, WEIGHT_STD)
+                param.normal_(0.0, std)
         for linear in (prj[1], prj[3]):
-            linear.weight.normal_(0.0, WEIGHT_STD)
+            linear.weight.normal_(0.0, std)
     state = {f"codi.{k}": v.to(DTYPES[dtype]) for k, v in codi.state_dict().items()}
     state |= {f"prj.{k}": v for k, v in prj.state_dict().items()}
     files.checkpoint.parent.mkdir(parents=True, exist_ok=True)
@@ -277,8 +286,9 @@ def smoke(
     out["conditions"] = {}
     for condition in conditions(codi, shape, hub_values):
         started = time.perf_counter()
-        result = evaluate(codi, problems, batch_size, max_new_tokens=max_new_tokens, progress=False,
-                          intervene=condition.intervene)  # fmt: skip
+        result = evaluate(
+            codi, problems, batch_size, max_new_tokens=max_new_tokens, progress=False, intervene=condition.intervene
+        )
         seconds = time.perf_counter() - started  # the hub noise's thoughts pass included
         results[condition.name] = result
         changed = sum(a.text != b.text for a, b in zip(result.records, results["baseline"].records))
