@@ -17,7 +17,7 @@ from harness.fullsize import build_tokenizer, shape_of
 from harness.runtime import encode_questions, generate, run_latents
 
 BASES = {
-    "gpt2": lambda v: GPT2LMHeadModel(GPT2Config(vocab_size=v, n_embd=64, n_layer=2, n_head=4, n_positions=128)),
+    "gpt2": lambda v: GPT2LMHeadModel(GPT2Config(vocab_size=v, n_embd=64, n_layer=2, n_head=4, n_positions=256)),
     "llama": lambda v: LlamaForCausalLM(
         LlamaConfig(
             vocab_size=v,
@@ -26,7 +26,7 @@ BASES = {
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
-            max_position_embeddings=128,
+            max_position_embeddings=256,
         )
     ),
 }
