@@ -294,9 +294,9 @@ def check_tokenizer(tokenizer: PreTrainedTokenizerBase, config, base_vocab: int,
     eos = tokenizer.eos_token_id
     if expected.eos and eos not in expected.eos:
         want = " or ".join(f"{i} ({tokenizer.convert_ids_to_tokens(i)!r})" for i in expected.eos)
+        hint = "; use the Instruct one (meta-llama/Llama-3.2-1B-Instruct)" if config.model_type == "llama" else ""
         raise ModelLoadError(
-            f"{where}: eos is {eos} ({tokenizer.eos_token!r}) but the checkpoint was trained to emit {want}; "
-            "for CODI-LLaMA use the Instruct tokenizer (meta-llama/Llama-3.2-1B-Instruct)"
+            f"{where}: eos is {eos} ({tokenizer.eos_token!r}) but the checkpoint was trained to emit {want}{hint}"
         )
     question = load_gsm8k()[0].question
     ids = tokenizer(question)["input_ids"]
