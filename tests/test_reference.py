@@ -3,13 +3,16 @@
 format (against a line-by-line transcription of its loop)."""
 
 import copy
+import json
 import math
 
 import pytest
 import torch
 from test_checkpoints import hub_checkpoint  # noqa: F401 - the published-format checkpoint fixture
+from test_scale import _script
 
 from harness import models
+from harness.cli import USAGE_ERROR, main
 from harness.data import synthetic_split
 from harness.evaluation import REFERENCE_BATCH_SIZE, evaluate
 from harness.runtime import decode_ids, encode_questions, generate, run_latents
@@ -140,3 +143,22 @@ def test_greedy_decoding_never_picks_eot(random_codi, reference):
     assert int(gen.first_logits.argmax(-1)[0]) == eot, "eot is the argmax of the full logits"
     assert not (gen.tokens == eot).any()
     assert (gen.token_probs < 1e-3).all(), "each token's probability is its share of all V+3 logits"
+
+
+def test_the_cli_and_the_reproduction_script_offer_reference_batching(hub_checkpoint, capsys):  # noqa: F811
+    root, _, _ = hub_checkpoint
+    ckpt, base = str(root / "ckpt"), str(root / "base")
+    args = ["evaluate", "--model", ckpt, "--base", base, "--data", "synthetic", "--n", "5", "--max-new-tokens", "4"]
+    assert main([*args, "--reference-batching", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["reference_batching"] and summary["batch_size"] == REFERENCE_BATCH_SIZE
+    reference = models.load(ckpt, base=base, reference_batching=True)
+    direct = evaluate(reference, synthetic_split("test")[:5], max_new_tokens=4, progress=False)
+    assert summary["accuracy"] == direct.accuracy
+    assert main([*args, "--reference-batching", "--batch-size", "3"]) == USAGE_ERROR
+    assert "drop --batch-size" in capsys.readouterr().err
+    script = _script("reproduce_published")
+    row = script.reproduce(ckpt, base, 0.5, "synthetic", 5, "cpu", "float32", None, 4, reference_batching=True)
+    assert row["reference_batching"] and row["batch_size"] == REFERENCE_BATCH_SIZE
+    assert row["accuracy"] == round(direct.accuracy, 4)
+    assert "--reference-batching" in script.phase1_command(ckpt, base, "gsm8k", "cpu", "float32", root, True)
