@@ -19,7 +19,7 @@ DTYPE=${DTYPE:-bfloat16}
 N=${N:-1319}
 MAX_NEW=${MAX_NEW:-256}
 BATCH=${BATCH:-512}
-PHASE1_N=${PHASE1_N:-100}
+PHASE1_N=${PHASE1_N:-50}
 WORK=${WORK:-/tmp/codi-gpu-check}
 TINY_FLAG=${TINY:+--tiny}
 # seconds per stage: 110 + 190 + 160 = 460 s, under 8 minutes with the start-up around them
@@ -58,11 +58,21 @@ done
 
 # phase 1 on the LLaMA-shaped checkpoint the smoke built (a stage cut short before the build
 # finished leaves none: the marker file is written last)
+# each output line is prefixed with the seconds since the stage began (-v: one line per claim),
+# so a run cut short still shows how long each finished claim took
+phase1() {  # the timeout is on pytest itself: killing the pipeline's shell would leave it running
+  set -o pipefail
+  local start=$SECONDS
+  timeout -k 10 "$T_PHASE1" python -m pytest hypotheses/ -k phase1 --model "$WORK/llama/ckpt" --base "$WORK/llama/base" \
+    --data gsm8k --n-problems "$PHASE1_N" --batch-size "$BATCH" --device "$DEVICE" --dtype "$DTYPE" \
+    -p no:cacheprovider -v --durations=0 --report-dir "$OUT/phase1" --no-cache 2>&1 |
+    while IFS= read -r line; do echo "[$((SECONDS - start)) s] $line"; done
+}
+export -f phase1
+export WORK PHASE1_N BATCH DEVICE DTYPE OUT T_PHASE1
 if [ -f "$WORK/llama/built.json" ]; then
   rm -rf "$OUT/phase1"
-  stage phase1 "$T_PHASE1" python -m pytest hypotheses/ -k phase1 --model "$WORK/llama/ckpt" --base "$WORK/llama/base" \
-    --data gsm8k --n-problems "$PHASE1_N" --batch-size "$BATCH" --device "$DEVICE" --dtype "$DTYPE" \
-    -p no:cacheprovider -q --durations=0 --report-dir "$OUT/phase1" --no-cache
+  stage phase1 "$((T_PHASE1 + 20))" bash -c phase1
 else
   echo "phase1: skipped, no LLaMA-shaped checkpoint was built"
 fi
