@@ -277,6 +277,7 @@ def expected_tokenizer(config, base_vocab: int) -> TokenizerExpectation:
         return known
     eos = config.eos_token_id
     eos = tuple(eos) if isinstance(eos, list | tuple) else (() if eos is None else (eos,))
+    eos = tuple(i for i in eos if 0 <= i < base_vocab)  # ids outside the vocabulary say nothing
     return TokenizerExpectation(config.bos_token_id if config.model_type == "llama" else None, eos)
 
 
