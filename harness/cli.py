@@ -43,14 +43,18 @@ def _evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from harness.data import load_problems
-    from harness.evaluation import evaluate, mean_patch, thought_means
+    from harness.evaluation import REFERENCE_BATCH_SIZE, evaluate, mean_patch, thought_means
     from harness.models import default_batch_size, load
 
+    if args.reference_batching and args.batch_size not in (None, REFERENCE_BATCH_SIZE):
+        raise ModelLoadError(
+            f"--reference-batching runs the official batches of {REFERENCE_BATCH_SIZE}; drop --batch-size"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     problems = load_problems(args.data, args.n)
-    codi = load(args.model, args.base, dtype=args.dtype, device=args.device)
-    batch_size = args.batch_size or default_batch_size(codi)
+    codi = load(args.model, args.base, dtype=args.dtype, device=args.device, reference_batching=args.reference_batching)
+    batch_size = REFERENCE_BATCH_SIZE if args.reference_batching else args.batch_size or default_batch_size(codi)
     patch = mean_patch(thought_means(codi, problems, batch_size)) if args.latent_patch == "mean" else None
     result = evaluate(codi, problems, batch_size, patch, args.max_new_tokens, progress=not args.json)
     summary = {
@@ -60,6 +64,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         "dtype": args.dtype,
         "device": str(codi.device),
         "batch_size": batch_size,
+        "reference_batching": args.reference_batching,
         **result.summary(),
     }
     if args.records:
@@ -160,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1")
     ev.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weight dtype")
     ev.add_argument("--threads", type=int, help="torch CPU threads")
+    ev.add_argument(
+        "--reference-batching",
+        action="store_true",
+        help="the official evaluator's batching (128 in data order, padding leaks into the thoughts), to reproduce "
+        "published numbers bit for bit; default: batch-invariant",
+    )
     ev.add_argument("--records", help="write per-problem records to this .jsonl")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=_evaluate)

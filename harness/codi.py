@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,13 +25,15 @@ from transformers import (
 )
 
 from harness.arch import ArchSpec, HeadGeometry, arch_of, backbone, head_geometry
-from harness.data import ANSWER_PREFIX
+from harness.data import ANSWER_PREFIX, load_gsm8k
 
 DEFAULT_N_LATENT = 6
 LORA_R, LORA_ALPHA = 128, 32
 HUB_WEIGHTS = "pytorch_model.bin"
 OWN_META = "codi.json"
 OWN_WEIGHTS = "model.safetensors"
+# non-parameter attention buffers (causal mask, masked-bias constant) in old GPT-2 saves
+OLD_GPT2_BUFFERS = re.compile(r"base_model\.model\.transformer\.h\.\d+\.attn\.(bias|masked_bias)")
 
 
 class ModelLoadError(ValueError):
@@ -68,6 +71,8 @@ class CODIModel(nn.Module):
         self.eos_id = tokenizer.eos_token_id
         self.answer_prefix = answer_prefix  # what the model writes before the number (teacher forcing)
         self.offset = 0  # sequence index of the first token of the current pass (see `step`)
+        # the official evaluator's batching (`runtime`): set at load, results then depend on the batch
+        self.reference_batching = False
         self.thought_patch = None  # set by `runtime.ThoughtPatch` while it is active
 
     pad_id = property(lambda self: self.base_vocab_size)
@@ -108,8 +113,8 @@ class CODIModel(nn.Module):
 
     def step(
         self,
-        attention_mask: torch.Tensor,  # [B, past + T]
-        position_ids: torch.Tensor,  # [B, T]
+        attention_mask: torch.Tensor | None,  # [B, past + T]; None: every past token is visible
+        position_ids: torch.Tensor | None,  # [B, T]; None: past + 0, 1, ... (padding counted)
         cache,
         input_ids: torch.Tensor | None = None,  # [B, T]
         inputs_embeds: torch.Tensor | None = None,  # [B, T, d]
@@ -119,10 +124,22 @@ class CODIModel(nn.Module):
 
         `self.offset` is the sequence index of the first new token while the pass runs:
         interventions map their named positions to this pass's tokens with it; `pass_mask` and
-        `pass_positions` are this pass's 2-D mask and position ids, for hooks that attend themselves.
+        `pass_positions` are this pass's 2-D mask and position ids, for hooks that attend themselves
+        (where the backbone gets None, the mask and positions it then uses).
         """
         self.offset = cache.get_seq_length() if cache is not None else 0
-        self.pass_mask, self.pass_positions = attention_mask, position_ids  # [B, past + T], [B, T]
+        new = input_ids if input_ids is not None else inputs_embeds
+        batch_size, n_new = new.shape[0], new.shape[1]
+        self.pass_mask = (  # [B, past + T]
+            attention_mask
+            if attention_mask is not None
+            else torch.ones(batch_size, self.offset + n_new, dtype=torch.long, device=new.device)
+        )
+        self.pass_positions = (  # [B, T]
+            position_ids
+            if position_ids is not None
+            else torch.arange(self.offset, self.offset + n_new, device=new.device).expand(batch_size, -1)
+        )
         return backbone(self.lm)(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
@@ -212,7 +229,7 @@ def load_base(base: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
             f"cannot load base model {base!r} ({str(e).splitlines()[0]}); with no network, pass a local "
             "directory with --base"
         ) from None
-    lm.resize_token_embeddings(lm.config.vocab_size + 3)
+    lm.resize_token_embeddings(lm.config.vocab_size + 3, mean_resizing=False)  # the checkpoint holds the new rows
     return lm, tokenizer
 
 
@@ -221,6 +238,7 @@ def load_hub_format(weights: Path, base: str, n_latent: int = DEFAULT_N_LATENT, 
     layout = HubLayout()
     lm, tokenizer = load_base(base)
     base_vocab = lm.config.vocab_size - 3
+    check_tokenizer(tokenizer, lm.config, base_vocab, base)
     peft_lm = wrap_lora(lm)
     state = torch.load(weights, map_location="cpu", weights_only=True)
     lm_state = {k[len(layout.lm_prefix) :]: v for k, v in state.items() if k.startswith(layout.lm_prefix)}
@@ -228,7 +246,9 @@ def load_hub_format(weights: Path, base: str, n_latent: int = DEFAULT_N_LATENT, 
     other = sorted(set(state) - {layout.lm_prefix + k for k in lm_state} - {layout.prj_prefix + k for k in prj_state})
     if other:
         raise ModelLoadError(f"{weights}: unexpected key {other[0]!r} (not under 'codi.' or 'prj.')")
-    _check_fits(weights, peft_lm.state_dict(), lm_state, layout.lm_prefix)
+    expected = peft_lm.state_dict()
+    lm_state = {k: v for k, v in lm_state.items() if k in expected or not OLD_GPT2_BUFFERS.fullmatch(k)}
+    _check_fits(weights, expected, lm_state, layout.lm_prefix)
     peft_lm.load_state_dict(lm_state, strict=False)
     merged = peft_lm.merge_and_unload()
     codi = CODIModel(
@@ -237,6 +257,65 @@ def load_hub_format(weights: Path, base: str, n_latent: int = DEFAULT_N_LATENT, 
     _check_fits(weights, codi.prj.state_dict(), prj_state, layout.prj_prefix)
     codi.prj.load_state_dict(prj_state)
     return codi.eval()
+
+
+@dataclass(frozen=True)
+class TokenizerExpectation:
+    """What a checkpoint needs of its tokenizer."""
+
+    bos_first: int | None  # the id every encoding starts with (None: no check)
+    eos: tuple[int, ...]  # the eos id the model was trained to emit (any of these)
+
+
+# the published checkpoints' bases, by (model type, base vocabulary): GPT-2 adds no BOS and ends
+# with <|endoftext|>; CODI-LLaMA was trained on Llama-3.2-1B-Instruct, whose tokenizer starts
+# with <|begin_of_text|> and whose eos is <|eot_id|> (the base Llama-3.2-1B's is <|end_of_text|>)
+PUBLISHED_TOKENIZERS = {
+    ("gpt2", 50257): TokenizerExpectation(None, (50256,)),
+    ("llama", 128256): TokenizerExpectation(128000, (128009,)),
+}
+
+
+def expected_tokenizer(config, base_vocab: int) -> TokenizerExpectation:
+    """The published base's expectation, else the base config's own: its BOS first for a LLaMA,
+    an eos among its `eos_token_id`s."""
+    known = PUBLISHED_TOKENIZERS.get((config.model_type, base_vocab))
+    if known is not None:
+        return known
+    eos = config.eos_token_id
+    eos = tuple(eos) if isinstance(eos, list | tuple) else (() if eos is None else (eos,))
+    eos = tuple(i for i in eos if 0 <= i < base_vocab)  # ids outside the vocabulary say nothing
+    return TokenizerExpectation(config.bos_token_id if config.model_type == "llama" else None, eos)
+
+
+def check_tokenizer(tokenizer: PreTrainedTokenizerBase, config, base_vocab: int, base: str) -> None:
+    """A hub-format checkpoint's tokenizer must fit it: ids below the base vocabulary (CODI's
+    pad/bot/eot follow it), the eos the model was trained to emit, BOS first where the model
+    expects one, and a GSM8K question that survives encode + decode. One ModelLoadError if not."""
+    where = f"tokenizer of base {base!r}"
+    if len(tokenizer) > base_vocab:
+        raise ModelLoadError(
+            f"{where}: {len(tokenizer)} tokens, more than the base model's vocabulary of {base_vocab} "
+            "(ids from there on are CODI's pad, bot and eot)"
+        )
+    expected = expected_tokenizer(config, base_vocab)
+    eos = tokenizer.eos_token_id
+    if expected.eos and eos not in expected.eos:
+        want = " or ".join(f"{i} ({tokenizer.convert_ids_to_tokens(i)!r})" for i in expected.eos)
+        hint = "; use the Instruct one (meta-llama/Llama-3.2-1B-Instruct)" if config.model_type == "llama" else ""
+        raise ModelLoadError(
+            f"{where}: eos is {eos} ({tokenizer.eos_token!r}) but the checkpoint was trained to emit {want}{hint}"
+        )
+    question = load_gsm8k()[0].question
+    ids = tokenizer(question)["input_ids"]
+    if expected.bos_first is not None and ids[:1] != [expected.bos_first]:
+        raise ModelLoadError(
+            f"{where}: encodings must start with BOS {expected.bos_first} "
+            f"({tokenizer.convert_ids_to_tokens(expected.bos_first)!r}); got {ids[:1]}"
+        )
+    text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    if text != question:
+        raise ModelLoadError(f"{where}: a GSM8K question does not survive encode + decode ({text[:40]!r}...)")
 
 
 def _check_fits(source: Path, expected: dict, found: dict, prefix: str) -> None:

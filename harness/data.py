@@ -59,6 +59,12 @@ def is_correct(pred: float | None, gold: float) -> bool:
 # --- GSM8K ------------------------------------------------------------------------------
 
 
+def normalise_question(text: str) -> str:
+    """The question as the official CODI evaluator feeds it: stripped, and each run of two
+    spaces made one (a single pass, as `.replace('  ', ' ')` does: four spaces become two)."""
+    return text.strip().replace("  ", " ")
+
+
 def _gsm8k_problem(row: dict, index: int, where: str) -> Problem:
     if not isinstance(row, dict) or "question" not in row or "answer" not in row:
         raise DataError(f"{where}: expected an object with 'question' and 'answer'")
@@ -70,7 +76,7 @@ def _gsm8k_problem(row: dict, index: int, where: str) -> Problem:
     n_steps = len(steps) or max(1, len([ln for ln in solution.splitlines() if ln.strip()]))
     return Problem(
         id=f"gsm8k-{index}",
-        question=str(row["question"]).strip(),
+        question=normalise_question(str(row["question"])),
         cot=" ".join(steps),
         answer=gold_value,
         n_steps=n_steps,

@@ -29,6 +29,7 @@ from harness.runtime import (
 )
 
 DEFAULT_BATCH_SIZE = 128
+REFERENCE_BATCH_SIZE = 128  # the official evaluator's `--batch_size` (scripts/test_*.sh)
 # (position map of a batch, indices of its problems) -> context manager installing hooks
 Intervene = Callable[[PositionMap, list[int]], AbstractContextManager]
 _LAST_NUMBER = re.compile(r"-?\d[\d,]*\.?\d*(?!.*\d)", re.S)
@@ -138,11 +139,16 @@ def evaluate(
     named positions resolve to indices per batch, `indices` are the batch's problems.
     `prefixes` keeps each batch's question pass for the next evaluation of the same problems:
     only for interventions that act from CT0 on (the question pass is 60% of the work).
+    A model with `reference_batching` runs the official evaluator's batches instead:
+    `REFERENCE_BATCH_SIZE` problems in data set order (`batch_size` is ignored).
     """
     start = time.perf_counter()
-    # batches of similar question length waste less compute on padding; results do not depend
-    # on the batch (tested), so only the order of work changes
-    order = sorted(range(len(problems)), key=lambda i: len(problems[i].question))
+    if codi.reference_batching:
+        order, batch_size = list(range(len(problems))), REFERENCE_BATCH_SIZE
+    else:
+        # batches of similar question length waste less compute on padding; results do not
+        # depend on the batch (tested), so only the order of work changes
+        order = sorted(range(len(problems)), key=lambda i: len(problems[i].question))
     records: list[Record | None] = [None] * len(problems)
     bar = tqdm(total=len(problems), desc=f"evaluate {codi.name}", unit="problem", disable=not progress)
     for indices in _batches(order, batch_size):

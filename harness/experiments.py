@@ -166,12 +166,15 @@ class ModelRun:
     def decoding(self) -> dict:
         """What besides weights and data decides a result: decoding settings, and the device
         type (CPU and GPU kernels round differently, which can flip a close answer)."""
-        return {
+        decoding = {
             "greedy": True,
             "max_new_tokens": MAX_NEW_TOKENS,
             "n_latent": self.n_latent,
             "device": self.model.device_type,
         }
+        if self.model.reference_batching:  # results then depend on the batch (keys of default runs unchanged)
+            decoding["reference_batching"] = True
+        return decoding
 
     def key(self, **spec) -> str:
         return content_key(

@@ -149,9 +149,16 @@ class LazyModel:
     """
 
     def __init__(
-        self, source: Source | None, dtype: str, device: str, cache: ResultCache | None = None, keep: bool = True
+        self,
+        source: Source | None,
+        dtype: str,
+        device: str,
+        cache: ResultCache | None = None,
+        keep: bool = True,
+        reference_batching: bool = False,
     ):
         self.source, self.dtype, self.device = source, dtype, device
+        self.reference_batching = reference_batching  # set on the model at load (see `runtime`)
         self.cache = cache or ResultCache(None)
         self.keep = keep  # a copy loaded only to read the facts is kept (False: freed, see `_fresh_facts`)
         self._codi: CODIModel | None = None
@@ -159,7 +166,9 @@ class LazyModel:
     @classmethod
     def of(cls, codi: CODIModel) -> LazyModel:
         """A model already in memory."""
-        model = cls(None, str(codi.dtype).removeprefix("torch."), str(codi.device))
+        model = cls(
+            None, str(codi.dtype).removeprefix("torch."), str(codi.device), reference_batching=codi.reference_batching
+        )
         model._codi = codi
         return model
 
@@ -180,6 +189,7 @@ class LazyModel:
     def codi(self) -> CODIModel:
         if self._codi is None:
             self._codi = self.source.load().cast(DTYPES[self.dtype]).to(torch.device(self.device))
+            self._codi.reference_batching = self.reference_batching
         return self._codi
 
     @cached_property
@@ -208,10 +218,12 @@ def resolve(
     device: str = "cpu",
     cache: ResultCache | None = None,
     keep: bool = True,
+    reference_batching: bool = False,
 ) -> LazyModel:
     """Check a `--model` value (and optional `--base`), its dtype and device, and where its
     files are, without loading its weights; fails with one line naming the problem. `keep`:
-    a model loaded to record its facts stays loaded (a serial session runs every model)."""
+    a model loaded to record its facts stays loaded (a serial session runs every model).
+    `reference_batching`: the model runs the official evaluator's batching (`runtime`)."""
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     try:
@@ -220,7 +232,7 @@ def resolve(
         raise ModelLoadError(f"unknown device {device!r}; e.g. cpu, cuda, cuda:1") from None
     if target.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"device {device!r} requested but CUDA is not available on this machine")
-    return LazyModel(_source(model, base, n_latent), dtype, device, cache, keep)
+    return LazyModel(_source(model, base, n_latent), dtype, device, cache, keep, reference_batching)
 
 
 def load(
@@ -229,10 +241,12 @@ def load(
     n_latent: int | None = None,
     dtype: str = "float32",
     device: str = "cpu",
+    reference_batching: bool = False,
 ) -> CODIModel:
     """Resolve a `--model` value (and optional `--base`) to a loaded, merged CODI model in eval
-    mode, on `device` with its weights in `dtype` (`DTYPES`). LoRA is merged in float32 first."""
-    return resolve(model, base, n_latent, dtype, device).codi
+    mode, on `device` with its weights in `dtype` (`DTYPES`). LoRA is merged in float32 first.
+    `reference_batching`: it runs the official evaluator's batching (`runtime`)."""
+    return resolve(model, base, n_latent, dtype, device, reference_batching=reference_batching).codi
 
 
 def _source(model: str, base: str | None, n_latent: int | None) -> Source:

@@ -74,6 +74,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--no-cache", action="store_true", help="recompute every result")
     group.addoption("--cache-dir", default=str(DEFAULT_DIR), help="result cache directory")
     group.addoption("--no-gates", action="store_true", help="run phase-2 claims even when phase 1's gate is not met")
+    group.addoption(
+        "--reference-batching",
+        action="store_true",
+        help="the official evaluator's batching (128 in data order; results depend on the batch); runs uncached",
+    )
     group.addoption("--registry", default=str(REGISTRY), help="the claims registry (default hypotheses/claims.toml)")
     group.addoption(
         "--list-claims",
@@ -150,6 +155,7 @@ def _load_runs(config: pytest.Config) -> dict[str, ModelRun]:
     batch_size = config.getoption("batch_size")
     if batch_size is not None and batch_size <= 0:
         raise DataError(f"--batch-size must be positive, got {batch_size}")
+    reference = config.getoption("reference_batching")
     cache = ResultCache(None if config.getoption("no_cache") else config.getoption("cache_dir"))
     runs = {}
     worker = os.environ.get("PYTEST_XDIST_WORKER")
@@ -161,7 +167,9 @@ def _load_runs(config: pytest.Config) -> dict[str, ModelRun]:
     for name in names:
         heads = config.getoption("heads")
         heads = seed_heads(name) if heads == "seed" else heads
-        model = resolve(name, config.getoption("base"), None, config.getoption("dtype"), device, cache, keep=serial)
+        model = resolve(
+            name, config.getoption("base"), None, config.getoption("dtype"), device, cache, serial, reference
+        )
         geometry = model.facts.geometry  # from the cache, or by loading it: a broken checkpoint stops here
         problems, discovery = splits[data[name]]
         heads = parse_heads(heads, geometry, model.name) if heads is not None else None

@@ -4,6 +4,11 @@ then eot and greedy decoding.
 Left padding with an attention mask that grows with every latent and decoding step and
 explicit position ids (cumsum of the mask - 1), so a problem's result does not depend on the
 other problems in its batch.
+
+A model loaded with `reference_batching` runs as the official evaluator (zhenyi4/codi
+`test.py`) does instead: the left-padding mask only in the question pass, no position ids (so
+padding counts), no mask during the thoughts and decoding (the padding is attended to), and
+padding with the tokenizer's pad id where it has one. Its results depend on the batch.
 """
 
 from __future__ import annotations
@@ -33,9 +38,11 @@ class Batch:
 
 
 def encode_questions(codi: CODIModel, questions: list[str]) -> Batch:
+    """Tokenize (with the tokenizer's default specials), append bot, left-pad."""
     token_lists = [codi.tokenizer(q)["input_ids"] for q in questions]
     width = max(len(t) for t in token_lists) + 1
-    input_ids = torch.full((len(questions), width), codi.pad_id, dtype=torch.long)
+    pad = codi.tokenizer.pad_token_id if codi.reference_batching else None
+    input_ids = torch.full((len(questions), width), codi.pad_id if pad is None else pad, dtype=torch.long)
     mask = torch.zeros((len(questions), width), dtype=torch.long)
     for row, tokens in enumerate(token_lists):
         ids = tokens + [codi.bot_id]
@@ -78,10 +85,20 @@ class Prefix:
 
 
 def question_pass(codi: CODIModel, batch: Batch) -> Prefix:
+    """Question + bot in one pass; the reference's has its mask but no position ids."""
     mask = batch.attention_mask
     cache = DynamicCache(config=codi.lm.config)
-    out = codi.step(mask, position_ids(mask), cache, input_ids=batch.input_ids)
+    positions = None if codi.reference_batching else position_ids(mask)
+    out = codi.step(mask, positions, cache, input_ids=batch.input_ids)
     return Prefix(cache, out.last_hidden_state[:, -1])
+
+
+def _next_step(codi: CODIModel, mask: torch.Tensor, next_pos: torch.Tensor, cache: DynamicCache, **inputs):
+    """One latent or decoding pass (one new position): with its mask [B, past + 1] and
+    position ids [B] (next_pos), or, under reference batching, with neither."""
+    if codi.reference_batching:
+        return codi.step(None, None, cache, **inputs)
+    return codi.step(mask, next_pos[:, None], cache, **inputs)
 
 
 def run_latents(
@@ -107,7 +124,7 @@ def run_latents(
     cache = prefix.cache
     hidden = prefix.hidden  # [B, d]
     bot_hidden = hidden
-    next_pos = pos[:, -1] + 1  # [B]
+    next_pos = torch.full_like(pos[:, -1], mask.shape[1]) if codi.reference_batching else pos[:, -1] + 1  # [B]
     thoughts = []
     for i in range(codi.n_latent if n_thoughts is None else n_thoughts):
         thought = codi.prj(hidden)  # [B, d]
@@ -115,7 +132,7 @@ def run_latents(
             thought = patch(i, thought)
         thoughts.append(thought)
         mask = _ones(mask)
-        out = codi.step(mask, next_pos[:, None], cache, inputs_embeds=thought[:, None])
+        out = _next_step(codi, mask, next_pos, cache, inputs_embeds=thought[:, None])
         hidden = out.last_hidden_state[:, -1]
         next_pos = next_pos + 1
     return LatentState(cache, mask, next_pos, torch.stack(thoughts, dim=1), bot_hidden)
@@ -136,6 +153,16 @@ class ThoughtPatch:
         self.codi.thought_patch = None
 
 
+def norm_matched_noise(thoughts: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Gaussian noise to replace one continuous thought: [N, d] thoughts -> [N, d] noise rows,
+    each of the thoughts' mean norm, in random directions (near-orthogonal to the thoughts).
+    Drawn on the CPU from `generator` (reproducible on any device), returned on the thoughts'
+    device in their dtype."""
+    noise = torch.randn(thoughts.shape, generator=generator).to(thoughts.device)  # [N, d]
+    scale = thoughts.float().norm(dim=-1).mean()
+    return (noise / noise.norm(dim=-1, keepdim=True) * scale).to(thoughts.dtype)
+
+
 @dataclass
 class Generation:
     tokens: torch.Tensor  # [B, N] greedy tokens after eot (eos included, then eos padding)
@@ -146,21 +173,22 @@ class Generation:
 
 def generate(codi: CODIModel, state: LatentState, max_new_tokens: int = 256) -> Generation:
     """Feed eot, then greedy-decode until every row has produced eos (or the limit, which is
-    also capped by the model's context length)."""
+    also capped by the model's context length). As in the reference, the argmax runs over ids
+    0 .. V+1: eot is never generated. A token's probability is its share of all V+3 logits."""
     batch_size = state.thoughts.shape[0]
     room = codi.max_positions - int(state.next_position.max()) - 1  # positions left after eot
     max_new_tokens = max(1, min(max_new_tokens, room))
     eot = torch.full((batch_size, 1), codi.eot_id, dtype=torch.long, device=codi.device)
     mask, next_pos, cache = _ones(state.attention_mask), state.next_position.clone(), state.cache
-    out = codi.step(mask, next_pos[:, None], cache, input_ids=eot)
+    out = _next_step(codi, mask, next_pos, cache, input_ids=eot)
     logits = codi.logits(out.last_hidden_state[:, -1])  # [B, V+3]
     first_logits = logits
     done = torch.zeros(batch_size, dtype=torch.bool, device=codi.device)
     lengths = torch.full((batch_size,), max_new_tokens, dtype=torch.long, device=codi.device)
     tokens, probs = [], []
     for t in range(max_new_tokens):
-        p = logits.float().softmax(-1)
-        prob, token = p.max(-1)  # [B], [B]
+        token = logits[:, : codi.eot_id].argmax(-1)  # [B]
+        prob = logits.float().softmax(-1).gather(-1, token[:, None])[:, 0]  # [B]
         token = torch.where(done, torch.full_like(token, codi.eos_id), token)
         tokens.append(token)
         probs.append(prob)
@@ -170,7 +198,7 @@ def generate(codi: CODIModel, state: LatentState, max_new_tokens: int = 256) -> 
         if bool(done.all()) or t == max_new_tokens - 1:
             break
         mask, next_pos = _ones(mask), next_pos + 1
-        out = codi.step(mask, next_pos[:, None], cache, input_ids=token[:, None])
+        out = _next_step(codi, mask, next_pos, cache, input_ids=token[:, None])
         logits = codi.logits(out.last_hidden_state[:, -1])
     return Generation(torch.stack(tokens, 1), torch.stack(probs, 1), lengths, first_logits)
 
@@ -206,7 +234,11 @@ def answer_logprobs(codi: CODIModel, state: LatentState, answers: list[str]) -> 
     tokens = tokens.to(codi.device)
     mask = _ones(state.attention_mask, width)
     positions = state.next_position[:, None] + torch.arange(width, device=codi.device)  # [B, W]
-    out = codi.step(mask, positions, copy.deepcopy(state.cache), input_ids=tokens)
+    cache = copy.deepcopy(state.cache)
+    if codi.reference_batching:  # as its decoding: no mask, no position ids
+        out = codi.step(None, None, cache, input_ids=tokens)
+    else:
+        out = codi.step(mask, positions, cache, input_ids=tokens)
     logp = codi.logits(out.last_hidden_state[:, :-1]).float().log_softmax(-1)  # [B, W-1, V+3]
     token_logp = logp.gather(-1, tokens[:, 1:, None])[..., 0]  # [B, W-1]: log p of token t+1 at t
     total = torch.zeros(batch_size, dtype=torch.float64)

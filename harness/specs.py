@@ -27,7 +27,7 @@ from harness.attention import PATTERNS, AttentionOverride
 from harness.codi import CODIModel
 from harness.interventions import HeadAblation, InterventionError
 from harness.positions import PositionMap, is_fixed
-from harness.runtime import LatentPatch, ThoughtPatch
+from harness.runtime import LatentPatch, ThoughtPatch, norm_matched_noise
 
 HEAD_MODES = ("zero", "mean", "resample")
 THOUGHT_MODES = ("noise", "zero", "mean", "resample")
@@ -58,14 +58,6 @@ def derangement(n: int, generator: torch.Generator) -> torch.Tensor:
         perm = torch.randperm(n, generator=generator)
         if not bool((perm == torch.arange(n)).any()):
             return perm
-
-
-def norm_matched_noise(thoughts: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Gaussian directions scaled to the thoughts' mean norm: [N, d] -> [N, d]. Generated on
-    the CPU (reproducible across devices)."""
-    noise = torch.randn(thoughts.shape, generator=generator).to(thoughts.device)
-    scale = thoughts.float().norm(dim=-1).mean()
-    return (noise / noise.norm(dim=-1, keepdim=True) * scale).to(thoughts.dtype)
 
 
 @dataclass(frozen=True)

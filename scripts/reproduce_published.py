@@ -4,10 +4,13 @@ on each of them. Needs a GPU and the weights (the hub, or local copies); prints 
 python scripts/reproduce_published.py                                  # hub ids, --device cuda, bfloat16
 python scripts/reproduce_published.py --gpt2-path DIR --gpt2-base DIR --llama-path DIR --llama-base DIR
 python scripts/reproduce_published.py --skip-phase1 --models codi-gpt2  # accuracy of one model only
+python scripts/reproduce_published.py --reference-batching              # the official evaluator's batches
 
 Published (Shen et al. 2025, greedy decoding, 1,319 GSM8K test problems): CODI-GPT2 43.7%,
 CODI-LLaMA-1B 55.6%. The reference evaluation runs in bfloat16 (`--bf16` in its test scripts),
 hence the default dtype. A model reproduces when its accuracy is within `--tolerance` points.
+`--reference-batching` runs the official evaluator's batching (128 problems in data order,
+padding attended to during the thoughts) instead of ours, which no batch influences.
 Exit status 0 when every evaluated model reproduces, 1 otherwise.
 """
 
@@ -26,7 +29,7 @@ import torch
 
 from harness.codi import ModelLoadError
 from harness.data import DataError, load_problems
-from harness.evaluation import evaluate
+from harness.evaluation import REFERENCE_BATCH_SIZE, evaluate
 from harness.models import MODEL_SPECS, default_batch_size, load
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,12 +52,13 @@ def reproduce(
     batch_size: int | None = None,
     max_new_tokens: int = 256,
     tolerance: float = 2.0,
+    reference_batching: bool = False,
 ) -> dict:
     """Evaluate one checkpoint (a spec name, hub id or local path, on `base`) and compare its
     accuracy with the published one (a fraction); differences are in percentage points."""
     problems = load_problems(data, n)
-    codi = load(checkpoint, base, dtype=dtype, device=device)
-    batch_size = batch_size or default_batch_size(codi)
+    codi = load(checkpoint, base, dtype=dtype, device=device, reference_batching=reference_batching)
+    batch_size = REFERENCE_BATCH_SIZE if reference_batching else batch_size or default_batch_size(codi)
     result = evaluate(codi, problems, batch_size, max_new_tokens=max_new_tokens, progress=False)
     difference = 100.0 * (result.accuracy - published)
     return {
@@ -65,6 +69,7 @@ def reproduce(
         "device": str(codi.device),
         "dtype": dtype,
         "batch_size": batch_size,
+        "reference_batching": reference_batching,
         "accuracy": round(result.accuracy, 4),
         "published": published,
         "difference_points": round(difference, 2),
@@ -75,11 +80,14 @@ def reproduce(
     }
 
 
-def phase1_command(checkpoint: str, base: str | None, data: str, device: str, dtype: str, out: Path) -> list[str]:
+def phase1_command(
+    checkpoint: str, base: str | None, data: str, device: str, dtype: str, out: Path, reference_batching: bool = False
+) -> list[str]:
     """The claims suite's phase 1 on one model, its report and cache under `out`."""
     command = [sys.executable, "-m", "pytest", str(ROOT / "hypotheses"), "-k", "phase1", "-q", "-p", "no:cacheprovider"]
     command += ["--model", checkpoint, *(["--base", base] if base else [])]
     command += ["--data", data, "--device", device, "--dtype", dtype]
+    command += ["--reference-batching"] if reference_batching else []
     return command + ["--report-dir", str(out / "report"), "--cache-dir", str(out / "cache")]
 
 
@@ -119,12 +127,15 @@ def run(args: argparse.Namespace, out: Path) -> dict:
             args.dtype,
             args.batch_size,
             tolerance=args.tolerance,
+            reference_batching=args.reference_batching,
         )
         log(f"{name}: {row['accuracy']:.1%} (published {row['published']:.1%}) in {row['seconds']} s")
         if not args.skip_phase1:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # the subprocess gets the memory this evaluation reserved
-            command = phase1_command(checkpoint, base, args.data, args.device, args.dtype, out / name)
+            command = phase1_command(
+                checkpoint, base, args.data, args.device, args.dtype, out / name, args.reference_batching
+            )
             row["phase1"] = time_phase1(command, out / name / "report")
         results[name] = row
     return results
@@ -144,6 +155,9 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, help="default: what the GPU's free memory holds")
     parser.add_argument("--tolerance", type=float, default=2.0, help="points from the published accuracy")
     parser.add_argument("--skip-phase1", action="store_true", help="accuracy only")
+    parser.add_argument(
+        "--reference-batching", action="store_true", help="the official evaluator's batches of 128 (see above)"
+    )
     parser.add_argument("--out", help="keep phase 1's reports and caches here (default: a temporary folder)")
     parser.add_argument("--json", action="store_true", help="one line of JSON (default: indented)")
     args = parser.parse_args()

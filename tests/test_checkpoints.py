@@ -2,22 +2,26 @@
 
 import copy
 import os
+import shutil
 from dataclasses import replace
 
 import pytest
 import torch
+from tokenizers import processors
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from harness import models
 from harness.cache import ResultCache
-from harness.codi import CODIModel, ModelLoadError, load_base, make_prj, save_codi, wrap_lora
+from harness.cli import USAGE_ERROR, main
+from harness.codi import CODIModel, ModelLoadError, check_tokenizer, load_base, make_prj, save_codi, wrap_lora
 from harness.data import synthetic_split
+from harness.fullsize import build_tokenizer, shape_of
 from harness.runtime import encode_questions, generate, run_latents
 from harness.tokenizer import build_word_tokenizer
 
 BASES = {
-    "gpt2": lambda v: GPT2LMHeadModel(GPT2Config(vocab_size=v, n_embd=64, n_layer=2, n_head=4, n_positions=128)),
+    "gpt2": lambda v: GPT2LMHeadModel(GPT2Config(vocab_size=v, n_embd=64, n_layer=2, n_head=4, n_positions=256)),
     "llama": lambda v: LlamaForCausalLM(
         LlamaConfig(
             vocab_size=v,
@@ -26,7 +30,7 @@ BASES = {
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
-            max_position_embeddings=128,
+            max_position_embeddings=256,
         )
     ),
 }
@@ -54,9 +58,9 @@ def _randomize_lora(module: nn.Module) -> None:
 def hub_checkpoint(request, tmp_path_factory):
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp(request.param)
-    tokenizer = build_word_tokenizer()
+    tokenizer = build_tokenizer(shape_of(request.param, tiny=True))  # byte-level BPE, the published specials
     base = BASES[request.param](len(tokenizer))
-    base.config.eos_token_id = tokenizer.eos_token_id
+    base.config.bos_token_id, base.config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     base.save_pretrained(root / "base")
     tokenizer.save_pretrained(root / "base")
     ref = HubCODI(root / "base")
@@ -170,3 +174,76 @@ def test_hub_format_facts_follow_the_base_files_too(hub_checkpoint, tmp_path):
     os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 10**9))  # a base file changed
     touched = models.resolve(str(root / "ckpt"), base=str(root / "base"), cache=cache)
     assert touched.facts == facts and touched.loaded, "recomputed by loading, to the same weights"
+
+
+@torch.no_grad()
+def test_old_gpt2_attention_buffers_are_ignored_and_nothing_else(hub_checkpoint, tmp_path):
+    """Old GPT-2 saves carry the non-parameter buffers attn.bias / attn.masked_bias; exactly
+    those are tolerated, any other unknown key still fails the load."""
+    root, ref, _ = hub_checkpoint
+    gpt2 = ref.codi.base_model.model.config.model_type == "gpt2"
+    prefix = "codi.base_model.model." + ("transformer.h.0.attn." if gpt2 else "model.layers.0.self_attn.")
+    state = ref.state_dict() | {
+        prefix + "bias": torch.ones(1, 1, 256, 256).tril(),
+        prefix + "masked_bias": torch.tensor(-1e4),
+    }
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    if not gpt2:
+        with pytest.raises(ModelLoadError, match="self_attn.bias' does not exist"):
+            models.load(str(tmp_path), base=str(root / "base"))
+        return
+    old = models.load(str(tmp_path), base=str(root / "base"))
+    assert old.fingerprint() == models.load(str(root / "ckpt"), base=str(root / "base")).fingerprint()
+    torch.save(ref.state_dict() | {prefix + "bias_extra": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="attn.bias_extra' does not exist"):
+        models.load(str(tmp_path), base=str(root / "base"))
+
+
+@pytest.fixture(scope="module")
+def llama3_tokenizer():
+    """A tokenizer at the Llama-3.2-1B-Instruct ids (128,256 tokens, BOS 128000, eos 128009)."""
+    return build_tokenizer(shape_of("llama"))
+
+
+def _llama3_config():
+    return shape_of("llama").config()
+
+
+def test_the_published_llama_needs_the_instruct_eos(llama3_tokenizer):
+    check_tokenizer(llama3_tokenizer, _llama3_config(), 128_256, "instruct")
+    base_tokenizer = copy.deepcopy(llama3_tokenizer)
+    base_tokenizer.eos_token = "<|end_of_text|>"  # what meta-llama/Llama-3.2-1B (not Instruct) ends with
+    with pytest.raises(ModelLoadError, match=r"eos is 128001 .* trained to emit 128009 \('<\|eot_id\|>'\).*Instruct"):
+        check_tokenizer(base_tokenizer, _llama3_config(), 128_256, "base")
+
+
+def test_the_published_llama_needs_bos_first(llama3_tokenizer):
+    no_bos = copy.deepcopy(llama3_tokenizer)
+    no_bos.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    with pytest.raises(ModelLoadError, match=r"must start with BOS 128000 \('<\|begin_of_text\|>'\)"):
+        check_tokenizer(no_bos, _llama3_config(), 128_256, "no-bos")
+
+
+def test_a_tokenizer_must_round_trip_a_gsm8k_question_and_fit_the_vocabulary(hub_checkpoint):
+    _, ref, tokenizer = hub_checkpoint
+    config = ref.codi.base_model.model.config
+    words = build_word_tokenizer()  # knows the synthetic words only: GSM8K text becomes <unk>
+    config_for_words = copy.deepcopy(config)
+    config_for_words.eos_token_id, config_for_words.bos_token_id = words.eos_token_id, None
+    with pytest.raises(ModelLoadError, match="does not survive encode"):
+        check_tokenizer(words, config_for_words, len(words), "words")
+    with pytest.raises(ModelLoadError, match="more than the base model's vocabulary"):
+        check_tokenizer(tokenizer, config, len(tokenizer) - 1, "short")
+
+
+def test_a_tokenizer_mismatch_is_a_one_line_usage_error(hub_checkpoint, tmp_path, capsys):
+    root, _, tokenizer = hub_checkpoint
+    shutil.copytree(root / "base", tmp_path / "base")
+    wrong = copy.deepcopy(tokenizer)
+    wrong.eos_token = wrong.convert_ids_to_tokens(5)  # an ordinary token
+    wrong.save_pretrained(tmp_path / "base")
+    status = main(["evaluate", "--model", str(root / "ckpt"), "--base", str(tmp_path / "base"), "--n", "2"])
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if "error" in line.lower()]  # not transformers' bars
+    assert status == USAGE_ERROR and "Traceback" not in captured.err
+    assert len(errors) == 1 and errors[0].startswith("error: ") and "eos is 5" in errors[0], captured.err

@@ -18,7 +18,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from harness import report
 from harness.claims import load_registry
 from harness.cli import USAGE_ERROR, main
-from harness.tokenizer import build_word_tokenizer
+from harness.fullsize import build_tokenizer, shape_of
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD_LINE = json.dumps({"question": "Tom has 3 apples . how many apples ?", "answer": "<<3=3>> #### 3"})
@@ -33,8 +33,12 @@ def bad(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("bad")
     (root / "not-a-checkpoint").mkdir()
     (root / "not-a-checkpoint" / "notes.txt").write_text("no weights here\n")
-    tokenizer = build_word_tokenizer()
-    base = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64))
+    tokenizer = build_tokenizer(shape_of("gpt2", tiny=True))  # passes the load-time tokenizer checks
+    eos = tokenizer.eos_token_id
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64, bos_token_id=eos, eos_token_id=eos
+    )
+    base = GPT2LMHeadModel(config)
     base.save_pretrained(root / "base")
     tokenizer.save_pretrained(root / "base")
     (root / "misfit").mkdir()

@@ -1,11 +1,13 @@
 """The latent loop against independent reference computations."""
 
+import copy
+
 import pytest
 import torch
 
 from harness.data import synthetic_split
 from harness.positions import PositionError
-from harness.runtime import encode_questions, generate, position_ids, run_latents
+from harness.runtime import encode_questions, generate, norm_matched_noise, position_ids, run_latents
 
 
 def _full_recompute(codi, batch):
@@ -76,3 +78,21 @@ def test_results_do_not_depend_on_the_batch(random_codi):
         gen1 = generate(random_codi, run_latents(random_codi, alone), max_new_tokens=6)
         torch.testing.assert_close(gen1.first_logits[0], gen.first_logits[row], atol=1e-4, rtol=1e-4)
         assert gen1.tokens[0].tolist() == gen.tokens[row].tolist()
+
+
+@torch.no_grad()
+def test_noise_is_norm_matched_and_orthogonal_where_thoughts_are_far_from_unit_scale(random_codi):
+    """With the prj LayerNorm gain x5 the thoughts' norms are ~5 sqrt(d), so raw unit-variance
+    noise (norm ~sqrt(d)) would not pass for norm-matched noise."""
+    codi = copy.deepcopy(random_codi)
+    codi.prj.ln.weight.mul_(5.0)
+    thoughts = run_latents(codi, encode_questions(codi, [p.question for p in synthetic_split("test")[:32]])).thoughts
+    for position in range(codi.n_latent):
+        ct = thoughts[:, position]  # [N, d]
+        noise = norm_matched_noise(ct, torch.Generator().manual_seed(position))
+        assert noise.shape == ct.shape and noise.dtype == ct.dtype
+        mean_norm = ct.norm(dim=-1).mean()
+        assert mean_norm > 3 * ct.shape[1] ** 0.5, "the scaled gain moved the thoughts off unit scale"
+        torch.testing.assert_close(noise.norm(dim=-1), mean_norm.expand(len(ct)), rtol=1e-4, atol=0)
+        cosine = torch.nn.functional.cosine_similarity(noise, ct, dim=-1)  # [N]
+        assert cosine.abs().max() < 0.5 and cosine.abs().mean() < 0.2, "noise is no direction of the thoughts"

@@ -52,6 +52,21 @@ def test_self_transplant_with_identity_maps_changes_nothing(random_codi):
     assert not leftover_hooks(random_codi)
 
 
+@torch.no_grad()
+def test_self_transplant_of_every_head_of_a_layer_changes_nothing(random_codi):
+    """Every query head, so every GQA group: a wrong query -> KV head map (h % n_kv instead of
+    h // (n_heads / n_kv)) reads another group's KV head for most of them."""
+    problems = _mixed_lengths(TEST, 4)
+    thoughts, logits, _, _ = _run(random_codi, problems, n_decode=2)
+    geo, layer = random_codi.geometry, SELF_HEADS[random_codi.arch.model_type].layer
+    identity = LinearMap.identity(geo.d_model)
+    for h in range(geo.n_heads):
+        with HeadTransplant(random_codi, Head(layer, h), random_codi, Head(layer, h), identity, identity):
+            t2, l2, _, _ = _run(random_codi, problems, n_decode=2)
+        torch.testing.assert_close(t2, thoughts, atol=1e-4, rtol=1e-4, msg=f"head {h}")
+        torch.testing.assert_close(l2, logits, atol=1e-4, rtol=1e-4, msg=f"head {h}")
+
+
 def test_self_transplant_keeps_every_greedy_answer(random_codi):
     problems = TEST[:20]
     base = evaluate(random_codi, problems, max_new_tokens=8, progress=False)
