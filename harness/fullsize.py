@@ -30,11 +30,12 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig, PreTrainedTokenizerFast
 
+from harness.arch import parse_heads
 from harness.attention import AttentionOverride
 from harness.codi import HUB_WEIGHTS, CODIModel, make_prj, wrap_lora
 from harness.data import Problem, load_gsm8k, load_problems
 from harness.evaluation import EvalResult, Intervene, evaluate
-from harness.interventions import HeadAblation, leftover_hooks, parse_heads
+from harness.interventions import HeadAblation, leftover_hooks
 from harness.models import DTYPES, default_batch_size, load
 from harness.positions import PositionMap
 from harness.runtime import ThoughtPatch, encode_questions, norm_matched_noise, run_latents
