@@ -227,7 +227,8 @@ class HeadTransplant:
     head). Only the linear part of `map_out` applies, the head output being a displacement.
 
     The donor head keeps its own K/V cache over every position of a sequence (question pass,
-    thoughts, decoding), reset when a new sequence starts (`offset == 0`); the donor model is
+    thoughts, decoding), reset when a new sequence starts (`offset == 0`) and cut back when a pass branches from an
+    earlier point (teacher forcing on a copy of the latent cache); the donor model is
     never run. GQA: a LLaMA donor's query head reads its own group's KV head; for a LLaMA
     recipient only the query head's output is replaced, and the KV head it shares with the
     other query heads of its group is left untouched for them.
@@ -289,6 +290,9 @@ class HeadTransplant:
         mask, offset, n = codi.pass_mask, codi.offset, x.shape[1]  # mask [B, offset + T]
         if offset == 0:
             self._keys = self._values = None
+        elif self._keys is not None and self._keys.shape[2] > offset:  # a branch from an earlier point
+            # (teacher forcing runs on a copy of the latent cache, then decoding continues from it)
+            self._keys, self._values = self._keys[:, :, :offset], self._values[:, :, :offset]
         xd = self.map_in(x)  # [B, T, d_d]
         q, k, v = ((xd @ w.to(xd) + b.to(xd))[:, None] for w, b in ((d.w_q, d.b_q), (d.w_k, d.b_k), (d.w_v, d.b_v)))
         if d.rotary is not None:  # q, k: [B, 1, T, hd]

@@ -78,6 +78,10 @@ def test_self_transplant_keeps_every_greedy_answer(random_codi):
         intervene=lambda pm, i: _identity_transplant(random_codi),
     )
     assert [r.text for r in moved.records] == [r.text for r in base.records]
+    # the teacher-forced answer pass branches from the latent cache before decoding continues
+    # from it: the donor head's own cache follows the branch
+    logprobs = [(a.answer_logprob, b.answer_logprob) for a, b in zip(moved.records, base.records)]
+    assert all(abs(a - b) < 1e-3 for a, b in logprobs), logprobs
 
 
 @torch.no_grad()
