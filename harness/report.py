@@ -215,11 +215,13 @@ def write_report(directory: Path, results: list[ClaimResult], runs: dict) -> Wri
         (directory / name).write_bytes(data)
     (directory / "summary.md").write_text(_summary_md(df, runs, flips, sections))
     point_latest(directory)
-    lines = [
-        f"{r.verdict:12s} {r.id:32s} {r.model:12s} {r.measure:14s} effect {r.effect:+6.1f} "
-        f"[{r.ci_low:+.1f}, {r.ci_high:+.1f}]"
-        for r in df.itertuples()
-    ]
+    lines = []
+    for r in df.itertuples():
+        d = 2 if r.measure == "answer_logprob" else 1
+        lines.append(
+            f"{r.verdict:12s} {r.id:32s} {r.model:12s} effect {r.effect:+6.{d}f} "
+            f"[{r.ci_low:+.{d}f}, {r.ci_high:+.{d}f}] {UNITS.get(r.measure, '')}"
+        )
     lines += [f"  {r.id} on {r.model}: {_note(r)}" for r in df.itertuples() if _note(r)]
     lines += [f"verdict changed: {f}" for f in flips]
     return Written(directory, _html(df, figs, flips), lines)

@@ -6,9 +6,10 @@
 #   OUT=/some/folder bash scripts/gpu_check.sh
 #
 # Every stage runs under `timeout`: a stage cut short still leaves what it measured (the smoke
-# rewrites its JSON after each condition). Written to $OUT: smoke-gpt2.json, smoke-llama.json,
-# phase1/ (report, claims.json), *.log, nvidia-smi.txt and stages.json (per stage: exit status,
-# seconds, timed_out). The environment overrides the sizes, e.g. for a CPU trial of the same
+# rewrites its JSON after each condition). Written to $OUT, as it happens (8 files, so that a
+# device tool returning at most 8 gets them all): smoke-gpt2.json, smoke-llama.json,
+# phase1_claims.json, smoke-gpt2.log, smoke-llama.log, phase1.log, nvidia-smi.txt and
+# stages.json (per stage: exit status, seconds, timed_out). The phase-1 report stays in $WORK. The environment overrides the sizes, e.g. for a CPU trial of the same
 # command lines with the toy-size checkpoints:
 #   OUT=/tmp/gpu-trial DEVICE=cpu TINY=1 N=4 MAX_NEW=8 PHASE1_N=4 bash scripts/gpu_check.sh
 set -u
@@ -65,14 +66,15 @@ phase1() {  # the timeout is on pytest itself: killing the pipeline's shell woul
   local start=$SECONDS
   timeout -k 10 "$T_PHASE1" python -m pytest hypotheses/ -k phase1 --model "$WORK/llama/ckpt" --base "$WORK/llama/base" \
     --data gsm8k --n-problems "$PHASE1_N" --batch-size "$BATCH" --device "$DEVICE" --dtype "$DTYPE" \
-    -p no:cacheprovider -v --durations=0 --report-dir "$OUT/phase1" --no-cache 2>&1 |
+    -p no:cacheprovider -v --durations=0 --report-dir "$WORK/phase1" --no-cache 2>&1 |
     while IFS= read -r line; do echo "[$((SECONDS - start)) s] $line"; done
 }
 export -f phase1
 export WORK PHASE1_N BATCH DEVICE DTYPE OUT T_PHASE1
 if [ -f "$WORK/llama/built.json" ]; then
-  rm -rf "$OUT/phase1"
+  rm -rf "$WORK/phase1"
   stage phase1 "$((T_PHASE1 + 20))" bash -c phase1
+  cp "$WORK/phase1/claims.json" "$OUT/phase1_claims.json" 2>/dev/null || echo "phase1: no claims.json (cut short)"
 else
   echo "phase1: skipped, no LLaMA-shaped checkpoint was built"
 fi
