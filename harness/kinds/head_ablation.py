@@ -136,7 +136,39 @@ def section(results: list[ClaimResult], runs: dict[str, ModelRun]) -> Section:
         ax.legend(fontsize=7)
         figures["ablation.png"] = png(fig)
         tables["ablation"] = pd.DataFrame(seed)
+    figures["ablation_claims.png"] = _claims_figure(results)
     return Section("Head ablation", tables, figures)
+
+
+def _claims_figure(results: list[ClaimResult]) -> bytes:
+    """Every ablation claim's drop with its 95% CI and threshold, one panel per measure, each
+    bar labelled with the heads, positions and mode it measured."""
+    measures = list(dict.fromkeys(r.measure for r in results))
+    fig = Figure(figsize=(7, 3.2 * len(measures)), layout="constrained")
+    axes = fig.subplots(len(measures), 1, squeeze=False)[:, 0]
+    models = list(dict.fromkeys(r.model for r in results))
+    for ax, measure in zip(axes, measures):
+        rows = [r for r in results if r.measure == measure]
+        x = np.arange(len(rows))
+        for i, r in enumerate(rows):
+            color = f"C{models.index(r.model)}"
+            ax.bar(
+                i,
+                r.effect,
+                0.7,
+                color=color,
+                label=r.model if r.model not in ax.get_legend_handles_labels()[1] else None,
+            )
+            ax.errorbar(i, r.effect, yerr=[[r.effect - r.ci_low], [r.ci_high - r.effect]], color="black", capsize=3)
+            ax.hlines(r.threshold, i - 0.4, i + 0.4, colors="black", linestyles="--", lw=1)
+        labels = [f"{r.id}\n{' '.join(r.details['heads'])}\n@{' '.join(r.details['positions'])} ({r.details['mode']})"
+                  for r in rows]  # fmt: skip
+        ax.set_xticks(x, labels, fontsize=6)
+        ax.axhline(0, color="black", lw=0.5)
+        unit = "points" if measure == "accuracy" else "nats"
+        ax.set(ylabel=f"drop in {measure} ({unit})", title="Head ablation claims (95% CI; dashed: threshold)")
+        ax.legend(fontsize=7)
+    return png(fig)
 
 
 KIND = Kind(
