@@ -148,15 +148,17 @@ def paired_effect(
 
 def _joint_ci(diff: np.ndarray, n_resamples: int, level: float, seed: int) -> tuple[float, float]:
     """Percentile CI of the mean of `diff` [D, N] when draws and problems are both resampled
-    (with replacement, independently), in chunks of 1,000 resamples."""
+    (with replacement, independently), in chunks of 1,000 resamples: a resample's mean is the
+    mean, over its resampled problems, of the per-problem sum over its resampled draws."""
     rng = np.random.default_rng(seed)
     n_draws, n = diff.shape
     stats = []
     for start in range(0, n_resamples, 1000):
         size = min(1000, n_resamples - start)
         draw_counts = rng.multinomial(n_draws, np.full(n_draws, 1 / n_draws), size=size)  # [S, D]
-        problem_counts = rng.multinomial(n, np.full(n, 1 / n), size=size)  # [S, N]
-        stats.append(((draw_counts @ diff) * problem_counts).sum(1) / (n_draws * n))
+        per_problem = draw_counts @ diff  # [S, N]
+        problems = rng.integers(0, n, size=(size, n))  # [S, N]
+        stats.append(np.take_along_axis(per_problem, problems, axis=1).sum(1) / (n_draws * n))
     values = np.concatenate(stats)
     alpha = (1 - level) / 2
     return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
