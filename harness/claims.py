@@ -9,7 +9,6 @@ before any model loads. The runner measures the effect with a paired CI and give
 
 from __future__ import annotations
 
-import hashlib
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -124,10 +123,6 @@ def load_registry(path: Path = REGISTRY) -> list[Claim]:
         if c.gate is not None and c.gate not in ids:
             raise ClaimError(f"{path}: claim {c.id!r} is gated on unknown claim id {c.gate!r}")
     return claims
-
-
-def registry_hash(path: Path = REGISTRY) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def check_against_model(claims: list[Claim], geo: HeadGeometry, n_latent: int, model: str) -> None:

@@ -164,13 +164,6 @@ def _joint_ci(diff: np.ndarray, n_resamples: int, level: float, seed: int) -> tu
     return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
 
 
-def mean_drop(baseline, treated) -> float:
-    """The accuracy drop alone (points), for control distributions that need no CI."""
-    base, treat = _as_bool(baseline), _as_bool(treated)
-    assert base.shape == treat.shape, "paired flags over the same problems"
-    return 100.0 * float(base.mean() - treat.mean())
-
-
 def mcnemar_exact(baseline, treated) -> float:
     """Exact McNemar p-value (two-sided binomial test on the discordant pairs)."""
     base, treat = _as_bool(baseline), _as_bool(treated)
