@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from harness.experiments import Condition, ModelRun
 from harness.kinds.base import Kind, Measured, Params, Section, baseline_value, choices, png, thought_names
@@ -127,18 +128,21 @@ def section(results: list[ClaimResult], runs: dict[str, ModelRun]) -> Section:
         ax = fig.subplots()
         groups = list(table.groupby(["model", "mode"], sort=False))
         width = 0.8 / len(groups)
+        handles = []
         for j, ((model, mode), g) in enumerate(groups):
             x = np.arange(len(g)) + j * width
             err = [g["drop"] - g["ci_low"], g["ci_high"] - g["drop"]]
-            bars = ax.bar(x, g["drop"], width, yerr=err, capsize=3, label=f"{model} ({mode})")
-            for xi, is_hub in zip(x, g["hub"]):
-                if is_hub:
-                    ax.annotate("hub", (xi, 0), ha="center", va="bottom", fontsize=7, color=bars[0].get_facecolor())
+            bars = ax.bar(x, g["drop"], width, yerr=err, capsize=3, color=f"C{j}")
+            handles.append(Patch(color=f"C{j}", label=f"{model} ({mode})"))
+            for bar, high, is_hub in zip(bars, g["ci_high"], g["hub"]):
+                if is_hub:  # the model's hub thought: hatched and labelled above its CI
+                    bar.set_hatch("//")
+                    ax.annotate(f"{model} hub", (bar.get_x() + width / 2, high), ha="center", va="bottom", fontsize=7)
         names = groups[0][1]["position"].tolist()
         ax.set_xticks(np.arange(len(names)) + width * (len(groups) - 1) / 2, names)
         ax.axhline(0, color="black", lw=0.5)
-        ax.set(ylabel="accuracy drop (points, 95% CI)", title="Each thought patched")
-        ax.legend(fontsize=7)
+        ax.set(ylabel="accuracy drop (points, 95% CI)", title="Each thought patched (hatched: the model's hub)")
+        ax.legend(handles=handles, fontsize=7)
         figures["positions.png"] = png(fig)
     return Section("Thought patching", tables, figures)
 
