@@ -106,6 +106,15 @@ def parse_claim(entry: dict, where: str) -> Claim:
     if not isinstance(experiment, dict):
         raise ClaimError(f"{where}: experiment must be a table, got {experiment!r}")
     params = kind.params.from_table(experiment, where)
+    if getattr(params, "against_control", False):
+        if values.get("threshold_of_baseline"):
+            raise ClaimError(
+                f"{where}: against_control judges against the control; threshold_of_baseline would be ignored"
+            )
+        if values["direction"] != "greater":
+            raise ClaimError(
+                f"{where}: against_control needs direction 'greater' (the effect above the control's 95th percentile)"
+            )
     return Claim(**values, labels=labels, params=params)
 
 
@@ -151,7 +160,7 @@ def evaluate_claim(claim: Claim, run: ModelRun) -> ClaimResult:
         against = measured.bootstrap > threshold if claim.direction == "less" else measured.bootstrap < threshold
         p_value = float(np.mean(against))
     if getattr(claim.params, "against_control", False) and null:
-        threshold = float(np.percentile(null, 95))
+        threshold = claim.threshold + float(np.percentile(null, 95))  # a margin above the control
         p_value = (1 + sum(x >= effect.effect for x in null)) / (1 + len(null))
         p_test = f"control share ({len(null)} random sets)"
     refute_at = claim.refute_at if claim.refute_at is not None else threshold

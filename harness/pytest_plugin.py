@@ -26,6 +26,7 @@ from harness.cache import DEFAULT_DIR, ResultCache
 from harness.claims import PHASES, REGISTRY, Claim, ClaimError, check_against_model, evaluate_claim, load_registry
 from harness.codi import ModelLoadError
 from harness.data import DataError, held_out_splits
+from harness.evaluation import REFERENCE_BATCH_SIZE
 from harness.experiments import ModelRun
 from harness.interventions import InterventionError, leftover_hooks
 from harness.models import SHIPPED, default_data, resolve, seed_heads
@@ -156,6 +157,8 @@ def _load_runs(config: pytest.Config) -> dict[str, ModelRun]:
     if batch_size is not None and batch_size <= 0:
         raise DataError(f"--batch-size must be positive, got {batch_size}")
     reference = config.getoption("reference_batching")
+    if reference and batch_size not in (None, REFERENCE_BATCH_SIZE):
+        raise DataError(f"--reference-batching runs the official batches of {REFERENCE_BATCH_SIZE}; drop --batch-size")
     cache = ResultCache(None if config.getoption("no_cache") else config.getoption("cache_dir"))
     runs = {}
     worker = os.environ.get("PYTEST_XDIST_WORKER")

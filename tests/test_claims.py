@@ -94,6 +94,11 @@ def test_shipped_registry_has_the_seed_phase1_claims():
         ),
         (ENTRY + 'measure = "answer_logprob"\nthreshold_of_baseline = true', "threshold_of_baseline is a fraction"),
         (ENTRY + 'gate = "nope"', "gated on unknown claim id 'nope'"),
+        (
+            ENTRY + "threshold_of_baseline = true\nexperiment = { against_control = true }",
+            "threshold_of_baseline would be",
+        ),
+        (ENTRY.replace('"greater"', '"less"') + "experiment = { against_control = true }", "needs direction 'greater'"),
     ],
 )
 def test_malformed_registry_entries_are_named(tmp_path, text, message):

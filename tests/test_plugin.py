@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from harness.arch import Head
@@ -33,6 +34,10 @@ def test_phase1_end_to_end(pytester, tmp_path, suite_args):
     assert outcomes.get("failed", 0) == verdicts.count("REFUTED")
     assert outcomes.get("inconclusive", 0) == verdicts.count("INCONCLUSIVE")
     assert cold.ret == (1 if "REFUTED" in verdicts else 0)
+    vs_random = next(c for c in claims if c["id"] == "1.1-top3-vs-random")
+    control = vs_random["details"]["control"]
+    assert vs_random["threshold"] == pytest.approx(np.percentile(control, 95)), "threshold 0: no margin"
+    assert vs_random["p_value"] == pytest.approx((1 + sum(x >= vs_random["effect"] for x in control)) / 21)
     for c in claims:
         assert c["ci_low"] <= c["effect"] <= c["ci_high"]
         assert c["model"] == "tiny-gpt2" and c["n"] == N and 0 <= c["p_value"] <= c["p_holm"] <= 1

@@ -37,7 +37,7 @@ class AblationParams(Params):
     positions: tuple[str, ...] = ("latent",)  # CT<i>, bot, eot, question, answer, latent
     mode: str = choices(*HEAD_MODES, default="zero")
     n_random: int = 20  # random head sets matched by layer (the control); 0: none
-    against_control: bool = False  # threshold: the control's 95th percentile
+    against_control: bool = False  # threshold: the claim's threshold above the control's 95th percentile
     n_draws: int = 5  # independent derangements (mode "resample")
 
     def validate(self, given: set[str]) -> None:
