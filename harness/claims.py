@@ -20,7 +20,7 @@ from harness.arch import HeadGeometry
 from harness.data import PROJECT_ROOT
 from harness.experiments import ModelRun
 from harness.kinds import KINDS, ClaimError, Params
-from harness.kinds.base import _coerce, baseline_value, close_hint
+from harness.kinds.base import baseline_value, close_hint, coerce
 from harness.stats import MEASURES, percentile_of
 from harness.verdicts import DIRECTIONS, ClaimResult, judge, point_judge
 
@@ -81,7 +81,7 @@ def parse_claim(entry: dict, where: str) -> Claim:
     for key, value in entry.items():
         if key in ("experiment", "labels"):
             continue
-        values[key] = _coerce(value, hints[key], f"{where}: {key}")
+        values[key] = coerce(value, hints[key], f"{where}: {key}")
     if values["metric"] not in KINDS:
         metric = values["metric"]
         raise ClaimError(

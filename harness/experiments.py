@@ -56,6 +56,11 @@ class Condition:
     def accuracy(self) -> float:
         return float(np.mean(self.correct))
 
+    def mean(self, measure: str) -> float:
+        """Accuracy (%) or mean answer log-probability (nats) over the problems."""
+        value = float(np.mean(self.values(measure)))
+        return 100.0 * value if measure == "accuracy" else value
+
 
 @dataclass(frozen=True)
 class Paired:
@@ -88,8 +93,6 @@ class Paired:
     ) -> ClaimResult:
         """The verdict row of "this condition's drop in `measure` is `direction` than
         `threshold`" (keywords as `verdicts.claim_result`)."""
-        values = self.baseline.values(measure)
-        baseline = 100.0 * float(values.mean()) if measure == "accuracy" else float(values.mean())
         return claim_result(
             self.effect(measure),
             id=id,
@@ -98,7 +101,7 @@ class Paired:
             threshold=threshold,
             direction=direction,
             measure=measure,
-            baseline=baseline,
+            baseline=self.baseline.mean(measure),
             details={"spec": self.spec.key(), "n_draws": len(self.draws)},
             **what_runs(self.spec),
             **kwargs,

@@ -35,6 +35,12 @@ def check_position(name: str, n_latent: int) -> None:
     raise PositionError(f"unknown position {name!r}; choose from CT0..CT{n_latent - 1}, {', '.join(NAMED_SPANS)}")
 
 
+def thought_number(name: str) -> int | None:
+    """i for `CT<i>` (any i: the model's K is checked by `check_position`), else None."""
+    match = _CT.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
 def is_fixed(name: str) -> bool:
     """One index per name, the same in every row (bot, CT<i>, eot, and `latent` = the thoughts)."""
     return name in FIXED or name == "latent" or bool(_CT.fullmatch(name))

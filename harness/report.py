@@ -19,7 +19,7 @@ from harness.data import PROJECT_ROOT
 from harness.discovery import top_heads
 from harness.kinds import KINDS, Section
 from harness.stats import UNITS, holm
-from harness.verdicts import VERDICTS, ClaimResult
+from harness.verdicts import VERDICTS, ClaimResult, what_ran
 
 REPORTS_DIR = PROJECT_ROOT / "reports"
 COLUMNS = ["id", "phase", "model", "statement", "metric", "measure", "heads", "positions", "mode", "n", "baseline",
@@ -76,8 +76,7 @@ def _html(df: pd.DataFrame, figs: dict[str, bytes], flips: list[str]) -> str:
     for r in df.itertuples():
         ctrl = "" if pd.isna(r.control_percentile) else f"{r.control_percentile:.0f}"
         digits = 2 if r.measure == "answer_logprob" else 1
-        ran = "; ".join(f"{k}: {html.escape(str(v))}" for k, v in (("heads", r.heads), ("at", r.positions),
-                        ("mode", r.mode)) if v)  # fmt: skip
+        ran = "; ".join(f"{k}: {html.escape(v)}" for k, v in what_ran(r.heads, r.positions, r.mode))
         rows.append(
             f"<tr class='{r.verdict.lower()}'><td>{html.escape(r.id)}</td><td>{html.escape(r.model)}</td>"
             f"<td>{html.escape(r.statement)}<br><small>{ran}</small><br><i>{html.escape(_note(r))}</i></td>"
@@ -124,7 +123,7 @@ def _finding(r) -> str:
     control = "" if pd.isna(pct) else f"; the effect sits at percentile {pct:.0f} of the control"
     units = UNITS.get(r.measure, "")
     digits = 2 if r.measure == "answer_logprob" else 1
-    ran = ", ".join(f"{k} {v}" for k, v in (("heads", r.heads), ("at", r.positions), ("mode", r.mode)) if v)
+    ran = ", ".join(f"{k} {v}" for k, v in what_ran(r.heads, r.positions, r.mode))
     return (
         f"**{r.id}** {r.verdict.lower()}: {r.statement}. Measured {r.effect:+.{digits}f} {units} of {r.measure} "
         f"(95% CI {r.ci_low:+.{digits}f} to {r.ci_high:+.{digits}f}; n = {r.n}"
@@ -163,7 +162,7 @@ def _summary_md(df: pd.DataFrame, runs: dict, flips: list[str], sections: dict[s
         ]
         for r in df[df.model == name].itertuples():
             ci = f"[{r.ci_low:+.2f}, {r.ci_high:+.2f}]"
-            ran = "; ".join(str(v) for v in (r.heads, r.positions, r.mode) if v)
+            ran = "; ".join(v for _, v in what_ran(r.heads, r.positions, r.mode))
             lines.append(
                 f"| {r.id} | {r.measure} | {ran} | {r.effect:+.2f} | {ci} | {r.direction} {r.threshold:.2f} "
                 f"| {r.verdict} | {r.point_verdict} |"

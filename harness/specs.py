@@ -26,7 +26,7 @@ from harness.arch import Head
 from harness.attention import PATTERNS, AttentionOverride
 from harness.codi import CODIModel
 from harness.interventions import HeadAblation, InterventionError
-from harness.positions import PositionMap, is_fixed
+from harness.positions import PositionMap, is_fixed, thought_number
 from harness.runtime import LatentPatch, ThoughtPatch, norm_matched_noise
 
 HEAD_MODES = ("zero", "mean", "resample")
@@ -58,6 +58,24 @@ def derangement(n: int, generator: torch.Generator) -> torch.Tensor:
         perm = torch.randperm(n, generator=generator)
         if not bool((perm == torch.arange(n)).any()):
             return perm
+
+
+def check_head_mode(mode: str, positions: Sequence[str]) -> None:
+    """Mean and resample replace a head's output by values per position: they need positions
+    with one index per row (not the question or answer spans)."""
+    spans = [p for p in positions if not is_fixed(p)]
+    if mode != "zero" and spans:
+        raise InterventionError(
+            f"mode {mode!r} needs positions with one index per row (bot, CT<i>, eot, latent), not "
+            f"{', '.join(spans)} (question and answer spans take mode 'zero')"
+        )
+
+
+def check_thought_positions(positions: Sequence[str]) -> None:
+    """Thought patches act on continuous thoughts: `CT<i>` or `latent`."""
+    bad = [p for p in positions if p != "latent" and thought_number(p) is None]
+    if bad:
+        raise InterventionError(f"thought patches act on thoughts (CT<i> or latent), not {', '.join(bad)}")
 
 
 @dataclass(frozen=True)
@@ -144,11 +162,7 @@ class AblateHeads(Spec):
         object.__setattr__(self, "positions", _names(self.positions))
         if self.mode not in HEAD_MODES:
             raise InterventionError(f"unknown head-ablation mode {self.mode!r}; choose from {', '.join(HEAD_MODES)}")
-        if self.mode != "zero" and not all(is_fixed(p) for p in self.positions):
-            raise InterventionError(
-                f"mode {self.mode!r} needs positions with one index per row (bot, CT<i>, eot, latent); "
-                f"got {', '.join(self.positions)} (question and answer spans take mode 'zero')"
-            )
+        check_head_mode(self.mode, self.positions)
         if self.draw and self.mode != "resample":
             raise InterventionError(f"mode {self.mode!r} is not random: it has no draws")
 
@@ -187,9 +201,7 @@ class PatchThoughts(Spec):
         object.__setattr__(self, "positions", _names(self.positions))
         if self.mode not in THOUGHT_MODES:
             raise InterventionError(f"unknown thought-patch mode {self.mode!r}; choose from {', '.join(THOUGHT_MODES)}")
-        bad = [p for p in self.positions if p != "latent" and not p.startswith("CT")]
-        if bad:
-            raise InterventionError(f"thought patches act on thoughts (CT<i> or latent), not {', '.join(bad)}")
+        check_thought_positions(self.positions)
         if self.draw and self.mode not in ("noise", "resample"):
             raise InterventionError(f"mode {self.mode!r} is not random: it has no draws")
 

@@ -39,6 +39,11 @@ def point_judge(effect: float, threshold: float, direction: str, refute_at: floa
     return labels.get(key, key)
 
 
+def what_ran(heads: str, positions: str, mode: str) -> list[tuple[str, str]]:
+    """(label, value) of what a claim ran, as every report view shows it; empty ones left out."""
+    return [(k, v) for k, v in (("heads", heads), ("at", positions), ("mode", mode)) if v]
+
+
 @dataclass
 class ClaimResult:
     """One claim on one model: what was run, what was measured, and the verdict."""
@@ -76,9 +81,7 @@ class ClaimResult:
 
     def message(self) -> str:
         control = f", control percentile {self.control_percentile:.0f}" if self.control_percentile is not None else ""
-        ran = "; ".join(
-            f"{k} {v}" for k, v in (("heads", self.heads), ("at", self.positions), ("mode", self.mode)) if v
-        )
+        ran = "; ".join(f"{k} {v}" for k, v in what_ran(self.heads, self.positions, self.mode))
         return (
             f"{self.id} on {self.model}: {self.verdict} - effect {self.effect:+.2f} {self.units} "
             f"(95% CI {self.ci_low:+.2f} to {self.ci_high:+.2f}; needs {self.direction} than {self.threshold:.2f}; "

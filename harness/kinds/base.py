@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import io
-import re
 import types
 import typing
 from collections.abc import Callable
@@ -31,8 +30,6 @@ from harness.verdicts import ClaimResult
 if TYPE_CHECKING:
     from harness.experiments import ModelRun
 
-_CT = re.compile(r"CT\d+")
-
 
 class ClaimError(ValueError):
     """A malformed claim (registry entry or Python claim); the message names claim and key."""
@@ -48,7 +45,7 @@ def close_hint(key: str, known: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
+def coerce(value: Any, hint: Any, where: str) -> Any:
     """`value` read from TOML as type `hint` (int, float, bool, str, tuple[str, ...],
     fixed-length tuples, and `X | None`), else a `ClaimError`."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -56,14 +53,14 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if value is None:
             return None
         (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, where)
+        return coerce(value, inner, where)
     if origin is tuple:
         if not isinstance(value, list | tuple):
             raise ClaimError(f"{where} must be a list, got {value!r}")
         if args[-1] is not Ellipsis and len(value) != len(args):
             raise ClaimError(f"{where} must be a list of {len(args)} items, got {value!r}")
         inner = args[0]
-        return tuple(_coerce(v, inner, where) for v in value)
+        return tuple(coerce(v, inner, where) for v in value)
     if hint is bool:
         if not isinstance(value, bool):
             raise ClaimError(f"{where} must be true or false, got {value!r}")
@@ -105,7 +102,7 @@ class Params:
                 if f.default is dataclasses.MISSING:
                     raise ClaimError(f"{where}: experiment key {f.name!r} is required")
                 continue
-            value = _coerce(table[f.name], hints[f.name], f"{where}: experiment key {f.name!r}")
+            value = coerce(table[f.name], hints[f.name], f"{where}: experiment key {f.name!r}")
             allowed = f.metadata.get("choices")
             items = value if isinstance(value, tuple) else (value,)
             bad = [v for v in items if allowed and v is not None and v not in allowed]
@@ -148,12 +145,6 @@ def forbid_together(given: set[str], *groups: tuple[str, ...]) -> None:
         both = [k for k in group if k in given]
         if len(both) > 1:
             raise ValueError(f"give {' or '.join(repr(k) for k in group)}, not both: one would be ignored")
-
-
-def thought_names(positions: tuple[str, ...]) -> None:
-    bad = [p for p in positions if p != "latent" and not _CT.fullmatch(p)]
-    if bad:
-        raise ValueError(f"thought patches act on thoughts (CT<i> or latent), not {', '.join(bad)}")
 
 
 @dataclass
@@ -215,5 +206,4 @@ def mean_drop(reference: np.ndarray, treated: np.ndarray, measure: str) -> float
 
 def baseline_value(run: ModelRun, measure: str) -> float:
     """Baseline accuracy (%) or mean answer log-probability (nats)."""
-    values = run.baseline.values(measure)
-    return 100.0 * float(values.mean()) if measure == "accuracy" else float(values.mean())
+    return run.baseline.mean(measure)

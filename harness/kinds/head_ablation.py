@@ -23,8 +23,7 @@ from harness.kinds.base import (
     mean_drop,
     png,
 )
-from harness.positions import is_fixed
-from harness.specs import HEAD_MODES, AblateHeads
+from harness.specs import HEAD_MODES, AblateHeads, check_head_mode
 from harness.verdicts import ClaimResult
 
 MAX_INCREMENTAL = 5  # top-k curves only for short ranked lists (each k is a condition)
@@ -48,11 +47,7 @@ class AblationParams(Params):
             raise ValueError(f"n_draws applies to mode 'resample'; mode {self.mode!r} is deterministic")
         if self.against_control and self.n_random < 2:
             raise ValueError("against_control needs n_random of at least 2")
-        if self.mode != "zero" and not all(is_fixed(p) for p in self.positions):
-            raise ValueError(
-                f"mode {self.mode!r} needs positions with one index per row (bot, CT<i>, eot, latent), "
-                f"not {', '.join(p for p in self.positions if not is_fixed(p))}"
-            )
+        check_head_mode(self.mode, self.positions)
 
 
 def measure(p: AblationParams, run: ModelRun, measure: str) -> Measured:

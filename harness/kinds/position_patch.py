@@ -15,8 +15,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from harness.experiments import Condition, ModelRun
-from harness.kinds.base import Kind, Measured, Params, Section, baseline_value, choices, png, thought_names
-from harness.specs import THOUGHT_MODES, PatchThoughts
+from harness.kinds.base import Kind, Measured, Params, Section, baseline_value, choices, png
+from harness.specs import THOUGHT_MODES, PatchThoughts, check_thought_positions
 from harness.verdicts import ClaimResult
 
 WHICH = ("hub", "max_non_hub", "hub_minus_non_hub")
@@ -34,7 +34,7 @@ class PositionParams(Params):
             raise ValueError("give 'which' or 'positions', not both: one would be ignored")
         if "positions" in given and not self.positions:
             raise ValueError("positions is empty")
-        thought_names(self.positions)
+        check_thought_positions(self.positions)
         if self.n_draws < 1:
             raise ValueError("n_draws must be at least 1")
         if "n_draws" in given and self.mode not in ("noise", "resample"):

@@ -7,7 +7,6 @@ at the latent queries, moved to another thought; the drop from baseline.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,11 +16,11 @@ from matplotlib.figure import Figure
 from harness.arch import HeadGeometry
 from harness.experiments import ModelRun
 from harness.kinds.base import Kind, Measured, Params, Section, baseline_value, forbid_together, nan_effect, png
+from harness.positions import thought_number
 from harness.specs import AttentionPattern
 from harness.verdicts import ClaimResult
 
 TARGETS = ("other_hub", "neighbour")
-_CT = re.compile(r"CT(\d+)")
 
 
 @dataclass(frozen=True)
@@ -32,15 +31,15 @@ class RerouteParams(Params):
 
     def validate(self, given: set[str]) -> None:
         forbid_together(given, ("heads", "n_heads"))
-        if self.target not in TARGETS and not _CT.fullmatch(self.target):
+        if self.target not in TARGETS and thought_number(self.target) is None:
             raise ValueError(f"target {self.target!r}: choose other_hub, neighbour or a thought CT<i>")
         if self.n_heads < 1:
             raise ValueError("n_heads must be at least 1")
 
     def check_model(self, geo: HeadGeometry, n_latent: int, model: str) -> None:
         super().check_model(geo, n_latent, model)
-        match = _CT.fullmatch(self.target)
-        if match and int(match.group(1)) >= n_latent:
+        thought = thought_number(self.target)
+        if thought is not None and thought >= n_latent:
             raise ValueError(f"target {self.target} out of range for {model}: thoughts CT0..CT{n_latent - 1}")
 
 
