@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 
 from harness.data import PROJECT_ROOT
 from harness.discovery import top_heads
@@ -202,7 +203,7 @@ def write_report(directory: Path, results: list[ClaimResult], runs: dict) -> Wri
         measured = [r for r in results if r.metric == metric and r.model in runs]
         if measured:
             sections[metric] = kind.section(measured, runs)
-    figs: dict[str, bytes] = {}
+    figs: dict[str, Figure] = {}
     for section in sections.values():
         for key, table in section.tables.items():
             table.to_csv(directory / f"{key}.csv", index=False)
@@ -210,8 +211,11 @@ def write_report(directory: Path, results: list[ClaimResult], runs: dict) -> Wri
     for name, run in runs.items():
         if "ranking" in vars(run):  # computed (a cached_property) by this run's claims
             run.ranking.to_csv(directory / f"ranked_heads_{name}.csv", index=False)
-    for name, data in figs.items():
-        (directory / name).write_bytes(data)
+    images = {}
+    for name, fig in figs.items():  # PNG for the page, SVG (vector) for papers and slides
+        fig.savefig(directory / f"{name}.svg", bbox_inches="tight")
+        fig.savefig(directory / f"{name}.png", dpi=110, bbox_inches="tight")
+        images[f"{name}.png"] = (directory / f"{name}.png").read_bytes()
     (directory / "summary.md").write_text(_summary_md(df, runs, flips, sections))
     point_latest(directory)
     lines = []
@@ -223,4 +227,4 @@ def write_report(directory: Path, results: list[ClaimResult], runs: dict) -> Wri
         )
     lines += [f"  {r.id} on {r.model}: {_note(r)}" for r in df.itertuples() if _note(r)]
     lines += [f"verdict changed: {f}" for f in flips]
-    return Written(directory, _html(df, figs, flips), lines)
+    return Written(directory, _html(df, images, flips), lines)

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 
 from harness.arch import Head, HeadGeometry
 from harness.experiments import ModelRun
-from harness.kinds.base import Kind, Measured, Params, Section, baseline_value, choices, forbid_together, png
+from harness.kinds.base import Kind, Measured, Params, Section, baseline_value, choices, forbid_together
 from harness.specs import AttentionPattern
 from harness.verdicts import ClaimResult
 
@@ -110,7 +110,7 @@ def section(results: list[ClaimResult], runs: dict[str, ModelRun]) -> Section:
         by_pattern = dict(zip(g.pattern, g.accuracy))
         seed[f"{model}_acc"] = [g.baseline_accuracy.iloc[0], *(by_pattern.get(p, np.nan) for p in PATTERNS)]
     tables = {"patterns": pd.DataFrame(seed), "pattern_claims": table}
-    return Section("Attention patterns", tables, {"patterns.png": png(fig)})
+    return Section("Attention patterns", tables, {"patterns": fig})
 
 
 KIND = Kind(

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 
 from harness.attribution import CATEGORIES
 from harness.experiments import ModelRun
-from harness.kinds.base import Kind, Measured, Params, Section, choices, forbid_together, png
+from harness.kinds.base import Kind, Measured, Params, Section, choices, forbid_together
 from harness.stats import mean_with_ci
 from harness.verdicts import ClaimResult
 
@@ -79,7 +79,7 @@ def section(results: list[ClaimResult], runs: dict[str, ModelRun]) -> Section:
             ax.set_xticks(range(len(toks)), toks, rotation=90, fontsize=7)
             ax.set_yticks(range(len(heads)), heads, fontsize=7)
         fig.suptitle(f"{r.model}: integrated gradients of {', '.join(heads)} at {run.hub}")
-        figures[f"attribution_{r.model}.png"] = png(fig)
+        figures[f"attribution_{r.model}"] = fig
     return Section("Integrated gradients of the critical heads (3.2)", {"attribution": pd.DataFrame(rows)}, figures)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import io
 import types
 import typing
 from collections.abc import Callable
@@ -161,11 +160,12 @@ class Measured:
 
 @dataclass
 class Section:
-    """A kind's part of the report: a CSV, figures, a title for summary.md."""
+    """A kind's part of the report: CSVs, figures, a title for summary.md. The report writes
+    each figure as `<name>.png` and `<name>.svg`."""
 
     title: str
-    tables: dict[str, pd.DataFrame]  # CSV name -> table
-    figures: dict[str, bytes] = field(default_factory=dict)
+    tables: dict[str, pd.DataFrame]  # CSV name (no extension) -> table
+    figures: dict[str, Figure] = field(default_factory=dict)  # file name (no extension) -> figure
 
 
 @dataclass(frozen=True)
@@ -183,12 +183,6 @@ class Kind:
 def nan_effect(n: int, test: str = "") -> PairedEffect:
     nan = float("nan")
     return PairedEffect(nan, nan, nan, nan, n, test)
-
-
-def png(fig: Figure) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return buf.getvalue()
 
 
 def by_model(results: list[ClaimResult]) -> dict[str, list[ClaimResult]]:

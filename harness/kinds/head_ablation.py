@@ -21,7 +21,6 @@ from harness.kinds.base import (
     choices,
     forbid_together,
     mean_drop,
-    png,
 )
 from harness.specs import HEAD_MODES, AblateHeads, check_head_mode
 from harness.verdicts import ClaimResult
@@ -129,13 +128,13 @@ def section(results: list[ClaimResult], runs: dict[str, ModelRun]) -> Section:
             title="Head ablation (bars: random head sets matched by layer, p5-p95)",
         )
         ax.legend(fontsize=7)
-        figures["ablation.png"] = png(fig)
+        figures["ablation"] = fig
         tables["ablation"] = pd.DataFrame(seed)
-    figures["ablation_claims.png"] = _claims_figure(results)
+    figures["ablation_claims"] = _claims_figure(results)
     return Section("Head ablation", tables, figures)
 
 
-def _claims_figure(results: list[ClaimResult]) -> bytes:
+def _claims_figure(results: list[ClaimResult]) -> Figure:
     """Every ablation claim's drop with its 95% CI and threshold, one panel per measure, each
     bar labelled with the heads, positions and mode it measured."""
     measures = list(dict.fromkeys(r.measure for r in results))
@@ -163,7 +162,7 @@ def _claims_figure(results: list[ClaimResult]) -> bytes:
         unit = "points" if measure == "accuracy" else "nats"
         ax.set(ylabel=f"drop in {measure} ({unit})", title="Head ablation claims (95% CI; dashed: threshold)")
         ax.legend(fontsize=7)
-    return png(fig)
+    return fig
 
 
 KIND = Kind(

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from harness.experiments import Condition, ModelRun
-from harness.kinds.base import Kind, Measured, Params, Section, baseline_value, choices, png
+from harness.kinds.base import Kind, Measured, Params, Section, baseline_value, choices
 from harness.specs import THOUGHT_MODES, PatchThoughts, check_thought_positions
 from harness.verdicts import ClaimResult
 
@@ -143,7 +143,7 @@ def section(results: list[ClaimResult], runs: dict[str, ModelRun]) -> Section:
         ax.axhline(0, color="black", lw=0.5)
         ax.set(ylabel="accuracy drop (points, 95% CI)", title="Each thought patched (hatched: the model's hub)")
         ax.legend(handles=handles, fontsize=7)
-        figures["positions.png"] = png(fig)
+        figures["positions"] = fig
     return Section("Thought patching", tables, figures)
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from harness.experiments import ModelRun
-from harness.kinds.base import Kind, Measured, Params, Section, choices, forbid_together, nan_effect, png
+from harness.kinds.base import Kind, Measured, Params, Section, choices, forbid_together, nan_effect
 from harness.probes import TARGETS, chance, critical_layer
 from harness.stats import PairedEffect, accuracy_above
 from harness.verdicts import ClaimResult
@@ -82,7 +82,7 @@ def section(results: list[ClaimResult], runs: dict[str, ModelRun]) -> Section:
             ax.axhline(g.chance.iloc[0], color=line.get_color(), ls=":", lw=1)
         ax.set(xlabel="layer (0 = the thought as fed in)", ylabel="probe accuracy (%)", title=f"{target} at the hub")
         ax.legend(fontsize=7)
-        figures[f"probes_{target}.png"] = png(fig)
+        figures[f"probes_{target}"] = fig
     return Section("Layer-wise probes at the hub thought (3.1)", {"probes": table}, figures)
 
 

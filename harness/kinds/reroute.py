@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 
 from harness.arch import HeadGeometry
 from harness.experiments import ModelRun
-from harness.kinds.base import Kind, Measured, Params, Section, baseline_value, forbid_together, nan_effect, png
+from harness.kinds.base import Kind, Measured, Params, Section, baseline_value, forbid_together, nan_effect
 from harness.positions import thought_number
 from harness.specs import AttentionPattern
 from harness.verdicts import ClaimResult
@@ -101,7 +101,7 @@ def section(results: list[ClaimResult], runs: dict[str, ModelRun]) -> Section:
     ax.set(ylabel="accuracy (%; dashed: baseline)", title="Hub attention rerouted")
     if len(acc):
         ax.legend(fontsize=7)
-    return Section("Hub rerouting (2.2)", {"rerouting": table}, {"rerouting.png": png(fig)})
+    return Section("Hub rerouting (2.2)", {"rerouting": table}, {"rerouting": fig})
 
 
 KIND = Kind(

@@ -11,7 +11,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from harness.experiments import ModelRun
-from harness.kinds.base import Kind, Measured, Params, Section, choices, forbid_together, nan_effect, png
+from harness.kinds.base import Kind, Measured, Params, Section, choices, forbid_together, nan_effect
 from harness.specs import AblateHeads
 from harness.stats import accuracy_drop, difference_of_drops
 from harness.tiers import TIERS, assign_tiers, tier_sizes
@@ -89,7 +89,7 @@ def section(results: list[ClaimResult], runs: dict[str, ModelRun]) -> Section:
     ax.set_xticks(np.arange(len(TIERS)) + width * (len(groups) - 1) / 2, TIERS)
     ax.set(ylabel="accuracy drop (points)", title="Head ablation by difficulty tier")
     ax.legend(fontsize=7)
-    return Section("Difficulty tiers (4.1)", {"tiers": table}, {"tiers.png": png(fig)})
+    return Section("Difficulty tiers (4.1)", {"tiers": table}, {"tiers": fig})
 
 
 KIND = Kind(

@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 
 from harness.arch import Head
 from harness.experiments import ModelRun
-from harness.kinds.base import Kind, Measured, Params, Section, baseline_value, mean_drop, nan_effect, png
+from harness.kinds.base import Kind, Measured, Params, Section, baseline_value, mean_drop, nan_effect
 from harness.verdicts import ClaimResult
 
 R2 = ("in", "in_heldout", "out", "out_heldout")
@@ -82,7 +82,7 @@ def section(results: list[ClaimResult], runs: dict[str, ModelRun]) -> Section:
         ax.set_xticks(x, [f"{r.recipient} {r.recipient_head}\n<- {r.donor}" for r in table.itertuples()], fontsize=7)
         ax.legend(fontsize=7)
     ax.set(ylabel="accuracy (%)", title="Cross-model head transplantation")
-    return Section("Cross-model head transplantation (2.1)", {"transplant": table}, {"transplant.png": png(fig)})
+    return Section("Cross-model head transplantation (2.1)", {"transplant": table}, {"transplant": fig})
 
 
 KIND = Kind(
