@@ -38,6 +38,7 @@ from harness.discovery import head_metrics, model_hub_position, record_latent_at
 from harness.evaluation import EvalResult, Intervene, evaluate
 from harness.interventions import HeadAblation, HeadCapture
 from harness.models import SHIPPED, load
+from harness.report import read_claims
 from harness.runtime import ThoughtPatch, encode_questions, run_latents
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,7 +145,7 @@ def run_phase1(args: argparse.Namespace, cache_dir: Path, report_dir: Path, extr
         tail = (done.stdout + done.stderr)[-3000:]
         raise RuntimeError(f"phase 1 run failed (exit {done.returncode}):\n{tail}")
     log(f"phase 1: {wall:.1f} s wall, exit {done.returncode}")
-    claims = sorted(json.loads(claims_file.read_text()), key=lambda c: (c["id"], c["model"]))
+    claims = sorted(read_claims(report_dir)["claims"], key=lambda c: (c["id"], c["model"]))
     return {"wall_s": round(wall, 2), "exit": done.returncode, "claims": claims}
 
 

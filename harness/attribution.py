@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from harness.arch import Head
 from harness.codi import CODIModel
 from harness.data import NAMES, Problem
 from harness.interventions import HeadCapture
+from harness.progress import bar
 from harness.runtime import Batch, encode_questions, run_latents
 
 CATEGORIES = ("number", "operator", "entity", "other")
@@ -115,7 +115,7 @@ def integrated_gradients(
     tokens: list[list[str]] = []
     directions = _mean_directions(codi, batches, heads, thought)
     row = 0
-    for batch in tqdm(batches, desc=f"integrated gradients {codi.name}", disable=not progress):
+    for batch in bar(batches, desc=f"integrated gradients {codi.name}", disable=not progress):
         b, t = batch.input_ids.shape
         pmap = batch.positions(codi.n_latent)
         baseline = torch.where(batch.attention_mask.bool(), codi.pad_id, batch.input_ids)

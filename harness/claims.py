@@ -18,6 +18,7 @@ import tomllib
 
 from harness.arch import HeadGeometry
 from harness.data import PROJECT_ROOT
+from harness.error_analysis import by_type, group_draws
 from harness.experiments import ModelRun
 from harness.kinds import KINDS, ClaimError, Params
 from harness.kinds.base import baseline_value, close_hint, coerce
@@ -150,8 +151,16 @@ def _heads_text(details: dict) -> str:
 
 
 def evaluate_claim(claim: Claim, run: ModelRun) -> ClaimResult:
+    start = len(run.log)
     measured = KINDS[claim.metric].measure(claim.params, run, claim.measure)
     effect, details, null = measured.effect, measured.details, measured.null
+    conditions = group_draws(run.log[start:])  # what this claim measured, for the error analysis
+    if conditions and claim.measure in MEASURES:
+        details = {
+            **details,
+            "condition": next(iter(conditions)),
+            "by_type": by_type(run.problems, run.baseline, conditions, claim.measure, run.seed),
+        }
     threshold = claim.threshold
     if claim.threshold_of_baseline:  # e.g. "keeps > 90% of baseline": drop < 10% of baseline acc
         threshold = claim.threshold * baseline_value(run, "accuracy")
@@ -179,6 +188,7 @@ def evaluate_claim(claim: Claim, run: ModelRun) -> ClaimResult:
         ci_high=effect.ci_high,
         threshold=threshold,
         direction=claim.direction,
+        refute_at=refute_at,
         p_value=p_value,
         p_test=p_test,
         verdict=judge(effect.ci_low, effect.ci_high, threshold, claim.direction, refute_at),

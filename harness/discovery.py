@@ -19,12 +19,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from harness.arch import Head
 from harness.attention import AttentionRecord
 from harness.codi import CODIModel
 from harness.data import Problem
+from harness.progress import bar
 from harness.runtime import encode_questions, run_latents
 
 WEIGHTS = {"flow": 0.4, "hub": 0.4, "skip": 0.2}
@@ -52,7 +52,7 @@ def record_latent_attention(
     codi: CODIModel, problems: list[Problem], batch_size: int = 128, progress: bool = True
 ) -> LatentAttention:
     sums = None
-    for start in tqdm(range(0, len(problems), batch_size), desc=f"attention {codi.name}", disable=not progress):
+    for start in bar(range(0, len(problems), batch_size), desc=f"attention {codi.name}", disable=not progress):
         batch = encode_questions(codi, [p.question for p in problems[start : start + batch_size]])
         with AttentionRecord(codi, batch.positions(codi.n_latent)) as rec:
             run_latents(codi, batch)

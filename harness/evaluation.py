@@ -10,11 +10,11 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
-from tqdm import tqdm
 
 from harness.codi import CODIModel
 from harness.data import Problem, format_number, is_correct, parse_answer
 from harness.positions import PositionMap
+from harness.progress import bar as progress_bar
 from harness.runtime import (
     Batch,
     LatentPatch,
@@ -150,7 +150,7 @@ def evaluate(
         # depend on the batch (tested), so only the order of work changes
         order = sorted(range(len(problems)), key=lambda i: len(problems[i].question))
     records: list[Record | None] = [None] * len(problems)
-    bar = tqdm(total=len(problems), desc=f"evaluate {codi.name}", unit="problem", disable=not progress)
+    bar = progress_bar(total=len(problems), desc=f"evaluate {codi.name}", unit="problem", disable=not progress)
     for indices in _batches(order, batch_size):
         chunk = [problems[i] for i in indices]
         batch = encode_questions(codi, [p.question for p in chunk])

@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -128,7 +129,9 @@ class ModelRun:
     seed: int = 0
     heads: list[Head] | None = None  # user-named critical heads (else the ranking)
     progress: bool = False
+    on_measured: Callable[[str, str, float, bool], None] | None = None  # (model, what, seconds, computed)
     _computed: list[str] = field(default_factory=list)
+    log: list[tuple[Spec, Condition]] = field(default_factory=list)  # every condition measured, in order
     drops: dict = field(default_factory=dict)  # memo of paired statistics (see `effect`)
     peers: dict[str, ModelRun] = field(default_factory=dict)  # the session's other models (phase 2)
     _maps: dict = field(default_factory=dict)  # (donor, layers) -> transplant maps
@@ -191,7 +194,6 @@ class ModelRun:
         """Per-problem results of one condition, cached on disk under the spec's own fields."""
 
         def compute() -> np.ndarray:
-            self._computed.append(spec.describe())
             result = evaluate(
                 self.codi,
                 self.problems,
@@ -203,7 +205,24 @@ class ModelRun:
             )
             return np.array([[r.correct, r.answer_logprob, r.confidence] for r in result.records]).T  # [3, N]
 
-        return Condition(*self.cache.get_or_compute(self.key(**spec.key()), compute))
+        condition = Condition(*self._get(self.key(**spec.key()), spec.describe(), compute))
+        self.log.append((spec, condition))
+        return condition
+
+    def _get(self, key: str, what: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        """The cached result under `key`, else `compute()` stored; each one announced to
+        `on_measured` as it finishes (what, seconds, computed or read from the cache)."""
+        start, computed = time.perf_counter(), []
+
+        def run() -> np.ndarray:
+            computed.append(what)
+            self._computed.append(what)
+            return compute()
+
+        value = self.cache.get_or_compute(key, run)
+        if self.on_measured is not None:
+            self.on_measured(self.name, what, time.perf_counter() - start, bool(computed))
+        return value
 
     def measure_draws(self, spec: Spec, n_draws: int) -> list[Condition]:
         """A randomised condition's `n_draws` independent draws (one condition otherwise)."""
@@ -234,6 +253,21 @@ class ModelRun:
     def baseline(self) -> Condition:
         return self.measure(Baseline())
 
+    def describe(self) -> dict:
+        """This model's part of the run configuration (the report's `run.models`). What this run
+        neither computed nor finds in the cache is None: describing a run never runs the model."""
+        baseline_known = "baseline" in vars(self) or self.key(**Baseline().key()) in self.cache
+        ranked = self.heads is None and self.ranking_known
+        return {
+            "fingerprint": self.fingerprint,
+            "n": len(self.problems),
+            "data_hash": data_hash(self.problems),
+            "baseline_accuracy": round(100 * self.baseline.accuracy, 1) if baseline_known else None,
+            "heads": [str(h) for h in (self.heads or (top_heads(self.ranking, 3) if ranked else []))] or None,
+            "heads_from": "--heads" if self.heads else "ranking (top 3)" if ranked else None,
+            "hub": self.hub if self.ranking_known else None,
+        }
+
     @property
     def baseline_confidence(self) -> np.ndarray:
         """Probability of the first answer token per problem (difficulty tiers)."""
@@ -241,18 +275,25 @@ class ModelRun:
 
     @cached_property
     def _attention(self) -> LatentAttention:
-        key = content_key(
+        def compute() -> np.ndarray:
+            return record_latent_attention(self.codi, self.discovery, self.batch_size, progress=self.progress).packed()
+
+        packed = self._get(self._attention_key, "latent attention (discovery split)", compute)
+        return LatentAttention.unpack(packed, len(self.discovery))
+
+    @property
+    def _attention_key(self) -> str:
+        return content_key(
             model=self.fingerprint,
             data=data_hash(self.discovery),
             decoding=self.decoding,
             spec={"kind": "latent_attention"},
         )
 
-        def compute() -> np.ndarray:
-            self._computed.append("latent_attention")
-            return record_latent_attention(self.codi, self.discovery, self.batch_size, progress=self.progress).packed()
-
-        return LatentAttention.unpack(self.cache.get_or_compute(key, compute), len(self.discovery))
+    @property
+    def ranking_known(self) -> bool:
+        """Whether the ranking (and hub) is computed or in the cache: reading it then costs no model pass."""
+        return "_attention" in vars(self) or self._attention_key in self.cache
 
     @cached_property
     def ranking(self) -> pd.DataFrame:
@@ -271,11 +312,10 @@ class ModelRun:
         """3.1: layer-wise probes at the hub thought over the test problems, cached."""
 
         def compute() -> np.ndarray:
-            self._computed.append("probes")
             states = thought_states(self.codi, self.problems, self.hub_thought, self.batch_size, self.progress)
             return run_probes(states, self.problems, self.seed, self.progress).packed()
 
-        packed = self.cache.get_or_compute(self.key(kind="probes", thought=self.hub, seed=self.seed), compute)
+        packed = self._get(self.key(kind="probes", thought=self.hub, seed=self.seed), f"probes at {self.hub}", compute)
         return ProbeResults.unpack(packed, self.problems)
 
     def attributions(self, heads: list[Head], n_problems: int = IG_PROBLEMS, n_steps: int = IG_STEPS) -> Attributions:
@@ -284,12 +324,12 @@ class ModelRun:
         thought = self.hub_thought
 
         def compute() -> np.ndarray:
-            self._computed.append("integrated_gradients")
             ig = integrated_gradients(self.codi, problems, heads, thought, n_steps, progress=self.progress)
             return ig.packed()
 
         spec = {"kind": "integrated_gradients", "heads": list(map(str, heads)), "thought": thought, "n": n_problems}
-        packed = self.cache.get_or_compute(self.key(**spec, n_steps=n_steps), compute)
+        what = f"integrated gradients {' '.join(spec['heads'])}"
+        packed = self._get(self.key(**spec, n_steps=n_steps), what, compute)
         tokens = self.cache.get_or_compute(  # as the tokenizer spells them, kept: a warm run loads no model
             self.key(kind="question_tokens", n=n_problems),
             lambda: np.asarray(json.dumps(question_tokens(self.codi, problems))),
@@ -319,7 +359,7 @@ class ModelRun:
             maps = self.transplant_maps(donor, spec.head.layer, spec.donor_head.layer)
             return np.array([v for m in maps for v in (m.r2, np.nan if m.r2_heldout is None else m.r2_heldout)])
 
-        return self.cache.get_or_compute(self.key(**spec.key(), part="fit"), fit)
+        return self._get(self.key(**spec.key(), part="fit"), f"transplant maps {spec.describe()}", fit)
 
     def transplant_hook(self, spec: TransplantHead) -> HeadTransplant:
         donor = self._donors[spec.donor]

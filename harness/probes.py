@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from harness.codi import CODIModel
 from harness.data import Problem
 from harness.interventions import ActivationCapture, residual_sites
+from harness.progress import bar
 from harness.runtime import encode_questions, run_latents
 
 MAGNITUDE_EDGES = (10, 30, 100, 1000)  # answer buckets: <10, 10-29, 30-99, 100-999, 1000+
@@ -66,7 +66,7 @@ def thought_states(
 ) -> np.ndarray:
     """Residual stream at CT_thought after every layer: [N, L + 1, d]."""
     out = []
-    for start in tqdm(range(0, len(problems), batch_size), desc=f"states {codi.name}", disable=not progress):
+    for start in bar(range(0, len(problems), batch_size), desc=f"states {codi.name}", disable=not progress):
         batch = encode_questions(codi, [p.question for p in problems[start : start + batch_size]])
         position = batch.positions(codi.n_latent).latent[thought]
         sites = residual_sites(codi.geometry.n_layers)
@@ -152,7 +152,7 @@ def run_probes(states: np.ndarray, problems: list[Problem], seed: int, progress:
     targets = probe_targets(problems)
     task, control, labels, keeps = {}, {}, {}, {}
     jobs = [(t, layer) for t in TARGETS for layer in range(states.shape[1])]
-    for target, layer in tqdm(jobs, desc="probes", disable=not progress):
+    for target, layer in bar(jobs, desc="probes", disable=not progress):
         all_labels, values = targets[target]
         keep = all_labels >= 0
         y = all_labels[keep]

@@ -14,6 +14,7 @@ then passes, fails or reports INCONCLUSIVE).
 from __future__ import annotations
 
 import gc
+import io
 import json
 import sys
 from collections.abc import Callable
@@ -30,7 +31,9 @@ from harness.evaluation import REFERENCE_BATCH_SIZE
 from harness.experiments import ModelRun
 from harness.interventions import InterventionError, leftover_hooks
 from harness.models import SHIPPED, default_data, resolve, seed_heads
-from harness.report import REPORTS_DIR, new_run_dir, write_report
+from harness.progress import show_on
+from harness.report import KEEP_REPORTS, REPORTS_DIR, new_run_dir, prune_reports, read_claims, write_report
+from harness.runinfo import run_info
 from harness.verdicts import ClaimResult
 
 _REGISTRY: dict[str, Claim] = {}  # the session's claims by id, loaded in `pytest_configure`
@@ -72,6 +75,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--batch-size", type=int, help="problems per batched pass (default 128 on CPU; on CUDA, what memory holds)"
     )
     group.addoption("--report-dir", help="where the report goes (default reports/<run-id>/)")
+    group.addoption(
+        "--compare-to",
+        help="an earlier report folder to compare verdicts with (default: the newest earlier run of the same "
+        "configuration that measured each claim)",
+    )
+    group.addoption(
+        "--keep-reports",
+        type=int,
+        default=KEEP_REPORTS,
+        help=f"run folders kept under reports/ (default {KEEP_REPORTS}; older ones are deleted)",
+    )
     group.addoption("--no-cache", action="store_true", help="recompute every result")
     group.addoption("--cache-dir", default=str(DEFAULT_DIR), help="result cache directory")
     group.addoption("--no-gates", action="store_true", help="run phase-2 claims even when phase 1's gate is not met")
@@ -128,10 +142,21 @@ def pytest_configure(config: pytest.Config) -> None:
         state["runs"] = _load_runs(config)
         for name, run in state["runs"].items():
             run.peers = {other: r for other, r in state["runs"].items() if other != name}
+            run.on_measured = _Progress(config)
             check_against_model(claims, run.geometry, run.n_latent, name)
     except (ClaimError, ModelLoadError, DataError, InterventionError, SiteError) as e:
         raise pytest.UsageError(str(e)) from None
     if hasattr(config, "workerinput"):  # xdist workers measure; the controller reports
+        return
+    compare_to = config.getoption("compare_to")
+    if compare_to:
+        try:
+            read_claims(Path(compare_to))
+        except (OSError, ValueError) as e:
+            raise pytest.UsageError(f"--compare-to {compare_to}: no readable claims.json there ({e})") from None
+    if config.getoption("keep_reports") < 1:
+        raise pytest.UsageError(f"--keep-reports must be at least 1, got {config.getoption('keep_reports')}")
+    if config.getoption("collectonly"):  # nothing will be measured: no report folder
         return
     chosen = config.getoption("report_dir")
     if chosen and (Path(chosen) / "claims.json").exists():
@@ -167,6 +192,7 @@ def _load_runs(config: pytest.Config) -> dict[str, ModelRun]:
     names = config.getoption("model") or list(SHIPPED)
     data = {name: config.getoption("data") or default_data(name) for name in names}
     splits = {source: held_out_splits(source, n) for source in set(data.values())}  # before any model loads
+    config.stash[_STATE]["data"] = {}
     for name in names:
         heads = config.getoption("heads")
         heads = seed_heads(name) if heads == "seed" else heads
@@ -176,8 +202,42 @@ def _load_runs(config: pytest.Config) -> dict[str, ModelRun]:
         geometry = model.facts.geometry  # from the cache, or by loading it: a broken checkpoint stops here
         problems, discovery = splits[data[name]]
         heads = parse_heads(heads, geometry, model.name) if heads is not None else None
-        runs[model.name] = ModelRun(model, problems, discovery, cache, batch_size, config.getoption("seed"), heads)
+        runs[model.name] = ModelRun(
+            model, problems, discovery, cache, batch_size, config.getoption("seed"), heads, progress=serial
+        )
+        config.stash[_STATE]["data"][model.name] = data[name]
     return runs
+
+
+class _Uncaptured(io.TextIOBase):
+    """The terminal's stderr past pytest's output capture (progress bars inside evaluations)."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.capture = config.pluginmanager.getplugin("capturemanager")
+
+    def write(self, text: str) -> int:
+        with self.capture.global_and_fixture_disabled():
+            sys.stderr.write(text)
+            sys.stderr.flush()
+        return len(text)
+
+
+class _Progress:
+    """A line per finished measurement, as it happens: model, what, seconds, computed or read
+    from the cache (cached ones only with -v); written past pytest's output capture."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+
+    def __call__(self, model: str, what: str, seconds: float, computed: bool) -> None:
+        reporter = self.config.pluginmanager.getplugin("terminalreporter")
+        verbose = self.config.get_verbosity()
+        if reporter is None or verbose < -1 or (not computed and verbose < 1):
+            return
+        capture = self.config.pluginmanager.getplugin("capturemanager")
+        with capture.global_and_fixture_disabled():
+            reporter.ensure_newline()
+            reporter.write_line(f"  {model}: {what}: {seconds:.1f} s, {'computed' if computed else 'cached'}")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -241,14 +301,98 @@ def assert_claim(request: pytest.FixtureRequest) -> Callable[[ClaimResult], Clai
 
 
 class _Collector:
-    """Gathers claim results from test reports (this session's or the xdist workers')."""
+    """Gathers claim results from test reports (this session's or the xdist workers'), and
+    shows INCONCLUSIVE as its own category in pytest-html's counters and filters."""
 
     def __init__(self) -> None:
         self.results: list[ClaimResult] = []
+        self.inconclusive: dict[str, pytest.TestReport] = {}  # node id -> its call report
 
-    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtest_logreport(self, report: pytest.TestReport):
+        """Collects the claim rows. pytest-html files a test when its teardown is reported,
+        reading the stored call report's outcome: while it does, an inconclusive call reads
+        "inconclusive" (its own counter and filter), and "passed" again after."""
         if report.when == "call":
             self.results += [ClaimResult(**row) for key, row in report.user_properties if key == RESULT_KEY]
+            if getattr(report, "inconclusive", None):
+                self.inconclusive[report.nodeid] = report
+        call = self.inconclusive.pop(report.nodeid, None) if report.when == "teardown" else None
+        if call is None:
+            return (yield)
+        call.outcome = "inconclusive"
+        try:
+            return (yield)
+        finally:
+            call.outcome = "passed"
+
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        """pytest-html's counters gain an "Inconclusive" category (after "Passed")."""
+        html = _html_report(session.config)
+        state = session.config.stash.get(_STATE, {})
+        if html is not None and "report_dir" in state:
+            html._report.title = f"CODI claims — {state['report_dir'].name}"
+            _environment(session.config, state)
+        if html is not None:
+            outcomes = html._report.outcomes
+            items = list(outcomes.items())
+            at = [k for k, _ in items].index("passed") + 1
+            outcomes.clear()
+            outcomes.update(items[:at] + [("inconclusive", {"label": "Inconclusive", "value": 0})] + items[at:])
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_sessionfinish(self, session: pytest.Session):
+        """After pytest-html wrote its page: its filters learn the inconclusive category (else
+        its script would hide those rows)."""
+        result = yield
+        html = _html_report(session.config)
+        path = Path(session.config.getoption("htmlpath") or "")
+        if html is not None and path.is_file():
+            text = path.read_text()
+            marker = "    'rerun',\n]"
+            if text.count(marker) == 1:
+                path.write_text(text.replace(marker, "    'rerun',\n    'inconclusive',\n]"))
+        return result
+
+
+def _environment(config: pytest.Config, state: dict) -> None:
+    """pytest-html's environment box: versions, seed, n and each model's fingerprint."""
+    try:
+        from pytest_metadata.plugin import metadata_key
+    except ImportError:
+        return
+    import torch
+    import transformers
+
+    metadata = config.stash.get(metadata_key, None)
+    if metadata is None:
+        return
+    metadata["torch"] = torch.__version__
+    metadata["transformers"] = transformers.__version__
+    metadata["seed"] = config.getoption("seed")
+    metadata["n problems"] = config.getoption("n_problems")
+    metadata["device / dtype"] = f"{config.getoption('device')} / {config.getoption('dtype')}"
+    for name, run in state["runs"].items():
+        metadata[f"model {name}"] = f"fingerprint {run.fingerprint}, data {state['data'].get(name, '')}"
+
+
+def _html_report(config: pytest.Config):
+    """pytest-html's report writer in this process, if it writes one."""
+    try:
+        from pytest_html.basereport import BaseReport
+    except ImportError:
+        return None
+    return next((p for p in config.pluginmanager.get_plugins() if isinstance(p, BaseReport)), None)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    """Progress bars inside a claim's evaluations show past the output capture."""
+    state = item.config.stash.get(_STATE, {})
+    if not state.get("enabled") or item.config.get_verbosity() < -1:
+        return (yield)
+    with show_on(_Uncaptured(item.config)):
+        return (yield)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -272,7 +416,23 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     state = session.config.stash.get(_STATE, {})
     results = state["collector"].results if state else []
     if results and "report_dir" in state:
-        state["written"] = write_report(state["report_dir"], results, state["runs"])
+        config = session.config
+        run = run_info(
+            state["report_dir"].name,
+            seed=config.getoption("seed"),
+            device=config.getoption("device"),
+            dtype=config.getoption("dtype"),
+            reference_batching=config.getoption("reference_batching"),
+            registry=Path(config.getoption("registry")),
+            data=state["data"],
+            runs=state["runs"],
+        )
+        compare_to = config.getoption("compare_to")
+        state["written"] = write_report(
+            state["report_dir"], results, state["runs"], run, Path(compare_to) if compare_to else None
+        )
+        if not config.getoption("report_dir"):
+            state["pruned"] = prune_reports(REPORTS_DIR, config.getoption("keep_reports"), state["report_dir"])
 
 
 def pytest_html_results_summary(prefix: list, summary: list, postfix: list, session: pytest.Session) -> None:

@@ -1,12 +1,13 @@
-"""The claim report: claims.json / claims.csv, the seed's CSVs, figures, summary.md, and the
-HTML block pytest-html embeds; `reports/latest` points at the newest run."""
+"""The claim report: claims.json (`{"run": ..., "claims": [...]}`), claims.csv, each kind's CSVs
+and figures (PNG and SVG), the error analysis, summary.md, and the HTML block pytest-html
+embeds; `reports/latest` points at the newest run, older run folders are pruned."""
 
 from __future__ import annotations
 
-import base64
-import html
 import json
+import math
 import os
+import shutil
 import time
 import uuid
 from dataclasses import dataclass
@@ -16,15 +17,18 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from harness import error_analysis
 from harness.data import PROJECT_ROOT
-from harness.discovery import top_heads
 from harness.kinds import KINDS, Section
+from harness.report_page import forest_plot, page
+from harness.runinfo import same_configuration
 from harness.stats import UNITS, holm
 from harness.verdicts import VERDICTS, ClaimResult, what_ran
 
 REPORTS_DIR = PROJECT_ROOT / "reports"
+KEEP_REPORTS = 20
 COLUMNS = ["id", "phase", "model", "statement", "metric", "measure", "heads", "positions", "mode", "n", "baseline",
-           "effect", "ci_low", "ci_high", "threshold", "direction", "p_value", "p_test", "p_holm",
+           "effect", "ci_low", "ci_high", "threshold", "refute_at", "direction", "p_value", "p_test", "p_holm",
            "control_percentile", "verdict", "point_verdict"]  # fmt: skip
 
 
@@ -49,6 +53,104 @@ def point_latest(directory: Path) -> None:
     os.replace(tmp, directory.parent / "latest")
 
 
+def prune_reports(root: Path, keep: int, current: Path) -> list[Path]:
+    """Delete all but the newest `keep` run folders under `root` (never `current`): a nightly
+    job's reports do not pile up. Only folders a run made (named by its start time) go."""
+    runs = sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and p.name[:8].isdigit())
+    old = [p for p in runs if p != current][: max(0, len(runs) - max(keep, 1))]
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)
+    return old
+
+
+def read_claims(directory: Path) -> dict:
+    """A report's claims.json as `{"run": ..., "claims": [...]}` (reports from before the run
+    block held the list alone: their `run` is empty)."""
+    data = json.loads((Path(directory) / "claims.json").read_text())
+    return {"run": {}, "claims": data} if isinstance(data, list) else data
+
+
+def _earlier_runs(directory: Path) -> list[Path]:
+    """Run folders beside `directory` holding a report, newest first."""
+    parent = directory.parent
+    runs = [p for p in parent.iterdir() if p.is_dir() and not p.is_symlink() and p != directory]
+    runs = [p for p in runs if (p / "claims.json").exists()]
+    return sorted(runs, key=lambda p: (p / "claims.json").stat().st_mtime, reverse=True)
+
+
+def compare(df: pd.DataFrame, run: dict, directory: Path, compare_to: Path | None) -> tuple[list[str], str, list[str]]:
+    """Verdicts that changed, a sentence saying what they were compared with, and the runs used.
+
+    By default each claim x model is compared with the newest earlier run of the same
+    configuration (model fingerprints, data hash, n, seed, device, dtype, registry hash) that
+    measured it, so neither an ad-hoc run nor a `-k` subset in between hides or fakes a flip;
+    `compare_to` names one run instead."""
+    rows = {(r.id, r.model): r.verdict for r in df.itertuples()}
+    before: dict[tuple[str, str], tuple[str, str]] = {}  # claim -> (verdict, run id)
+    if compare_to is not None:
+        earlier = read_claims(compare_to)
+        candidates = [(compare_to, earlier)]
+        if earlier["run"] and not same_configuration(run, earlier["run"]):
+            note = f" (its configuration differs: {', '.join(_differences(run, earlier['run']))})"
+        else:
+            note = ""
+        said = f"Compared with {compare_to}{note}, as --compare-to asked."
+    else:
+        candidates = []
+        for path in _earlier_runs(directory):
+            try:
+                earlier = read_claims(path)
+            except (json.JSONDecodeError, OSError):
+                continue
+            if earlier["run"] and same_configuration(run, earlier["run"]):
+                candidates.append((path, earlier))
+        said = ""
+    for path, earlier in candidates:
+        for c in earlier["claims"]:
+            key = (c["id"], c["model"])
+            if key in rows and key not in before:
+                before[key] = (c["verdict"], path.name)
+    used = list(dict.fromkeys(name for _, name in before.values()))
+    if not said:
+        said = (
+            "Compared with the newest earlier run of the same configuration that measured each claim: "
+            + ", ".join(used)
+            + "."
+            if used
+            else "No earlier run of the same configuration measured these claims: nothing to compare with."
+        )
+    flips = [f"{i} on {m}: {before[(i, m)][0]} -> {v} (vs {before[(i, m)][1]})"
+             for (i, m), v in rows.items() if (i, m) in before and before[(i, m)][0] != v]  # fmt: skip
+    return flips, said, used
+
+
+def _differences(a: dict, b: dict) -> list[str]:
+    keys = ("seed", "device", "dtype", "reference_batching", "registry_hash")
+    out = [k for k in keys if a.get(k) != b.get(k)]
+    for name, m in a.get("models", {}).items():
+        other = b.get("models", {}).get(name)
+        if other is None:
+            out.append(f"{name} absent")
+        else:
+            out += [f"{name} {k}" for k in ("fingerprint", "data_hash", "n") if m.get(k) != other.get(k)]
+    return out or ["models"]
+
+
+def rounded(x: float) -> float:
+    """3 significant digits, and never finer than needed at 0.1 above 100 (60.099999 -> 60.1)."""
+    if x is None or not isinstance(x, float) or not math.isfinite(x) or x == 0:
+        return x
+    return round(x, 1) if abs(x) >= 100 else float(f"{x:.3g}")
+
+
+def round_table(df: pd.DataFrame) -> pd.DataFrame:
+    out = df.copy()
+    for column in out.columns:
+        if pd.api.types.is_float_dtype(out[column]):
+            out[column] = out[column].map(rounded)
+    return out
+
+
 @dataclass
 class Written:
     directory: Path
@@ -56,66 +158,9 @@ class Written:
     lines: list[str]
 
 
-def _previous_claims(directory: Path) -> list[dict] | None:
-    runs = sorted(
-        p for p in directory.parent.iterdir() if p.is_dir() and p != directory and (p / "claims.json").exists()
-    )
-    return json.loads((runs[-1] / "claims.json").read_text()) if runs else None
-
-
 def _note(r) -> str:
     """Why a claim could not be measured (e.g. a second model is needed), if it says."""
     return r.details.get("note", "") if isinstance(r.details, dict) else ""
-
-
-def _fmt(x: float, digits: int = 1) -> str:
-    return "" if pd.isna(x) else f"{x:+.{digits}f}"
-
-
-def _html(df: pd.DataFrame, figs: dict[str, bytes], flips: list[str]) -> str:
-    rows = []
-    for r in df.itertuples():
-        ctrl = "" if pd.isna(r.control_percentile) else f"{r.control_percentile:.0f}"
-        digits = 2 if r.measure == "answer_logprob" else 1
-        ran = "; ".join(f"{k}: {html.escape(v)}" for k, v in what_ran(r.heads, r.positions, r.mode))
-        rows.append(
-            f"<tr class='{r.verdict.lower()}'><td>{html.escape(r.id)}</td><td>{html.escape(r.model)}</td>"
-            f"<td>{html.escape(r.statement)}<br><small>{ran}</small><br><i>{html.escape(_note(r))}</i></td>"
-            f"<td>{html.escape(r.measure)} ({UNITS.get(r.measure, '')})</td><td>{r.n}</td>"
-            f"<td>{_fmt(r.effect, digits)}</td><td>[{_fmt(r.ci_low, digits)}, {_fmt(r.ci_high, digits)}]</td>"
-            f"<td>{r.direction} {r.threshold:.{digits}f}</td><td>{r.p_value:.3g} <small>{html.escape(r.p_test)}</small>"
-            f"</td><td>{r.p_holm:.3g}</td><td>{ctrl}</td>"
-            f"<td><b>{r.verdict}</b> ({html.escape(str(r.point_verdict))})</td></tr>"
-        )
-    head = "".join(
-        f"<th>{h}</th>"
-        for h in (
-            "claim",
-            "model",
-            "statement / what was run",
-            "measure",
-            "n",
-            "effect",
-            "95% CI",
-            "threshold",
-            "p (test)",
-            "p (Holm)",
-            "control pct",
-            "verdict",
-        )  # fmt: skip
-    )
-    images = "".join(
-        f"<img alt='{n}' src='data:image/png;base64,{base64.b64encode(b).decode()}'/>" for n, b in figs.items()
-    )
-    flipped = "".join(f"<li>{html.escape(f)}</li>" for f in flips) or "<li>none</li>"
-    style = (
-        "<style>.supported td{background:#e6f4e6}.refuted td{background:#f8e0e0}"
-        ".inconclusive td{background:#f6f3df}</style>"
-    )
-    return (
-        f"{style}<h2>Claims</h2><table><tr>{head}</tr>{''.join(rows)}</table>"
-        f"<h3>Verdicts changed since the previous run</h3><ul>{flipped}</ul><h2>Figures</h2>{images}"
-    )
 
 
 def _finding(r) -> str:
@@ -135,22 +180,35 @@ def _finding(r) -> str:
     )
 
 
-def _summary_md(df: pd.DataFrame, runs: dict, flips: list[str], sections: dict[str, Section]) -> str:
-    lines = ["# Experiment summary", ""]
+def _affected_sentence(by_type: pd.DataFrame, model: str) -> str:
+    """The problem type the claims' interventions hurt most on `model`, with its drop and CI."""
+    rows = by_type[(by_type.model == model) & (by_type.measure == "accuracy")] if len(by_type) else by_type
+    top = error_analysis.most_affected(rows.to_dict("records")) if len(rows) else None
+    if top is None:
+        return "Error analysis: no problem type shows a drop whose 95% CI excludes zero."
+    return (
+        f"Error analysis: the type hurt most is {top['dimension']} = {top['type']} under {top['condition']} "
+        f"(claim {top['claim']}): accuracy {top['baseline']:.1f}% -> {top['treated']:.1f}%, a drop of "
+        f"{top['drop']:+.1f} points (95% CI {top['ci_low']:+.1f} to {top['ci_high']:+.1f}; n = {top['n']})."
+    )
+
+
+def _summary_md(df, run: dict, flips: list[str], said: str, sections: dict[str, Section], by_type) -> str:
+    lines = [f"# CODI claims — {run['id']}", "", "## Run configuration", ""]
+    lines += [f"- seed {run['seed']}; device {run['device']}; dtype {run['dtype']}"
+              + ("; reference batching" if run["reference_batching"] else ""),
+              f"- versions: {', '.join(f'{k} {v}' for k, v in run['versions'].items())}",
+              f"- data: {'; '.join(run['data'])}",
+              f"- registry: {run['registry']} ({run['registry_hash']})", ""]  # fmt: skip
     for name in dict.fromkeys(df.model):
-        run = runs.get(name)
+        m = run["models"].get(name, {})
         lines += [f"## {name}", ""]
-        if run is not None:
+        if m:
+            heads = ", ".join(m["heads"]) + f" ({m['heads_from']})" if m.get("heads") else "not computed by this run"
+            base = "not measured" if m.get("baseline_accuracy") is None else f"{m['baseline_accuracy']:.1f}%"
             lines += [
-                f"- Problems: {len(run.problems)}; baseline accuracy {run.baseline.accuracy:.1%}.",
-                f"- Critical heads ({'named by the user' if run.heads else 'top of the discovery ranking'}): "
-                + ", ".join(map(str, run.critical_heads(3)))
-                + f"; hub position {run.hub}."
-                + (
-                    f" The discovery ranking's top 3: {', '.join(map(str, top_heads(run.ranking, 3)))}."
-                    if run.heads
-                    else ""
-                ),
+                f"- fingerprint {m['fingerprint']}; n = {m['n']}; baseline accuracy {base}; critical heads "
+                f"{heads}; hub {m.get('hub') or 'not computed by this run'}.",
                 "",
             ]
         lines += [
@@ -170,53 +228,68 @@ def _summary_md(df: pd.DataFrame, runs: dict, flips: list[str], sections: dict[s
             )
         lines += ["", "What was found:", ""]
         lines += [f"- {_finding(r)}" for r in df[df.model == name].itertuples()]
-        lines.append("")
+        lines += ["", _affected_sentence(by_type, name), ""]
     lines += ["## Experiments", ""]
     for section in sections.values():
         lines += [f"### {section.title}", ""]
         for key, table in section.tables.items():
-            lines += [f"`{key}.csv`:", "", table.round(3).to_markdown(index=False), ""]
-    lines += ["## Verdicts changed since the previous run", ""]
+            lines += [f"`{key}.csv`:", "", round_table(table).to_markdown(index=False), ""]
+    lines += ["## Verdicts changed", "", said, ""]
     lines += [f"- {f}" for f in flips] or ["- none"]
     return "\n".join(lines) + "\n"
 
 
-def write_report(directory: Path, results: list[ClaimResult], runs: dict) -> Written:
+def _by_type_table(results: list[ClaimResult]) -> pd.DataFrame:
+    rows = [{"model": r.model, "claim": r.id, **row} for r in results for row in r.details.get("by_type", [])]
+    table = pd.DataFrame(rows)
+    if len(table):  # a condition shared by several claims is one set of rows
+        table = table.drop_duplicates(subset=["model", "condition", "measure", "dimension", "type"])
+    return table
+
+
+def write_report(
+    directory: Path, results: list[ClaimResult], runs: dict, run: dict, compare_to: Path | None = None
+) -> Written:
+    """Every file of the report for `results`, measured by `runs` under configuration `run`."""
     directory.mkdir(parents=True, exist_ok=True)
     df = pd.DataFrame([r.as_row() for r in results]).sort_values(["model", "phase", "id"], kind="stable")
     df = df.reset_index(drop=True)
     df["p_holm"] = np.nan
     for _, idx in df.groupby(["model", "phase"]).groups.items():
         df.loc[idx, "p_holm"] = holm(df.loc[idx, "p_value"].tolist())
+    flips, said, used = compare(df, run, directory, compare_to)
+    run = {**run, "compared_with": [str(compare_to)] if compare_to else used}
     records = json.loads(df.to_json(orient="records"))
-    (directory / "claims.json").write_text(json.dumps(records, indent=2) + "\n")
-    df[COLUMNS].to_csv(directory / "claims.csv", index=False)
-    flips = []
-    previous = _previous_claims(directory)
-    if previous:
-        before = {(c["id"], c["model"]): c["verdict"] for c in previous}
-        flips = [f"{r.id} on {r.model}: {before[(r.id, r.model)]} -> {r.verdict}" for r in df.itertuples()
-                 if (r.id, r.model) in before and before[(r.id, r.model)] != r.verdict]  # fmt: skip
-    runs = {name: run for name, run in runs.items() if name in set(df.model)}
+    for record in records:  # per-type rows live in by_type.csv
+        record["details"].pop("by_type", None)
+    (directory / "claims.json").write_text(json.dumps({"run": run, "claims": records}, indent=2) + "\n")
+    round_table(df[COLUMNS]).to_csv(directory / "claims.csv", index=False)
+    runs = {name: r for name, r in runs.items() if name in set(df.model)}
     sections: dict[str, Section] = {}
     for metric, kind in KINDS.items():  # each kind's section, from what its claims measured
         measured = [r for r in results if r.metric == metric and r.model in runs]
         if measured:
             sections[metric] = kind.section(measured, runs)
-    figs: dict[str, Figure] = {}
+    figs: dict[str, Figure] = {"forest": forest_plot(df)}
     for section in sections.values():
         for key, table in section.tables.items():
-            table.to_csv(directory / f"{key}.csv", index=False)
+            round_table(table).to_csv(directory / f"{key}.csv", index=False)
         figs.update(section.figures)
-    for name, run in runs.items():
-        if "ranking" in vars(run):  # computed (a cached_property) by this run's claims
-            run.ranking.to_csv(directory / f"ranked_heads_{name}.csv", index=False)
+    by_type = _by_type_table(results)
+    if len(by_type):
+        round_table(by_type).to_csv(directory / "by_type.csv", index=False)
+        figure = error_analysis.figure(results)
+        if figure is not None:
+            figs["by_type"] = figure
+    for name, r in runs.items():
+        if "ranking" in vars(r):  # computed (a cached_property) by this run's claims
+            round_table(r.ranking).to_csv(directory / f"ranked_heads_{name}.csv", index=False)
     images = {}
     for name, fig in figs.items():  # PNG for the page, SVG (vector) for papers and slides
         fig.savefig(directory / f"{name}.svg", bbox_inches="tight")
-        fig.savefig(directory / f"{name}.png", dpi=110, bbox_inches="tight")
+        fig.savefig(directory / f"{name}.png", dpi=100, bbox_inches="tight")
         images[f"{name}.png"] = (directory / f"{name}.png").read_bytes()
-    (directory / "summary.md").write_text(_summary_md(df, runs, flips, sections))
+    (directory / "summary.md").write_text(_summary_md(df, run, flips, said, sections, by_type))
     point_latest(directory)
     lines = []
     for r in df.itertuples():
@@ -226,5 +299,6 @@ def write_report(directory: Path, results: list[ClaimResult], runs: dict) -> Wri
             f"[{r.ci_low:+.{d}f}, {r.ci_high:+.{d}f}] {UNITS.get(r.measure, '')}"
         )
     lines += [f"  {r.id} on {r.model}: {_note(r)}" for r in df.itertuples() if _note(r)]
+    lines.append(said)
     lines += [f"verdict changed: {f}" for f in flips]
-    return Written(directory, _html(df, images, flips), lines)
+    return Written(directory, page(df, run, images, flips, said), lines)

@@ -68,6 +68,7 @@ class ClaimResult:
     positions: str = ""
     mode: str = ""
     baseline: float = float("nan")  # baseline accuracy (%) or mean answer log-prob (nats)
+    refute_at: float = float("nan")  # the opposite criterion (the threshold unless the claim says)
     p_holm: float | None = None
     control_percentile: float | None = None
     details: dict = field(default_factory=dict)
@@ -127,6 +128,7 @@ def claim_result(
         ci_high=effect.ci_high,
         threshold=threshold,
         direction=direction,
+        refute_at=refute,
         p_value=effect.p_value,
         p_test=effect.test,
         verdict=judge(effect.ci_low, effect.ci_high, threshold, direction, refute),

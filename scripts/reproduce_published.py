@@ -31,6 +31,7 @@ from harness.codi import ModelLoadError
 from harness.data import DataError, load_problems
 from harness.evaluation import REFERENCE_BATCH_SIZE, evaluate
 from harness.models import MODEL_SPECS, default_batch_size, load
+from harness.report import read_claims
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLISHED = {"codi-gpt2": 0.437, "codi-llama": 0.556}
@@ -98,7 +99,7 @@ def time_phase1(command: list[str], report_dir: Path) -> dict:
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - start
     claims_file = report_dir / "claims.json"
-    claims = json.loads(claims_file.read_text()) if claims_file.exists() else []
+    claims = read_claims(report_dir)["claims"] if claims_file.exists() else []
     if done.returncode not in (0, 1) or not claims:
         log(f"phase 1 failed (exit {done.returncode}):\n{(done.stdout + done.stderr)[-3000:]}")
     return {

@@ -1,10 +1,10 @@
 """The worked examples of docs/writing-hypotheses.md run as written and land in the report."""
 
-import json
 import re
 from pathlib import Path
 
 from harness.claims import REGISTRY
+from harness.report import read_claims
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "writing-hypotheses.md"
@@ -26,7 +26,7 @@ def test_the_worked_examples_run_and_land_in_the_report(pytester, tmp_path, suit
     args = suite_args(report, tmp_path / "cache", "--registry", str(registry), "--model", "tiny-gpt2", *selected)
     result = pytester.runpytest_subprocess(*args, "--n-problems", "40", str(test_file))
     assert result.ret in (0, 1), result.outlines[-20:] + result.errlines[-20:]
-    rows = {c["id"]: c for c in json.loads((report / "claims.json").read_text())}
+    rows = {c["id"]: c for c in read_claims(report)["claims"]}
     assert set(rows) == {"my-mean-ablation-ct2", "my-composed-condition"}
     toml_row, python_row = rows["my-mean-ablation-ct2"], rows["my-composed-condition"]
     assert toml_row["measure"] == "answer_logprob" and toml_row["p_test"] == "Wilcoxon signed-rank"

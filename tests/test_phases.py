@@ -1,7 +1,6 @@
 """Phases 2-4: probes, attribution, tiers and gates against independent checks, and the late
 phases of the hypotheses suite end to end (pytester, a few problems)."""
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ from harness.attribution import CATEGORIES, integrated_gradients, token_category
 from harness.claims import load_registry
 from harness.data import synthetic_split
 from harness.probes import chance, control_labels, critical_layer, first_result, probe_correct
+from harness.report import read_claims
 from harness.tiers import assign_tiers, tier_sizes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,7 +91,7 @@ def test_the_gate_skips_phase2_with_the_reason_and_no_gates_runs_it(pytester, tm
     forced = _late(pytester, suite_args, tmp_path, "forced", "--model", "tiny-gpt2", "-k", f"{claim} or {lonely}",
                    "--no-gates")  # fmt: skip
     assert "skipped" not in forced.parseoutcomes()
-    rows = {r["id"]: r for r in json.loads((tmp_path / "forced" / "claims.json").read_text())}
+    rows = {r["id"]: r for r in read_claims(tmp_path / "forced")["claims"]}
     assert sorted(rows) == sorted([claim, lonely])
     assert rows[lonely]["verdict"] == "INCONCLUSIVE" and rows[lonely]["details"]["note"].startswith("needs a second")
     forced.stdout.fnmatch_lines([f"*{lonely} on tiny-gpt2: needs a second model in the run*"])
@@ -100,7 +100,7 @@ def test_the_gate_skips_phase2_with_the_reason_and_no_gates_runs_it(pytester, tm
 def test_late_phases_end_to_end(pytester, tmp_path, suite_args):
     result = _late(pytester, suite_args, tmp_path, "late", "-k", "phase2 or phase3 or phase4", "--no-gates")
     assert result.ret in (0, 1)
-    rows = json.loads((tmp_path / "late" / "claims.json").read_text())
+    rows = read_claims(tmp_path / "late")["claims"]
     assert sorted((r["id"], r["model"]) for r in rows) == sorted(
         (c, m) for c in LATE for m in ("tiny-gpt2", "tiny-llama")
     )
@@ -125,4 +125,4 @@ def test_late_phases_end_to_end(pytester, tmp_path, suite_args):
 
     warm = _late(pytester, suite_args, tmp_path, "warm", "-k", "phase2 or phase3 or phase4", "--no-gates")
     warm.stdout.fnmatch_lines(["models loaded: none (every result was in the cache)"])
-    assert json.loads((tmp_path / "warm" / "claims.json").read_text()) == rows
+    assert read_claims(tmp_path / "warm")["claims"] == rows

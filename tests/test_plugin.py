@@ -1,6 +1,5 @@
 """The hypotheses suite end to end, run by pytester in a subprocess on a small problem count."""
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +9,7 @@ from harness.arch import Head
 from harness.claims import load_registry
 from harness.evaluation import evaluate
 from harness.interventions import HeadAblation
+from harness.report import read_claims
 from harness.stats import accuracy_drop
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,7 +25,7 @@ def _run(pytester, suite_args, report_dir, cache_dir, *args):
 def test_phase1_end_to_end(pytester, tmp_path, suite_args):
     cache = tmp_path / "cache"
     cold = _run(pytester, suite_args, tmp_path / "reports" / "run1", cache)
-    claims = json.loads((tmp_path / "reports" / "run1" / "claims.json").read_text())
+    claims = read_claims(tmp_path / "reports" / "run1")["claims"]
     assert sorted(c["id"] for c in claims) == sorted(PHASE1)
     verdicts = [c["verdict"] for c in claims]
     assert set(verdicts) <= {"SUPPORTED", "REFUTED", "INCONCLUSIVE"}
@@ -65,7 +65,7 @@ def test_phase1_end_to_end(pytester, tmp_path, suite_args):
     warm = _run(pytester, suite_args, tmp_path / "reports" / "run2", cache)
     assert warm.ret == cold.ret
     warm.stdout.fnmatch_lines(["models loaded: none (every result was in the cache)"])
-    again = json.loads((tmp_path / "reports" / "run2" / "claims.json").read_text())
+    again = read_claims(tmp_path / "reports" / "run2")["claims"]
     assert [(c["id"], c["effect"], c["ci_low"], c["ci_high"]) for c in again] == [
         (c["id"], c["effect"], c["ci_low"], c["ci_high"]) for c in claims
     ]
@@ -75,7 +75,7 @@ def test_phase1_end_to_end(pytester, tmp_path, suite_args):
 
 def test_top3_effect_equals_an_independent_recomputation(pytester, tmp_path, load_model, suite_args):
     _run(pytester, suite_args, tmp_path / "r", tmp_path / "cache", "-k", "1.1-top3-causal")
-    claim = json.loads((tmp_path / "r" / "claims.json").read_text())[0]
+    claim = read_claims(tmp_path / "r")["claims"][0]
     codi = load_model("tiny-gpt2")
     from harness.data import synthetic_split
 

@@ -19,6 +19,7 @@ from harness import report
 from harness.claims import load_registry
 from harness.cli import USAGE_ERROR, main
 from harness.fullsize import build_tokenizer, shape_of
+from harness.report import read_claims
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD_LINE = json.dumps({"question": "Tom has 3 apples . how many apples ?", "answer": "<<3=3>> #### 3"})
@@ -235,7 +236,7 @@ def test_one_seed_gives_identical_claims_serial_and_under_xdist(pytester, tmp_pa
         run = pytester.runpytest_subprocess(*suite_args(tmp_path / name, None, *phase1, *extra))
         assert run.ret in (0, 1), run.outlines[-20:]
     outputs = [tmp_path / name for name in runs]
-    first, second, xdist = (json.loads((d / "claims.json").read_text()) for d in outputs)
+    first, second, xdist = (read_claims(d)["claims"] for d in outputs)
     assert xdist == first, "serial and -n 2 runs disagree"
     assert first and first == second
     assert (outputs[0] / "claims.csv").read_text() == (outputs[1] / "claims.csv").read_text()
