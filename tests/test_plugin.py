@@ -25,7 +25,8 @@ def _run(pytester, suite_args, report_dir, cache_dir, *args):
 def test_phase1_end_to_end(pytester, tmp_path, suite_args):
     cache = tmp_path / "cache"
     cold = _run(pytester, suite_args, tmp_path / "reports" / "run1", cache)
-    claims = read_claims(tmp_path / "reports" / "run1")["claims"]
+    report = read_claims(tmp_path / "reports" / "run1")
+    claims, info = report["claims"], report["run"]
     assert sorted(c["id"] for c in claims) == sorted(PHASE1)
     verdicts = [c["verdict"] for c in claims]
     assert set(verdicts) <= {"SUPPORTED", "REFUTED", "INCONCLUSIVE"}
@@ -53,18 +54,36 @@ def test_phase1_end_to_end(pytester, tmp_path, suite_args):
         "positions.png",
         "patterns.png",
         "ranked_heads_tiny-gpt2.csv",
+        "forest.png",
+        "by_type.csv",
     ):
         assert (run / name).stat().st_size > 0, name
+    for figure in run.glob("*.png"):
+        assert "<svg" in (run / f"{figure.stem}.svg").read_text()[:2000], f"{figure.stem}: no SVG beside the PNG"
+    model = info["models"]["tiny-gpt2"]
+    baseline = next(c for c in claims if c["id"] == "1.1-top3-causal")
+    assert model["n"] == N and model["baseline_accuracy"] == pytest.approx(baseline["baseline"], abs=0.05)
+    assert model["heads"] == baseline["details"]["heads"] and model["heads_from"].startswith("ranking")
+    assert model["hub"] == next(c for c in claims if c["id"] == "1.2-hub-drop")["positions"]
+    assert info["seed"] == 0 and {"harness", "torch", "transformers", "python"} <= set(info["versions"])
+    assert len(model["fingerprint"]) == 16 and len(info["registry_hash"]) == 16
+    table = (run / "claims.csv").read_text().splitlines()
+    assert {"n", "heads", "positions", "mode", "measure", "baseline", "ci_low", "ci_high"} <= set(table[0].split(","))
+    assert not any(len(x) > 12 for line in table[1:] for x in line.split(",") if x.replace(".", "").isdigit())
     assert (run / "ablation.csv").read_text().startswith("n_heads,tiny-gpt2_acc")
     assert (run / "positions.csv").read_text().startswith("position,tiny-gpt2_drop")
     page = (run / "report.html").read_text()
     assert all(cid in page for cid in PHASE1) and "data:image/png;base64" in page
+    assert '<title id="head-title">CODI claims — run1</title>' in page
+    cold.stdout.fnmatch_lines(["*tiny-gpt2: Baseline(): * s, computed"])  # progress, past the capture
     assert (tmp_path / "reports" / "latest").resolve() == run.resolve()
 
     cold.stdout.fnmatch_lines(["models loaded: tiny-gpt2"])
     warm = _run(pytester, suite_args, tmp_path / "reports" / "run2", cache)
     assert warm.ret == cold.ret
     warm.stdout.fnmatch_lines(["models loaded: none (every result was in the cache)"])
+    assert not [line for line in warm.outlines if line.endswith(", computed")]
+    warm.stdout.fnmatch_lines(["Compared with the newest earlier run of the same configuration*: run1."])
     again = read_claims(tmp_path / "reports" / "run2")["claims"]
     assert [(c["id"], c["effect"], c["ci_low"], c["ci_high"]) for c in again] == [
         (c["id"], c["effect"], c["ci_low"], c["ci_high"]) for c in claims
@@ -104,4 +123,9 @@ def test_usage_errors_exit_4_before_any_model_runs(pytester, tmp_path, args, mes
     assert result.ret == 4
     assert message in result.stderr.str()
     assert "Traceback" not in result.stderr.str()
-    assert not (tmp_path / "r" / "claims.json").exists()
+    assert not (tmp_path / "r").exists(), "a run that measured nothing leaves no report folder"
+
+
+def test_collect_only_makes_no_report_folder(pytester, tmp_path, suite_args):
+    result = _run(pytester, suite_args, tmp_path / "r", tmp_path / "cache", "--collect-only")
+    assert result.ret == 0 and not (tmp_path / "r").exists()

@@ -1,0 +1,108 @@
+"""The report's parts that decide what a nightly reader is told: which earlier run a verdict
+is compared with, which folders are pruned, how numbers are rounded, and which problem type
+the error analysis names."""
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from harness import error_analysis, report
+from harness.data import Problem
+from harness.experiments import Condition
+
+CONFIG = {"seed": 0, "device": "cpu", "dtype": "float32", "reference_batching": False, "registry_hash": "r1"}
+MODELS = {"m": {"fingerprint": "f1", "data_hash": "d1", "n": 100}}
+
+
+def _run(root, name, verdicts: dict[str, str], mtime: int, **changes) -> None:
+    """An earlier report folder: its run block and one claim row per verdict."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    run = {**CONFIG, "id": name, "models": MODELS, **changes}
+    claims = [{"id": cid, "model": "m", "verdict": v} for cid, v in verdicts.items()]
+    path = folder / "claims.json"
+    path.write_text(json.dumps({"run": run, "claims": claims}))
+    os.utime(path, (mtime, mtime))
+
+
+def _now(verdicts: dict[str, str]) -> pd.DataFrame:
+    return pd.DataFrame([{"id": cid, "model": "m", "verdict": v} for cid, v in verdicts.items()])
+
+
+def test_flips_are_against_the_newest_run_of_the_same_configuration_that_measured_each_claim(tmp_path):
+    _run(tmp_path, "20260101-000000", {"x": "SUPPORTED", "y": "SUPPORTED"}, 100)  # the last full nightly
+    _run(tmp_path, "20260101-010000", {"x": "REFUTED", "y": "REFUTED"}, 200, seed=7)  # ad hoc: another seed
+    _run(tmp_path, "20260101-020000", {"x": "SUPPORTED"}, 300)  # a `-k x` run of the same configuration
+    current = tmp_path / "20260102-000000"
+    current.mkdir()
+    flips, said, used = report.compare(
+        _now({"x": "REFUTED", "y": "REFUTED"}), {**CONFIG, "models": MODELS}, current, None
+    )
+    assert sorted(flips) == [
+        "x on m: SUPPORTED -> REFUTED (vs 20260101-020000)",
+        "y on m: SUPPORTED -> REFUTED (vs 20260101-000000)",  # not hidden by the -k run, not faked by the ad-hoc one
+    ]
+    assert used == ["20260101-020000", "20260101-000000"] and "same configuration" in said
+
+
+def test_other_weights_data_or_n_are_not_comparable(tmp_path):
+    for i, model in enumerate(({"fingerprint": "f2"}, {"data_hash": "d2"}, {"n": 50})):
+        _run(tmp_path, f"2026010{i}-000000", {"x": "SUPPORTED"}, 100 + i, models={"m": {**MODELS["m"], **model}})
+    current = tmp_path / "20260109-000000"
+    current.mkdir()
+    flips, said, used = report.compare(_now({"x": "REFUTED"}), {**CONFIG, "models": MODELS}, current, None)
+    assert flips == [] and used == [] and "nothing to compare with" in said
+
+
+def test_compare_to_names_the_run_and_says_when_its_configuration_differs(tmp_path):
+    _run(tmp_path, "old", {"x": "SUPPORTED"}, 100, seed=7)
+    current = tmp_path / "new"
+    current.mkdir()
+    flips, said, _ = report.compare(_now({"x": "REFUTED"}), {**CONFIG, "models": MODELS}, current, tmp_path / "old")
+    assert flips == ["x on m: SUPPORTED -> REFUTED (vs old)"]
+    assert "--compare-to" in said and "differs: seed" in said
+
+
+def test_prune_keeps_the_newest_run_folders_and_nothing_else_is_touched(tmp_path):
+    runs = [tmp_path / f"202601{d:02d}-000000" for d in range(1, 26)]
+    for run in runs:
+        run.mkdir()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "latest").symlink_to(runs[-1].name)
+    removed = report.prune_reports(tmp_path, 20, runs[-1])
+    assert removed == runs[:5]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([r.name for r in runs[5:]] + ["notes", "latest"])
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"), [(60.099999999999994, 60.1), (0.012345678, 0.0123), (123.456, 123.5), (-2.0049, -2.0)]
+)
+def test_rounding(value, shown):
+    assert report.rounded(value) == shown
+
+
+def _problem(i: int, steps: int) -> Problem:
+    cot = " ".join(["<< 2 + 3 = 5 >>"] + ["<< 5 * 2 = 10 >>"] * (steps - 1))
+    return Problem(f"p{i}", "q", cot, 10.0, steps)
+
+
+def test_the_error_analysis_names_the_type_a_planted_condition_hurts():
+    problems = [_problem(i, 1 + i % 3) for i in range(300)]  # 1, 2 and 3 steps, 100 each
+    correct = np.ones(300)
+    hurt = np.array([0.0 if p.n_steps == 3 and i % 2 == 0 else 1.0 for i, p in enumerate(problems)])
+    baseline = Condition(correct, np.zeros(300), np.ones(300))
+    treated = Condition(hurt, np.zeros(300), np.ones(300))
+    rows = error_analysis.by_type(problems, baseline, {"planted": [treated]})
+    top = error_analysis.most_affected(rows)
+    assert (top["dimension"], top["type"]) == ("steps", "3 steps") and top["drop"] == pytest.approx(50.0)
+    unhurt = [r for r in rows if r["type"] in ("1 step", "2 steps")]
+    assert all(r["drop"] == 0 for r in unhurt)
+    assert {r["type"] for r in rows if r["dimension"] == "operations"} == {"+", "+ ×"}
+
+
+def test_operations_are_read_from_the_solution_not_the_question():
+    assert error_analysis.operations(Problem("a", "5 - 3 = ?", "<<48/2=24>> <<24*3=72>>", 72.0, 2)) == "× ÷"
+    assert error_analysis.operations(Problem("b", "q", "<< 4 - -2 = 6 >>", 6.0, 1)) == "-"
