@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from harness import error_analysis
 from harness.data import PROJECT_ROOT
 from harness.kinds import KINDS, Section
+from harness.kinds.base import claims_figure
 from harness.report_page import forest_plot, page
 from harness.runinfo import same_configuration
 from harness.stats import UNITS, holm
@@ -270,6 +271,7 @@ def write_report(
         measured = [r for r in results if r.metric == metric and r.model in runs]
         if measured:
             sections[metric] = kind.section(measured, runs)
+            sections[metric].figures[f"claims_{metric}"] = claims_figure(measured, sections[metric].title)
     figs: dict[str, Figure] = {"forest": forest_plot(df)}
     for section in sections.values():
         for key, table in section.tables.items():

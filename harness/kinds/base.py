@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from statsmodels.stats.proportion import proportion_confint
 
 from harness.arch import Head, HeadGeometry, SiteError, check_heads
 from harness.positions import PositionError, check_position
-from harness.stats import MEASURES, PairedEffect
-from harness.verdicts import ClaimResult
+from harness.stats import MEASURES, UNITS, PairedEffect
+from harness.verdicts import ClaimResult, what_ran
 
 if TYPE_CHECKING:
     from harness.experiments import ModelRun
@@ -198,6 +199,38 @@ def mean_drop(reference: np.ndarray, treated: np.ndarray, measure: str) -> float
     return scale * float(np.mean(reference) - np.mean(treated))
 
 
+def wilson_err(accuracy, n) -> np.ndarray:
+    """Error bars [2, K] of accuracies (%) over `n` problems each: the 95% Wilson interval."""
+    acc = np.asarray(accuracy, dtype=float)
+    low, high = proportion_confint(np.round(acc * np.asarray(n) / 100), np.asarray(n), method="wilson")
+    return np.stack([acc - 100 * low, 100 * high - acc])
+
+
 def baseline_value(run: ModelRun, measure: str) -> float:
     """Baseline accuracy (%) or mean answer log-probability (nats)."""
     return run.baseline.mean(measure)
+
+
+def claims_figure(results: list[ClaimResult], title: str) -> Figure:
+    """Every claim of a kind: its effect with the 95% CI and its threshold (dashed), one panel
+    per measure, each bar labelled with the claim and what it ran (heads, positions, mode),
+    coloured by model: the figure every kind has, custom scopes and named heads included."""
+    measures = list(dict.fromkeys(r.measure for r in results))
+    width = max(6.0, 1.1 * max(sum(r.measure == m for r in results) for m in measures))
+    fig = Figure(figsize=(min(width, 12.0), 3.4 * len(measures)), layout="constrained")
+    axes = fig.subplots(len(measures), 1, squeeze=False)[:, 0]
+    models = list(dict.fromkeys(r.model for r in results))
+    for ax, measure in zip(axes, measures):
+        rows = [r for r in results if r.measure == measure]
+        for i, r in enumerate(rows):
+            first = r.model not in ax.get_legend_handles_labels()[1]
+            ax.bar(i, r.effect, 0.7, color=f"C{models.index(r.model)}", label=r.model if first else None)
+            if np.isfinite(r.ci_low):
+                ax.errorbar(i, r.effect, yerr=[[r.effect - r.ci_low], [r.ci_high - r.effect]], color="black", capsize=3)
+            ax.hlines(r.threshold, i - 0.45, i + 0.45, colors="black", linestyles="--", lw=1)
+        labels = ["\n".join([r.id, *(f"{k} {v}" for k, v in what_ran(r.heads, r.positions, r.mode))]) for r in rows]
+        ax.set_xticks(np.arange(len(rows)), labels, fontsize=6)
+        ax.axhline(0, color="black", lw=0.5)
+        ax.set(ylabel=f"effect ({UNITS.get(measure, measure)})", title=f"{title} (95% CI; dashed: threshold)")
+        ax.legend(fontsize=7)
+    return fig

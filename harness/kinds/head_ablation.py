@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from statsmodels.stats.proportion import proportion_confint
 
 from harness.experiments import ModelRun
 from harness.kinds.base import (
@@ -112,57 +113,30 @@ def section(results: list[ClaimResult], runs: dict[str, ModelRun]) -> Section:
         ax = fig.subplots()
         for j, (model, (acc, r)) in enumerate(curves.items()):
             seed[f"{model}_acc"] = acc + [np.nan] * (n - len(acc))
-            line = ax.plot(range(len(acc)), acc, marker="o", label=f"{model} ({', '.join(r.details['heads'])})")[0]
+            low, high = proportion_confint(np.round(np.array(acc) * r.n / 100), r.n, method="wilson")  # 95% CI
+            err = [np.array(acc) - 100 * low, 100 * high - np.array(acc)]
+            label = f"{model} ({', '.join(r.details['heads'])}; {r.details['mode']})"
+            line = ax.errorbar(range(len(acc)), acc, err, marker="o", capsize=3, label=label).lines[0]
             control = r.details.get("control")
             if control:
                 base = r.details["baseline_accuracy"]
                 lo, hi = base - np.percentile(control, 95), base - np.percentile(control, 5)
                 x = len(acc) - 1 + 0.1 * (j + 1)
-                ax.errorbar([x], [(lo + hi) / 2], yerr=[[(hi - lo) / 2]], fmt="none", capsize=4, color=line.get_color())
+                label = f"{model}: random sets matched by layer (p5-p95)"
+                mid, half = (lo + hi) / 2, (hi - lo) / 2
+                ax.errorbar([x], [mid], [half], fmt="none", capsize=4, lw=2, color=line.get_color(), label=label)
                 seed[f"{model}_random_p5"] = [np.nan] * (len(acc) - 1) + [lo] + [np.nan] * (n - len(acc))
                 seed[f"{model}_random_p95"] = [np.nan] * (len(acc) - 1) + [hi] + [np.nan] * (n - len(acc))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set(
-            xlabel="heads zero-ablated (in ranked order)",
-            ylabel="accuracy (%)",
-            title="Head ablation (bars: random head sets matched by layer, p5-p95)",
+            xlabel="heads ablated (in ranked order)",
+            ylabel="accuracy (%, 95% Wilson CI)",
+            title="Head ablation, top-k heads",
         )
         ax.legend(fontsize=7)
         figures["ablation"] = fig
         tables["ablation"] = pd.DataFrame(seed)
-    figures["ablation_claims"] = _claims_figure(results)
     return Section("Head ablation", tables, figures)
-
-
-def _claims_figure(results: list[ClaimResult]) -> Figure:
-    """Every ablation claim's drop with its 95% CI and threshold, one panel per measure, each
-    bar labelled with the heads, positions and mode it measured."""
-    measures = list(dict.fromkeys(r.measure for r in results))
-    fig = Figure(figsize=(7, 3.2 * len(measures)), layout="constrained")
-    axes = fig.subplots(len(measures), 1, squeeze=False)[:, 0]
-    models = list(dict.fromkeys(r.model for r in results))
-    for ax, measure in zip(axes, measures):
-        rows = [r for r in results if r.measure == measure]
-        x = np.arange(len(rows))
-        for i, r in enumerate(rows):
-            color = f"C{models.index(r.model)}"
-            ax.bar(
-                i,
-                r.effect,
-                0.7,
-                color=color,
-                label=r.model if r.model not in ax.get_legend_handles_labels()[1] else None,
-            )
-            ax.errorbar(i, r.effect, yerr=[[r.effect - r.ci_low], [r.ci_high - r.effect]], color="black", capsize=3)
-            ax.hlines(r.threshold, i - 0.4, i + 0.4, colors="black", linestyles="--", lw=1)
-        labels = [f"{r.id}\n{' '.join(r.details['heads'])}\n@{' '.join(r.details['positions'])} ({r.details['mode']})"
-                  for r in rows]  # fmt: skip
-        ax.set_xticks(x, labels, fontsize=6)
-        ax.axhline(0, color="black", lw=0.5)
-        unit = "points" if measure == "accuracy" else "nats"
-        ax.set(ylabel=f"drop in {measure} ({unit})", title="Head ablation claims (95% CI; dashed: threshold)")
-        ax.legend(fontsize=7)
-    return fig
 
 
 KIND = Kind(

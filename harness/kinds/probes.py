@@ -15,7 +15,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from harness.experiments import ModelRun
-from harness.kinds.base import Kind, Measured, Params, Section, choices, forbid_together, nan_effect
+from harness.kinds.base import Kind, Measured, Params, Section, choices, forbid_together, nan_effect, wilson_err
 from harness.probes import TARGETS, chance, critical_layer
 from harness.stats import PairedEffect, accuracy_above
 from harness.verdicts import ClaimResult
@@ -77,10 +77,15 @@ def section(results: list[ClaimResult], runs: dict[str, ModelRun]) -> Section:
         fig = Figure(figsize=(6, 4))
         ax = fig.subplots()
         for name, g in group.groupby("model", sort=False):
-            line = ax.plot(g.layer, g.accuracy, marker="o", label=f"{name} probe")[0]
-            ax.plot(g.layer, g.control_accuracy, ls="--", color=line.get_color(), label=f"{name} control")
-            ax.axhline(g.chance.iloc[0], color=line.get_color(), ls=":", lw=1)
-        ax.set(xlabel="layer (0 = the thought as fed in)", ylabel="probe accuracy (%)", title=f"{target} at the hub")
+            n = len(runs[name].problems)
+            err = wilson_err(g.accuracy, n)
+            probe = ax.errorbar(g.layer, g.accuracy, err, marker="o", capsize=3, label=f"{name} probe")
+            colour = probe.lines[0].get_color()
+            err = wilson_err(g.control_accuracy, n)
+            ax.errorbar(g.layer, g.control_accuracy, err, ls="--", capsize=2, color=colour, label=f"{name} control")
+            ax.axhline(g.chance.iloc[0], color=colour, ls=":", lw=1, label=f"{name} chance")
+        ax.set(xlabel="layer (0 = the thought as fed in)", ylabel="held-out accuracy (%, 95% Wilson CI)")
+        ax.set_title(f"{target} at the hub")
         ax.legend(fontsize=7)
         figures[f"probes_{target}"] = fig
     return Section("Layer-wise probes at the hub thought (3.1)", {"probes": table}, figures)

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 
 from harness.arch import HeadGeometry
 from harness.experiments import ModelRun
-from harness.kinds.base import Kind, Measured, Params, Section, baseline_value, forbid_together, nan_effect
+from harness.kinds.base import Kind, Measured, Params, Section, baseline_value, forbid_together, nan_effect, wilson_err
 from harness.positions import thought_number
 from harness.specs import AttentionPattern
 from harness.verdicts import ClaimResult
@@ -80,6 +80,7 @@ def section(results: list[ClaimResult], runs: dict[str, ModelRun]) -> Section:
             "target": r.details.get("target", ""),
             "heads": " ".join(r.details["heads"]),
             "measure": r.measure,
+            "n": r.n,
             "accuracy": r.details.get("accuracy", np.nan),
             "baseline_accuracy": r.details["baseline_accuracy"],
             "drop": r.effect,
@@ -95,10 +96,10 @@ def section(results: list[ClaimResult], runs: dict[str, ModelRun]) -> Section:
     acc = table[(table.measure == "accuracy") & table.accuracy.notna()].reset_index(drop=True)
     for j, model in enumerate(dict.fromkeys(acc.model)):
         g = acc[acc.model == model]
-        ax.bar(g.index, g.accuracy, 0.8, label=model, color=f"C{j}")
+        ax.bar(g.index, g.accuracy, 0.8, yerr=wilson_err(g.accuracy, g.n), capsize=3, label=model, color=f"C{j}")
         ax.hlines(g.baseline_accuracy, g.index - 0.4, g.index + 0.4, colors="black", linestyles="--", lw=1)
     ax.set_xticks(np.arange(len(acc)), [f"{r.reroute_to}\n{r.hub} -> {r.target}" for r in acc.itertuples()], fontsize=7)
-    ax.set(ylabel="accuracy (%; dashed: baseline)", title="Hub attention rerouted")
+    ax.set(ylabel="accuracy (%, 95% Wilson CI; dashed: baseline)", title="Hub attention rerouted")
     if len(acc):
         ax.legend(fontsize=7)
     return Section("Hub rerouting (2.2)", {"rerouting": table}, {"rerouting": fig})

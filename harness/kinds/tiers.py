@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from harness.experiments import ModelRun
 from harness.kinds.base import Kind, Measured, Params, Section, choices, forbid_together, nan_effect
 from harness.specs import AblateHeads
-from harness.stats import accuracy_drop, difference_of_drops
+from harness.stats import PairedEffect, accuracy_drop, difference_of_drops
 from harness.tiers import TIERS, assign_tiers, tier_sizes
 from harness.verdicts import ClaimResult
 
@@ -52,6 +52,11 @@ def measure(p: TierParams, run: ModelRun, measure: str) -> Measured:
         for t in TIERS
         if (groups == t).any()
     }
+    details["tier_ci"] = {  # the paired drop's 95% CI in each tier (the figure's error bars)
+        t: _ci(accuracy_drop(base[groups == t], ablated[groups == t], seed=run.seed))
+        for t in TIERS
+        if (groups == t).sum() >= 2
+    }
     if p.compare is not None:
         a, b = (groups == name for name in p.compare)
         effect = difference_of_drops(base[a], ablated[a], base[b], ablated[b], seed=run.seed)
@@ -63,6 +68,10 @@ def measure(p: TierParams, run: ModelRun, measure: str) -> Measured:
     return Measured(accuracy_drop(base[in_tier], ablated[in_tier], seed=run.seed), details)
 
 
+def _ci(effect: PairedEffect) -> list[float]:
+    return [effect.ci_low, effect.ci_high]
+
+
 def section(results: list[ClaimResult], runs: dict[str, ModelRun]) -> Section:
     seen, rows = set(), []
     for r in results:
@@ -71,9 +80,10 @@ def section(results: list[ClaimResult], runs: dict[str, ModelRun]) -> Section:
         seen.add((r.model, tuple(r.details["heads"])))
         for tier in TIERS:
             base, acc = r.details["by_tier"].get(tier, [np.nan, np.nan])
+            low, high = r.details.get("tier_ci", {}).get(tier, [np.nan, np.nan])
             rows.append({"model": r.model, "heads": " ".join(r.details["heads"]), "tier": tier,
                          "n": r.details["tier_sizes"][tier], "baseline_accuracy": base, "ablated_accuracy": acc,
-                         "drop": base - acc})  # fmt: skip
+                         "drop": base - acc, "ci_low": low, "ci_high": high})  # fmt: skip
     table = pd.DataFrame(rows)
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
@@ -84,10 +94,13 @@ def section(results: list[ClaimResult], runs: dict[str, ModelRun]) -> Section:
             np.arange(len(TIERS)) + width * i,
             g["drop"],
             width,
+            yerr=[g["drop"] - g["ci_low"], g["ci_high"] - g["drop"]],
+            capsize=3,
             label=f"{model} {heads} (n = {'/'.join(map(str, g.n))})",
         )
     ax.set_xticks(np.arange(len(TIERS)) + width * (len(groups) - 1) / 2, TIERS)
-    ax.set(ylabel="accuracy drop (points)", title="Head ablation by difficulty tier")
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set(ylabel="accuracy drop (points, 95% CI)", title="Head ablation by difficulty tier")
     ax.legend(fontsize=7)
     return Section("Difficulty tiers (4.1)", {"tiers": table}, {"tiers": fig})
 

@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 
 from harness.arch import Head
 from harness.experiments import ModelRun
-from harness.kinds.base import Kind, Measured, Params, Section, baseline_value, mean_drop, nan_effect
+from harness.kinds.base import Kind, Measured, Params, Section, baseline_value, mean_drop, nan_effect, wilson_err
 from harness.verdicts import ClaimResult
 
 R2 = ("in", "in_heldout", "out", "out_heldout")
@@ -67,6 +67,7 @@ def section(results: list[ClaimResult], runs: dict[str, ModelRun]) -> Section:
             "donor": r.details["donor"],
             "baseline_accuracy": r.details["baseline_accuracy"],
             "accuracy": r.details["accuracy"],
+            "n": r.n,
             **{f"r2_{k}": v for k, v in r.details["r2"].items()},
         }  # fmt: skip
         for r in results
@@ -77,11 +78,12 @@ def section(results: list[ClaimResult], runs: dict[str, ModelRun]) -> Section:
     ax = fig.subplots()
     if len(table):
         x = np.arange(len(table))
-        ax.bar(x - 0.2, table.baseline_accuracy, 0.4, label="baseline")
-        ax.bar(x + 0.2, table.accuracy, 0.4, label="donor head transplanted")
+        err = {k: wilson_err(table[k], table.n) for k in ("baseline_accuracy", "accuracy")}
+        ax.bar(x - 0.2, table.baseline_accuracy, 0.4, yerr=err["baseline_accuracy"], capsize=3, label="baseline")
+        ax.bar(x + 0.2, table.accuracy, 0.4, yerr=err["accuracy"], capsize=3, label="donor head transplanted")
         ax.set_xticks(x, [f"{r.recipient} {r.recipient_head}\n<- {r.donor}" for r in table.itertuples()], fontsize=7)
         ax.legend(fontsize=7)
-    ax.set(ylabel="accuracy (%)", title="Cross-model head transplantation")
+    ax.set(ylabel="accuracy (%, 95% Wilson CI)", title="Cross-model head transplantation")
     return Section("Cross-model head transplantation (2.1)", {"transplant": table}, {"transplant": fig})
 
 
