@@ -142,7 +142,8 @@ def pytest_configure(config: pytest.Config) -> None:
         state["runs"] = _load_runs(config)
         for name, run in state["runs"].items():
             run.peers = {other: r for other, r in state["runs"].items() if other != name}
-            run.on_measured = _Progress(config)
+            if not hasattr(config, "workerinput"):  # an xdist worker's output reaches no terminal
+                run.on_measured = _Progress(config)
             check_against_model(claims, run.geometry, run.n_latent, name)
     except (ClaimError, ModelLoadError, DataError, InterventionError, SiteError) as e:
         raise pytest.UsageError(str(e)) from None
