@@ -137,6 +137,19 @@ def _differences(a: dict, b: dict) -> list[str]:
     return out or ["models"]
 
 
+def _plain(value):
+    """JSON-ready: numpy scalars as Python numbers at full precision, NaN as null."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | np.ndarray):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def rounded(x: float) -> float:
     """3 significant digits, and never finer than needed at 0.1 above 100 (60.099999 -> 60.1)."""
     if x is None or not isinstance(x, float) or not math.isfinite(x) or x == 0:
@@ -260,7 +273,7 @@ def write_report(
         df.loc[idx, "p_holm"] = holm(df.loc[idx, "p_value"].tolist())
     flips, said, used = compare(df, run, directory, compare_to)
     run = {**run, "compared_with": [str(compare_to)] if compare_to else used}
-    records = json.loads(df.to_json(orient="records"))
+    records = [_plain(record) for record in df.to_dict("records")]
     for record in records:  # per-type rows live in by_type.csv
         record["details"].pop("by_type", None)
     (directory / "claims.json").write_text(json.dumps({"run": run, "claims": records}, indent=2) + "\n")

@@ -53,11 +53,11 @@ def forest_plot(df: pd.DataFrame) -> Figure:
 
 
 def _num(x: float, digits: int) -> str:
-    return "" if pd.isna(x) else f"{x:+.{digits}f}"
+    return "—" if pd.isna(x) else f"{x:+.{digits}f}"
 
 
 def _p(x: float) -> str:
-    return "" if pd.isna(x) else f"{x:.3g}"
+    return "—" if pd.isna(x) else f"{x:.3g}"
 
 
 def _img(name: str, data: bytes, alt: str) -> str:
@@ -70,7 +70,7 @@ def _img(name: str, data: bytes, alt: str) -> str:
 
 def claims_table(df: pd.DataFrame) -> str:
     """One row per claim x model; numbers never wrap, the statement is a second line."""
-    head = ["claim", "model", "verdict", "effect", "95% CI", "threshold", "p (test)", "p (Holm)", "n", "what ran"]
+    head = ["claim", "model", "verdict", "effect", "95% CI", "threshold", "p (test)", "p (Holm)", "n"]
     rows = []
     for r in df.itertuples():
         d = 2 if r.measure == "answer_logprob" else 1
@@ -81,13 +81,13 @@ def claims_table(df: pd.DataFrame) -> str:
             f"<tr class='{r.verdict.lower()}' title='{html.escape(r.statement)}'>"
             f"<td class='nw'><b>{html.escape(r.id)}</b></td><td class='nw'>{html.escape(r.model)}</td>"
             f"<td class='nw'><b>{r.verdict}</b><br><small>{html.escape(str(r.point_verdict))}</small></td>"
-            f"<td class='nw num'>{_num(r.effect, d)} {unit}</td>"
+            f"<td class='nw num'>{_num(r.effect, d)} <small>{unit}</small></td>"
             f"<td class='nw num'>[{_num(r.ci_low, d)}, {_num(r.ci_high, d)}]</td>"
             f"<td class='nw num'>{r.direction} {r.threshold:.{d}f}</td>"
-            f"<td class='nw num'>{_p(r.p_value)} <small>{html.escape(r.p_test)}</small></td>"
-            f"<td class='nw num'>{_p(r.p_holm)}</td><td class='nw num'>{r.n}</td>"
-            f"<td><small>{html.escape(ran)}</small></td></tr>"
+            f"<td class='nw num'>{_p(r.p_value)}<br><small>{html.escape(r.p_test)}</small></td>"
+            f"<td class='nw num'>{_p(r.p_holm)}</td><td class='nw num'>{r.n}</td></tr>"
             f"<tr class='{r.verdict.lower()} statement'><td colspan='{len(head)}'><small>{html.escape(r.statement)}"
+            + (f" <b>Ran:</b> {html.escape(ran)}." if ran else "")
             + (f" <i>Not measurable: {html.escape(note)}</i>" if note else "")
             + "</small></td></tr>"
         )
@@ -125,7 +125,7 @@ def run_block(run: dict) -> str:
 STYLE = """<style>
 body{display:flex;flex-direction:column;color:#111}
 body>h1{order:-3} body>p{order:-2} body>.summary{order:-1}
-.codi{color:#111;font-size:14px} .codi h2{margin-top:1.2em}
+.codi{color:#111;font-size:13px} .codi h2{margin-top:1.2em}
 .codi-claims{border-collapse:collapse}
 .codi-claims td,.codi-claims th{padding:2px 6px;vertical-align:top;text-align:left}
 .codi-claims .nw{white-space:nowrap} .codi-claims .num{font-variant-numeric:tabular-nums}

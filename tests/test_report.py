@@ -106,3 +106,22 @@ def test_the_error_analysis_names_the_type_a_planted_condition_hurts():
 def test_operations_are_read_from_the_solution_not_the_question():
     assert error_analysis.operations(Problem("a", "5 - 3 = ?", "<<48/2=24>> <<24*3=72>>", 72.0, 2)) == "× ÷"
     assert error_analysis.operations(Problem("b", "q", "<< 4 - -2 = 6 >>", 6.0, 1)) == "-"
+
+
+def test_claims_json_keeps_small_p_values_and_writes_nan_as_null(tmp_path):
+    from harness.stats import PairedEffect
+    from harness.verdicts import claim_result
+
+    rows = [
+        claim_result(PairedEffect(8.5, 6.3, 10.7, 2.3e-14, 1000, "McNemar exact"), id="tiny-p", statement="s",
+                     model="m", threshold=20.0, direction="greater"),
+        claim_result(PairedEffect(*[float("nan")] * 4, 10, ""), id="unmeasured", statement="s", model="m",
+                     threshold=1.0, direction="less"),
+    ]  # fmt: skip
+    run = {**CONFIG, "id": "r", "versions": {}, "data": [], "registry": "claims.toml", "models": {}}
+    written = report.write_report(tmp_path / "r", rows, {}, run)
+    claims = {c["id"]: c for c in report.read_claims(tmp_path / "r")["claims"]}
+    assert claims["tiny-p"]["p_value"] == 2.3e-14 and claims["tiny-p"]["p_holm"] == pytest.approx(2.3e-14, rel=1e-9, abs=0)
+    assert claims["unmeasured"]["effect"] is None and claims["unmeasured"]["verdict"] == "INCONCLUSIVE"
+    assert "2.3e-14" in (tmp_path / "r" / "claims.csv").read_text()
+    assert (tmp_path / "r" / "forest.svg").exists() and "id='forest.png'" in written.html
