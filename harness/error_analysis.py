@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 TYPE_RESAMPLES = 2_000  # bootstrap resamples per type (many small CIs: a tenth of a claim's)
 MIN_PROBLEMS = 10  # a type with fewer problems gets no row (its CI would say nothing)
+FIGURE_MIN = 40  # types with fewer problems stay out of the figure (still in by_type.csv)
 _OPERATION = re.compile(r"\d\s*([-+*/x×÷])\s*-?\d")
 _NAMES = {"+": "+", "-": "-", "*": "×", "x": "×", "×": "×", "/": "÷", "÷": "÷"}
 
@@ -98,30 +99,39 @@ def most_affected(rows: list[dict]) -> dict | None:
 
 
 def figure(results: list[ClaimResult]) -> Figure | None:
-    """Each claim's main condition: drop by type with its CI, one panel per model and dimension."""
-    main = [(r, [row for row in r.details.get("by_type", []) if row["condition"] == r.details.get("condition")])
-            for r in results if r.measure == "accuracy"]  # fmt: skip
-    main = [(r, rows) for r, rows in main if rows]
-    if not main:
+    """Per model, a heat map of each claim's own intervention (rows) by problem type (columns:
+    steps, then operations with at least FIGURE_MIN problems): the accuracy drop, its 95% CI
+    written in the cell."""
+    cells: dict[str, dict[str, tuple[list[str], dict[str, dict]]]] = {}  # model -> condition -> (claims, type -> row)
+    for r in results:
+        main = [x for x in r.details.get("by_type", []) if x["condition"] == r.details.get("condition")]
+        if r.measure != "accuracy" or not main:
+            continue
+        claims, by = cells.setdefault(r.model, {}).setdefault(main[0]["condition"], ([], {}))
+        claims.append(r.id)
+        by.update({f"{x['dimension']}: {x['type']}": x for x in main if x["n"] >= FIGURE_MIN})
+    if not cells:
         return None
-    models = list(dict.fromkeys(r.model for r, _ in main))
-    fig = Figure(figsize=(10, 3.2 * len(models)), layout="constrained")
-    axes = fig.subplots(len(models), 2, squeeze=False)
-    for i, model in enumerate(models):
-        for j, dimension in enumerate(("steps", "operations")):
-            ax = axes[i, j]
-            claims = [(r, [x for x in rows if x["dimension"] == dimension]) for r, rows in main if r.model == model]
-            labels = sorted({x["type"] for _, rows in claims for x in rows})
-            width = 0.8 / max(len(claims), 1)
-            for k, (r, rows) in enumerate(claims):
-                at = {x["type"]: x for x in rows}
-                xs = [labels.index(t) + (k - (len(claims) - 1) / 2) * width for t in at]
-                drops = [at[t]["drop"] for t in at]
-                err = [[at[t]["drop"] - at[t]["ci_low"] for t in at], [at[t]["ci_high"] - at[t]["drop"] for t in at]]
-                ax.bar(xs, drops, width, yerr=err, capsize=2, label=r.id, color=f"C{k % 10}")
-            ax.set_xticks(range(len(labels)), labels)
-            ax.axhline(0, color="black", lw=0.5)
-            ax.set(title=f"{model}: drop by {dimension} (95% CI)", ylabel="accuracy drop (points)")
-            if j == 1:
-                ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    heights = [0.45 * len(c) + 1.6 for c in cells.values()]
+    fig = Figure(figsize=(11, sum(heights)), layout="constrained")
+    axes = fig.subplots(len(cells), 1, squeeze=False, height_ratios=heights)[:, 0]
+    for ax, (model, conditions) in zip(axes, cells.items()):
+        types = sorted({t for _, by in conditions.values() for t in by}, key=lambda t: (not t.startswith("steps"), t))
+        drop = np.full((len(conditions), len(types)), np.nan)
+        for i, (_, by) in enumerate(conditions.values()):
+            for j, t in enumerate(types):
+                if t in by:
+                    drop[i, j] = by[t]["drop"]
+        bound = np.nanmax(np.abs(drop)) if np.isfinite(drop).any() else 1.0
+        ax.imshow(drop, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto")
+        for i, (_, by) in enumerate(conditions.values()):
+            for j, t in enumerate(types):
+                if t in by:
+                    x = by[t]
+                    text = f"{x['drop']:+.0f}\n[{x['ci_low']:+.0f},{x['ci_high']:+.0f}]"
+                    ax.text(j, i, text, ha="center", va="center", fontsize=5.5)
+        ax.set_xticks(range(len(types)), [t.replace(": ", "\n") for t in types], fontsize=7)
+        ax.set_yticks(range(len(conditions)), [", ".join(c[:2]) + (" ..." if len(c) > 2 else "")
+                                               for c, _ in conditions.values()], fontsize=7)  # fmt: skip
+        ax.set_title(f"{model}: accuracy drop by problem type under each claim's intervention (points, 95% CI)")
     return fig

@@ -196,13 +196,16 @@ def _finding(r) -> str:
 
 def _affected_sentence(by_type: pd.DataFrame, model: str) -> str:
     """The problem type the claims' interventions hurt most on `model`, with its drop and CI."""
-    rows = by_type[(by_type.model == model) & (by_type.measure == "accuracy")] if len(by_type) else by_type
-    top = error_analysis.most_affected(rows.to_dict("records")) if len(rows) else None
+    if not len(by_type):
+        return "Error analysis: no condition had problem types with enough problems to break down."
+    rows = by_type[(by_type.model == model) & (by_type.measure == "accuracy") & by_type.main]  # claims' own conditions
+    top = error_analysis.most_affected(rows.to_dict("records"))
     if top is None:
-        return "Error analysis: no problem type shows a drop whose 95% CI excludes zero."
+        return "Error analysis: under no claim's intervention does a problem type drop with a CI excluding zero."
     return (
-        f"Error analysis: the type hurt most is {top['dimension']} = {top['type']} under {top['condition']} "
-        f"(claim {top['claim']}): accuracy {top['baseline']:.1f}% -> {top['treated']:.1f}%, a drop of "
+        f"Error analysis: of the claims' interventions, the problem type hurt most is {top['dimension']} = "
+        f"{top['type']} under {top['condition']} (claim {top['claim']}): "
+        f"accuracy {top['baseline']:.1f}% -> {top['treated']:.1f}%, a drop of "
         f"{top['drop']:+.1f} points (95% CI {top['ci_low']:+.1f} to {top['ci_high']:+.1f}; n = {top['n']})."
     )
 
@@ -254,10 +257,12 @@ def _summary_md(df, run: dict, flips: list[str], said: str, sections: dict[str, 
 
 
 def _by_type_table(results: list[ClaimResult]) -> pd.DataFrame:
-    rows = [{"model": r.model, "claim": r.id, **row} for r in results for row in r.details.get("by_type", [])]
+    rows = [{"model": r.model, "claim": r.id, "main": row["condition"] == r.details.get("condition"), **row}
+            for r in results for row in r.details.get("by_type", [])]  # fmt: skip
     table = pd.DataFrame(rows)
     if len(table):  # a condition shared by several claims is one set of rows
-        table = table.drop_duplicates(subset=["model", "condition", "measure", "dimension", "type"])
+        table = table.sort_values("main", ascending=False, kind="stable")  # a claim's own condition first
+        table = table.drop_duplicates(subset=["model", "condition", "measure", "dimension", "type"]).sort_index()
     return table
 
 
