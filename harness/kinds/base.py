@@ -203,7 +203,7 @@ def wilson_err(accuracy, n) -> np.ndarray:
     """Error bars [2, K] of accuracies (%) over `n` problems each: the 95% Wilson interval."""
     acc = np.asarray(accuracy, dtype=float)
     low, high = proportion_confint(np.round(acc * np.asarray(n) / 100), np.asarray(n), method="wilson")
-    return np.stack([acc - 100 * low, 100 * high - acc])
+    return np.maximum(np.stack([acc - 100 * low, 100 * high - acc]), 0.0)  # [2, K]; an accuracy off the 1/n grid
 
 
 def baseline_value(run: ModelRun, measure: str) -> float:
