@@ -159,7 +159,7 @@ def evaluate_claim(claim: Claim, run: ModelRun) -> ClaimResult:
         details = {
             **details,
             "condition": next(iter(conditions)),
-            "by_type": by_type(run.problems, run.baseline, conditions, claim.measure, run.seed),
+            "by_type": by_type(run.problems, run.baseline, conditions, claim.measure, run.seed, next(iter(conditions))),
         }
     threshold = claim.threshold
     if claim.threshold_of_baseline:  # e.g. "keeps > 90% of baseline": drop < 10% of baseline acc

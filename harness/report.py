@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
@@ -306,7 +307,8 @@ def write_report(
             round_table(r.ranking).to_csv(directory / f"ranked_heads_{name}.csv", index=False)
     images = {}
     for name, fig in figs.items():  # PNG for the page, SVG (vector) for papers and slides
-        fig.savefig(directory / f"{name}.svg", bbox_inches="tight")
+        with matplotlib.rc_context({"svg.fonttype": "none"}):  # text stays text: editable, 3x smaller
+            fig.savefig(directory / f"{name}.svg", bbox_inches="tight")
         fig.savefig(directory / f"{name}.png", dpi=100, bbox_inches="tight")
         images[f"{name}.png"] = (directory / f"{name}.png").read_bytes()
     (directory / "summary.md").write_text(_summary_md(df, run, flips, said, sections, by_type))

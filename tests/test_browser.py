@@ -63,8 +63,8 @@ def test_the_rendered_report_counts_each_verdict_in_its_own_category(pytester, t
     test_file.write_text(CLAIMS)
     report = tmp_path / "report"
     result = pytester.runpytest_subprocess(
-        str(test_file), "-p", "harness.pytest_plugin", "-p", "no:cacheprovider", "--report-dir", str(report), "--cache-dir", str(tmp_path / "cache"),
-        "--model", "tiny-gpt2", "--n-problems", "20",
+        str(test_file), "-p", "harness.pytest_plugin", "-p", "no:cacheprovider", "--report-dir", str(report),
+        "--cache-dir", str(tmp_path / "cache"), "--model", "tiny-gpt2", "--n-problems", "20",
     )  # fmt: skip
     assert result.ret == 1, result.outlines[-20:] + result.errlines[-20:]
     verdicts = Counter(c["verdict"] for c in read_claims(report)["claims"])

@@ -95,7 +95,9 @@ def test_the_error_analysis_names_the_type_a_planted_condition_hurts():
     hurt = np.array([0.0 if p.n_steps == 3 and i % 2 == 0 else 1.0 for i, p in enumerate(problems)])
     baseline = Condition(correct, np.zeros(300), np.ones(300))
     treated = Condition(hurt, np.zeros(300), np.ones(300))
-    rows = error_analysis.by_type(problems, baseline, {"planted": [treated]})
+    rows = error_analysis.by_type(problems, baseline, {"planted": [treated], "other": [baseline]}, with_ci="planted")
+    assert all(np.isnan(r["ci_low"]) for r in rows if r["condition"] == "other")
+    rows = [r for r in rows if r["condition"] == "planted"]
     top = error_analysis.most_affected(rows)
     assert (top["dimension"], top["type"]) == ("steps", "3 steps") and top["drop"] == pytest.approx(50.0)
     unhurt = [r for r in rows if r["type"] in ("1 step", "2 steps")]
@@ -121,7 +123,8 @@ def test_claims_json_keeps_small_p_values_and_writes_nan_as_null(tmp_path):
     run = {**CONFIG, "id": "r", "versions": {}, "data": [], "registry": "claims.toml", "models": {}}
     written = report.write_report(tmp_path / "r", rows, {}, run)
     claims = {c["id"]: c for c in report.read_claims(tmp_path / "r")["claims"]}
-    assert claims["tiny-p"]["p_value"] == 2.3e-14 and claims["tiny-p"]["p_holm"] == pytest.approx(2.3e-14, rel=1e-9, abs=0)
+    assert claims["tiny-p"]["p_value"] == 2.3e-14, "full precision (pandas' to_json wrote 0.0)"
+    assert claims["tiny-p"]["p_holm"] == pytest.approx(2.3e-14, rel=1e-9, abs=0), "NaN p: not in the family"
     assert claims["unmeasured"]["effect"] is None and claims["unmeasured"]["verdict"] == "INCONCLUSIVE"
     assert "2.3e-14" in (tmp_path / "r" / "claims.csv").read_text()
     assert (tmp_path / "r" / "forest.svg").exists() and "id='forest.png'" in written.html
