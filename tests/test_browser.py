@@ -81,5 +81,9 @@ def test_the_rendered_report_counts_each_verdict_in_its_own_category(pytester, t
     forest = re.search(r"<img[^>]*id=\"forest\.png\"[^>]*alt=\"forest plot", dom)
     table = dom.find('<table class="codi-claims"')
     assert forest and 0 < forest.start() < table < dom.find('id="results-table"'), "forest plot, then claims table"
+    start = dom.find('id="environment"')
+    environment = re.sub(r"<[^>]+>|\s+", " ", dom[start : dom.find("</table>", start)])
+    assert re.search(r"model tiny-gpt2 +fingerprint [0-9a-f]{16}, data synthetic", environment), environment
+    assert re.search(r"torch +2\.", environment), "the environment box names torch and the models"
     rows = re.findall(r"<tr class=\"(supported|refuted|inconclusive)\" title=", dom)
     assert Counter(rows) == {"supported": 2, "refuted": 1, "inconclusive": 2}

@@ -216,7 +216,7 @@ def claims_figure(results: list[ClaimResult], title: str) -> Figure:
     per measure, each bar labelled with the claim and what it ran (heads, positions, mode),
     coloured by model: the figure every kind has, custom scopes and named heads included."""
     measures = list(dict.fromkeys(r.measure for r in results))
-    width = max(6.0, 1.1 * max(sum(r.measure == m for r in results) for m in measures))
+    width = max(6.0, 1.6 * max(sum(r.measure == m for r in results) for m in measures))
     fig = Figure(figsize=(min(width, 12.0), 3.4 * len(measures)), layout="constrained")
     axes = fig.subplots(len(measures), 1, squeeze=False)[:, 0]
     models = list(dict.fromkeys(r.model for r in results))

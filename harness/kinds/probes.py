@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from harness.experiments import ModelRun
 from harness.kinds.base import Kind, Measured, Params, Section, choices, forbid_together, nan_effect, wilson_err
@@ -86,6 +87,7 @@ def section(results: list[ClaimResult], runs: dict[str, ModelRun]) -> Section:
             ax.axhline(g.chance.iloc[0], color=colour, ls=":", lw=1, label=f"{name} chance")
         ax.set(xlabel="layer (0 = the thought as fed in)", ylabel="held-out accuracy (%, 95% Wilson CI)")
         ax.set_title(f"{target} at the hub")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7)
         figures[f"probes_{target}"] = fig
     return Section("Layer-wise probes at the hub thought (3.1)", {"probes": table}, figures)
