@@ -18,9 +18,10 @@ from functools import cached_property
 import numpy as np
 import pandas as pd
 import torch
+from tqdm import tqdm
 
 from harness.arch import Head, HeadGeometry
-from harness.attribution import Attributions, integrated_gradients, question_tokens
+from harness.attribution import Attributions, attribution_patching, integrated_gradients, question_tokens
 from harness.cache import ResultCache, content_key
 from harness.codi import CODIModel
 from harness.data import Problem
@@ -30,7 +31,7 @@ from harness.interventions import HeadCapture
 from harness.models import LazyModel, default_batch_size
 from harness.probes import ProbeResults, run_probes, thought_states
 from harness.runtime import encode_questions, generate, run_latents
-from harness.specs import Baseline, Spec, TransplantHead, installer, what_runs, with_draw
+from harness.specs import AblateHeads, Baseline, Spec, TransplantHead, installer, what_runs, with_draw
 from harness.stats import PairedEffect, paired_effect
 from harness.transplant import DEFAULT_RIDGE, HeadTransplant, LinearMap, paired_states
 from harness.verdicts import ClaimResult, claim_result
@@ -38,6 +39,7 @@ from harness.verdicts import ClaimResult, claim_result
 MAX_NEW_TOKENS = 256
 IG_PROBLEMS = 100  # problems attributed by integrated gradients (3.2)
 IG_STEPS = 32
+RANKINGS = ("attention", "causal")  # where a claim's top heads come from (`heads_for`)
 
 
 @dataclass(frozen=True)
@@ -329,14 +331,73 @@ class ModelRun:
     def critical_heads(self, n: int) -> list[Head]:
         return self.heads_for((), n)[0]
 
-    def heads_for(self, named: Sequence[str], n_heads: int) -> tuple[list[Head], str]:
+    def heads_for(self, named: Sequence[str], n_heads: int, ranking: str = "attention") -> tuple[list[Head], str]:
         """The heads a claim acts on and where they come from: the claim's own `heads`, else
-        the session's `--heads`, else the top `n_heads` of the discovery ranking."""
+        the session's `--heads`, else the top `n_heads` of the discovery split's attention
+        ranking or (`ranking="causal"`) of its causal sweep."""
         if named:
             return [Head.parse(h) for h in named], "claim"
         if self.heads:
             return self.heads[:n_heads], "--heads"
+        if ranking == "causal":
+            return top_heads(self.causal_ranking, n_heads), "causal ranking"
         return top_heads(self.ranking, n_heads), "ranking"
+
+    # --- the causal head sweep --------------------------------------------------------------
+
+    @property
+    def every_head(self) -> list[Head]:
+        geo = self.geometry
+        return [Head(layer, head) for layer in range(geo.n_layers) for head in range(geo.n_heads)]
+
+    def sweep(self, mode: str = "zero") -> list[Condition]:
+        """Every head alone ablated at every thought: the `AblateHeads((head,), ("latent",),
+        mode)` conditions a single-head claim measures (the same cache entries), in
+        `every_head` order."""
+        heads = tqdm(self.every_head, desc=f"head sweep {self.name} ({mode})", disable=not self.progress)
+        return [self.measure(AblateHeads((head,), ("latent",), mode)) for head in heads]
+
+    def head_means(self) -> torch.Tensor:
+        """Every head's mean output at each thought over the discovery split (mean ablation's
+        values): [L, H, K, hd]."""
+        outputs = self.head_outputs(tuple(self.every_head), ("latent",), "discovery")
+        geo = self.geometry
+        means = torch.stack([outputs[h].mean(0) for h in self.every_head])  # [L * H, K, hd]
+        return means.view(geo.n_layers, geo.n_heads, *means.shape[1:])
+
+    def attribution_patching(self) -> np.ndarray:
+        """Attribution patching's estimate of every head's ablation drop in answer
+        log-probability, per problem: [2 (zero, mean), N, L, H] nats, cached."""
+
+        def compute() -> np.ndarray:
+            self._computed.append("attribution_patching")
+            means = self.head_means()
+            return attribution_patching(self.codi, self.problems, means, self.batch_size, self.progress)
+
+        key = self.key(kind="attribution_patching", means=data_hash(self.discovery))
+        return self.cache.get_or_compute(key, compute)
+
+    def on_discovery(self) -> ModelRun:
+        """This model's run on the discovery split (mean values from that split too): what a
+        ranking is chosen on, disjoint from the test problems claims are measured on."""
+        return ModelRun(self.model, self.discovery, self.discovery, self.cache, self.requested_batch_size, self.seed,
+                        progress=self.progress, _prefixes=PrefixStore())  # fmt: skip
+
+    @cached_property
+    def causal_ranking(self) -> pd.DataFrame:
+        """Heads by their zero-ablation drop in answer log-probability on the discovery split
+        (the sweep's causal ranking), best first, with `rank`, `layer`, `head`, `name`."""
+        run = self.on_discovery()
+        base = run.baseline
+        rows = [
+            {"layer": h.layer, "head": h.head, "name": str(h),
+             "drop_logprob": float(np.mean(base.answer_logprob - c.answer_logprob)),
+             "drop_accuracy": 100.0 * float(np.mean(base.correct - c.correct))}
+            for h, c in zip(run.every_head, run.sweep("zero"))
+        ]  # fmt: skip
+        df = pd.DataFrame(rows).sort_values(["drop_logprob", "layer", "head"], ascending=[False, True, True])
+        df.insert(0, "rank", range(1, len(df) + 1))
+        return df.reset_index(drop=True)
 
     def random_head_sets(self, like: list[Head], n_sets: int = 20) -> list[list[Head]]:
         """Random head sets matched by layer to `like`, never containing its heads."""

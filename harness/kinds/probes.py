@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from harness.experiments import ModelRun
+from harness.experiments import RANKINGS, ModelRun
 from harness.kinds.base import Kind, Measured, Params, Section, choices, forbid_together, nan_effect
 from harness.probes import TARGETS, chance, critical_layer
 from harness.stats import PairedEffect, accuracy_above
@@ -30,11 +30,12 @@ class ProbeParams(Params):
     label: str = choices(*TARGETS, default="answer_last_digit")  # what the probe decodes
     heads: tuple[str, ...] = ()  # critical_layer: the heads whose layers are compared
     n_heads: int = 3
+    ranking: str = choices(*RANKINGS, default="attention")  # the top heads of which ranking
 
     def validate(self, given: set[str]) -> None:
-        forbid_together(given, ("heads", "n_heads"))
-        if self.test != "critical_layer" and {"heads", "n_heads"} & given:
-            raise ValueError(f"heads / n_heads apply to test 'critical_layer', not {self.test!r}")
+        forbid_together(given, ("heads", "n_heads"), ("heads", "ranking"))
+        if self.test != "critical_layer" and {"heads", "n_heads", "ranking"} & given:
+            raise ValueError(f"heads / n_heads / ranking apply to test 'critical_layer', not {self.test!r}")
 
 
 def measure(p: ProbeParams, run: ModelRun, measure: str) -> Measured:
@@ -45,7 +46,7 @@ def measure(p: ProbeParams, run: ModelRun, measure: str) -> Measured:
     if p.test == "final_above_chance":
         ch = chance(probes.labels[p.label])
         return Measured(accuracy_above(task[-1], ch, seed=run.seed), {**details, "chance": 100 * ch})
-    heads, source = run.heads_for(p.heads, p.n_heads)
+    heads, source = run.heads_for(p.heads, p.n_heads, p.ranking)
     head_layers = sorted({h.layer for h in heads})
     details.update(heads=[str(h) for h in heads], heads_from=source, head_layers=head_layers)
     selectivity = task.mean(-1) - control.mean(-1)  # [L + 1]
