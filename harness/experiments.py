@@ -28,6 +28,7 @@ from harness.data import Problem
 from harness.discovery import LatentAttention, head_metrics, model_hub_thought, record_latent_attention, top_heads
 from harness.evaluation import PrefixStore, evaluate
 from harness.interventions import HeadCapture
+from harness.lens import lens_tokens, step_tokens
 from harness.models import LazyModel, default_batch_size
 from harness.probes import ProbeResults, run_probes, thought_states
 from harness.runtime import encode_questions, generate, run_latents
@@ -39,6 +40,7 @@ from harness.verdicts import ClaimResult, claim_result
 MAX_NEW_TOKENS = 256
 IG_PROBLEMS = 100  # problems attributed by integrated gradients (3.2)
 IG_STEPS = 32
+MAX_LENS_STEPS = 8  # solution steps scored by the logit lens (GSM8K has a few longer ones)
 RANKINGS = ("attention", "causal")  # where a claim's top heads come from (`heads_for`)
 
 
@@ -267,6 +269,27 @@ class ModelRun:
     @property
     def hub(self) -> str:
         return f"CT{self.hub_thought}"
+
+    def split_key(self, split: str, **spec) -> str:
+        """The cache key of a result over the `test` or `discovery` problems."""
+        return content_key(model=self.fingerprint, data=data_hash(self.split(split)), decoding=self.decoding, spec=spec)
+
+    def lens(self, split: str = "test") -> np.ndarray:
+        """Logit lens of bot and every thought (hidden state and thought): top-5 tokens,
+        [N, 2, K + 1, 5], cached."""
+
+        def compute() -> np.ndarray:
+            self._computed.append(f"logit_lens {split}")
+            return lens_tokens(self.codi, self.split(split), self.batch_size, progress=self.progress)
+
+        return self.cache.get_or_compute(self.split_key(split, kind="logit_lens"), compute)
+
+    def step_targets(self, split: str = "test", n_steps: int = MAX_LENS_STEPS) -> np.ndarray:
+        """Each problem's intermediate results as the model's tokens: [N, n_steps], -1 where a
+        problem has fewer steps (cached: a warm run loads no tokenizer)."""
+        problems = self.split(split)
+        key = self.split_key(split, kind="step_targets", n_steps=n_steps)
+        return self.cache.get_or_compute(key, lambda: step_tokens(self.codi, problems, n_steps))
 
     @cached_property
     def probes(self) -> ProbeResults:
