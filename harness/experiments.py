@@ -27,6 +27,7 @@ from harness.codi import CODIModel
 from harness.data import Problem
 from harness.discovery import LatentAttention, head_metrics, model_hub_thought, record_latent_attention, top_heads
 from harness.evaluation import PrefixStore, evaluate
+from harness.interchange import interchange, interchange_pairs
 from harness.interventions import HeadCapture
 from harness.lens import lens_tokens, step_tokens
 from harness.models import LazyModel, default_batch_size
@@ -290,6 +291,37 @@ class ModelRun:
         problems = self.split(split)
         key = self.split_key(split, kind="step_targets", n_steps=n_steps)
         return self.cache.get_or_compute(key, lambda: step_tokens(self.codi, problems, n_steps))
+
+    @cached_property
+    def pairs(self) -> tuple[list[int], list[Problem]]:
+        """Interchange pairs: (indices of the base test problems, their counterfactual sources)."""
+        return interchange_pairs(self.problems, self.seed)
+
+    def interchange(self, thoughts: tuple[int, ...]) -> np.ndarray:
+        """Each pair's base run with thoughts `thoughts` from its source: [3, n_pairs] (answer
+        is the counterfactual, answer is the base's, log-prob of the counterfactual), cached."""
+        bases, sources = [self.problems[i] for i in self.pairs[0]], self.pairs[1]
+
+        def compute() -> np.ndarray:
+            self._computed.append(f"interchange {thoughts}")
+            result, stays = interchange(self.codi, bases, sources, thoughts, self.batch_size, self.progress)
+            return np.array([[r.correct for r in result.records], stays, [r.answer_logprob for r in result.records]])
+
+        key = self.key(kind="interchange", thoughts=sorted(thoughts), sources=data_hash(sources))
+        return self.cache.get_or_compute(key, compute)
+
+    def pair_sources_correct(self) -> np.ndarray:
+        """Whether the model answers each pair's source right, unpatched: [n_pairs], cached."""
+        sources = self.pairs[1]
+
+        def compute() -> np.ndarray:
+            self._computed.append("interchange sources")
+            result = evaluate(
+                self.codi, sources, self.batch_size, max_new_tokens=MAX_NEW_TOKENS, progress=self.progress
+            )
+            return np.array([r.correct for r in result.records])
+
+        return self.cache.get_or_compute(self.key(kind="interchange_sources", sources=data_hash(sources)), compute)
 
     @cached_property
     def probes(self) -> ProbeResults:

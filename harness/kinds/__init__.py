@@ -6,6 +6,7 @@ from harness.kinds import (
     attention_pattern,
     attribution,
     head_ablation,
+    interchange,
     logit_lens,
     position_patch,
     probes,
@@ -20,6 +21,7 @@ KINDS: dict[str, Kind] = {
     module.KIND.metric: module.KIND
     for module in (
         head_ablation,
+        interchange,
         logit_lens,
         position_patch,
         attention_pattern,
