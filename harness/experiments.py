@@ -31,7 +31,7 @@ from harness.interchange import interchange, interchange_pairs
 from harness.interventions import HeadCapture
 from harness.lens import lens_tokens, step_tokens
 from harness.models import LazyModel, default_batch_size
-from harness.probes import ProbeResults, run_probes, thought_states
+from harness.probes import ProbeResults, all_thought_states, run_probes, step_probes, thought_states
 from harness.runtime import encode_questions, generate, run_latents
 from harness.specs import AblateHeads, Baseline, Spec, TransplantHead, installer, what_runs, with_draw
 from harness.stats import PairedEffect, paired_effect
@@ -41,6 +41,7 @@ from harness.verdicts import ClaimResult, claim_result
 MAX_NEW_TOKENS = 256
 IG_PROBLEMS = 100  # problems attributed by integrated gradients (3.2)
 IG_STEPS = 32
+MAX_PROBE_STEPS = 4  # solution steps probed (the synthetic problems have 1-4)
 MAX_LENS_STEPS = 8  # solution steps scored by the logit lens (GSM8K has a few longer ones)
 RANKINGS = ("attention", "causal")  # where a claim's top heads come from (`heads_for`)
 
@@ -334,6 +335,17 @@ class ModelRun:
 
         packed = self.cache.get_or_compute(self.key(kind="probes", thought=self.hub, seed=self.seed), compute)
         return ProbeResults.unpack(packed, self.problems)
+
+    def step_probes(self, n_steps: int = MAX_PROBE_STEPS) -> np.ndarray:
+        """Probes of each step's result at every thought and layer, with the control task:
+        [n_steps, 2, K, L + 1, N] per-problem correctness (-1: no such step), cached."""
+
+        def compute() -> np.ndarray:
+            self._computed.append("step probes")
+            states = all_thought_states(self.codi, self.problems, self.batch_size, self.progress)
+            return step_probes(states, self.problems, n_steps, self.seed, self.progress)
+
+        return self.cache.get_or_compute(self.key(kind="step_probes", n_steps=n_steps, seed=self.seed), compute)
 
     def attributions(self, heads: list[Head], n_problems: int = IG_PROBLEMS, n_steps: int = IG_STEPS) -> Attributions:
         """3.2: integrated gradients of each head's output at the hub thought, cached."""
