@@ -79,7 +79,9 @@ def thought_states(
 
 
 @torch.no_grad()
-def all_thought_states(codi: CODIModel, problems: list[Problem], batch_size: int = 128, progress: bool = False):
+def all_thought_states(
+    codi: CODIModel, problems: list[Problem], batch_size: int = 128, progress: bool = False
+) -> np.ndarray:
     """Residual stream at every thought after every layer: [N, K, L + 1, d] (float32 numpy)."""
     out = []
     sites = residual_sites(codi.geometry.n_layers)
@@ -92,7 +94,9 @@ def all_thought_states(codi: CODIModel, problems: list[Problem], batch_size: int
     return np.concatenate(out)
 
 
-def step_probes(states: np.ndarray, problems: list[Problem], n_steps: int, seed: int, progress: bool = False):
+def step_probes(
+    states: np.ndarray, problems: list[Problem], n_steps: int, seed: int, progress: bool = False
+) -> np.ndarray:
     """Probes of each solution step's result (its last digit) at every thought and layer, with
     the control task: [n_steps, 2 (task, control), K, L + 1, N] int8 per-problem correctness
     (-1 where a problem has no such step)."""

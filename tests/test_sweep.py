@@ -15,6 +15,7 @@ from harness.attribution import attribution_patching
 from harness.cache import ResultCache
 from harness.claims import evaluate_claim, parse_claim
 from harness.cli import main
+from harness.codi import CODIModel
 from harness.data import format_number, synthetic_split
 from harness.experiments import ModelRun
 from harness.interventions import HeadAblation, HeadCapture
@@ -28,7 +29,7 @@ DISCOVERY = synthetic_split("discovery")[:8]
 
 
 @torch.no_grad()
-def linear_path_codi(head: Head):
+def linear_path_codi(head: Head) -> CODIModel:
     """A one-layer tiny GPT-2 whose answer log-probability is affine in `head`'s outputs at the
     thoughts up to the final log-softmax (made near-linear by small logits): norms, MLP and
     `prj` are identities or zero, queries are zero (uniform attention, linear in the values),
