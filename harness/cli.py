@@ -8,9 +8,13 @@ import logging
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from harness.cache import DEFAULT_DIR
 from harness.codi import ModelLoadError
+
+if TYPE_CHECKING:
+    from harness.experiments import ModelRun
 from harness.data import PROJECT_ROOT, DataError
 
 USAGE_ERROR = 4
@@ -118,23 +122,33 @@ def _rank_heads(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    import time
+    import tempfile
 
     import torch
-    from scipy.stats import spearmanr
 
     from harness.cache import ResultCache
     from harness.data import held_out_splits
     from harness.experiments import ModelRun
-    from harness.kinds.sweep import sweep_table
     from harness.models import resolve
 
     if args.threads:
         torch.set_num_threads(args.threads)
     problems, discovery = held_out_splits(args.data, args.n_problems)
-    cache = ResultCache(None if args.no_cache else args.cache_dir)
-    model = resolve(args.model, args.base, device=args.device, cache=cache)
-    run = ModelRun(model, problems, discovery, cache, args.batch_size, progress=not args.json)
+    with tempfile.TemporaryDirectory() as scratch:  # --no-cache: computed once here, read back for the table
+        cache = ResultCache(scratch if args.no_cache else args.cache_dir)
+        model = resolve(args.model, args.base, device=args.device, cache=cache)
+        run = ModelRun(model, problems, discovery, cache, args.batch_size, progress=not args.json)
+        return _report_sweep(run, args)
+
+
+def _report_sweep(run: ModelRun, args: argparse.Namespace) -> int:
+    """Time the ablation sweep and attribution patching on the same problems, then print them."""
+    import time
+
+    from scipy.stats import spearmanr
+
+    from harness.kinds.sweep import sweep_table
+
     baseline_accuracy = run.baseline.mean("accuracy")  # shared by both: not timed
     before = len(run._computed)
     start = time.perf_counter()
@@ -143,17 +157,17 @@ def _sweep(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     run.attribution_patching()
     seconds_attribution = time.perf_counter() - start
+    computed = len(run._computed) - before  # results computed while timed (0: the timings are cache reads)
     table = sweep_table(run, args.mode)
     rho = float(spearmanr(table.attribution, table.ablation_drop_logprob).statistic)
-    computed = len(run._computed) - before  # conditions computed now (0: the timings are cache reads)
     if args.json:
         heads = table[["head", "ablation_drop", "ablation_drop_logprob", "attribution"]].to_dict(orient="records")
-        print(json.dumps({"model": run.name, "n_problems": len(problems), "mode": args.mode,
+        print(json.dumps({"model": run.name, "n_problems": len(run.problems), "mode": args.mode,
                           "baseline_accuracy": baseline_accuracy, "heads": heads,
                           "spearman": rho, "seconds_ablation": round(seconds_ablation, 2),
                           "seconds_attribution": round(seconds_attribution, 2), "computed": computed}))  # fmt: skip
         return 0
-    print(f"model {run.name}: {len(problems)} problems (baseline accuracy {baseline_accuracy:.1f}%), "
+    print(f"model {run.name}: {len(run.problems)} problems (baseline accuracy {baseline_accuracy:.1f}%), "
           f"every head alone {args.mode}-ablated at every thought")  # fmt: skip
     top = table.sort_values("ablation_drop_logprob", ascending=False).head(args.top)
     columns = ["head", "ablation_drop", "ablation_drop_logprob", "attribution", "composite"]
