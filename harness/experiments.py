@@ -26,7 +26,7 @@ from harness.cache import ResultCache, content_key
 from harness.codi import CODIModel
 from harness.data import Problem
 from harness.discovery import LatentAttention, head_metrics, model_hub_thought, record_latent_attention, top_heads
-from harness.evaluation import PrefixStore, evaluate
+from harness.evaluation import PrefixStore, evaluate, teacher_forced
 from harness.interchange import interchange, interchange_pairs
 from harness.interventions import HeadCapture
 from harness.lens import lens_tokens, step_tokens
@@ -210,6 +210,18 @@ class ModelRun:
             return np.array([[r.correct, r.answer_logprob, r.confidence] for r in result.records]).T  # [3, N]
 
         return Condition(*self.cache.get_or_compute(self.key(**spec.key()), compute))
+
+    def answer_logprobs(self, spec: Spec) -> np.ndarray:
+        """Per-problem gold-answer log-probability of one condition without decoding (the
+        `answer_logprob` of `measure`, for rankings that need nothing else): [N], cached."""
+
+        def compute() -> np.ndarray:
+            self._computed.append(f"{spec.describe()} (answer log-probability)")
+            intervene = None if isinstance(spec, Baseline) else installer(spec, self)
+            prefixes = self._prefixes if spec.latent_only(self.n_latent) else None
+            return teacher_forced(self.codi, self.problems, self.batch_size, intervene, prefixes)
+
+        return self.cache.get_or_compute(self.key(**spec.key(), part="answer_logprob"), compute)
 
     def measure_draws(self, spec: Spec, n_draws: int) -> list[Condition]:
         """A randomised condition's `n_draws` independent draws (one condition otherwise)."""
@@ -452,15 +464,16 @@ class ModelRun:
 
     @cached_property
     def causal_ranking(self) -> pd.DataFrame:
-        """Heads by their zero-ablation drop in answer log-probability on the discovery split
-        (the sweep's causal ranking), best first, with `rank`, `layer`, `head`, `name`."""
+        """Heads by their zero-ablation drop in answer log-probability at every thought on the
+        discovery split (the sweep's causal ranking, teacher-forced only), best first, with
+        `rank`, `layer`, `head`, `name`, `drop_logprob`."""
         run = self.on_discovery()
-        base = run.baseline
+        base = run.answer_logprobs(Baseline())
+        heads = tqdm(run.every_head, desc=f"causal ranking {self.name}", disable=not self.progress)
         rows = [
             {"layer": h.layer, "head": h.head, "name": str(h),
-             "drop_logprob": float(np.mean(base.answer_logprob - c.answer_logprob)),
-             "drop_accuracy": 100.0 * float(np.mean(base.correct - c.correct))}
-            for h, c in zip(run.every_head, run.sweep("zero"))
+             "drop_logprob": float(np.mean(base - run.answer_logprobs(AblateHeads((h,), ("latent",), "zero"))))}
+            for h in heads
         ]  # fmt: skip
         df = pd.DataFrame(rows).sort_values(["drop_logprob", "layer", "head"], ascending=[False, True, True])
         df.insert(0, "rank", range(1, len(df) + 1))

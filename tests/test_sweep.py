@@ -22,6 +22,7 @@ from harness.interventions import HeadAblation, HeadCapture
 from harness.kinds import ClaimError
 from harness.kinds.sweep import sweep_table
 from harness.runtime import answer_logprobs, encode_questions, run_latents
+from harness.specs import AblateHeads
 from harness.training import build_tiny
 
 TEST = synthetic_split("test")[:8]
@@ -134,10 +135,13 @@ def test_the_causal_ranking_is_the_discovery_sweep_and_feeds_head_claims(load_mo
     run = ModelRun(load_model("tiny-llama"), TEST, DISCOVERY, ResultCache(tmp_path))
     ranked = run.causal_ranking
     on_discovery = run.on_discovery()
-    drops = [
-        np.mean(on_discovery.baseline.answer_logprob - c.answer_logprob) for c in on_discovery.sweep("zero")
-    ]  # fmt: skip
-    best = [str(h) for _, h in sorted(zip(drops, run.every_head), key=lambda x: -x[0])[:3]]
+    spec = AblateHeads((Head(1, 3),), ("latent",), "zero")
+    measured = on_discovery.measure(spec)  # the full evaluation records the same log-probabilities
+    np.testing.assert_array_equal(on_discovery.answer_logprobs(spec), measured.answer_logprob)
+    drops = {str(h): np.mean(on_discovery.baseline.answer_logprob - on_discovery.answer_logprobs(
+        AblateHeads((h,), ("latent",), "zero"))) for h in run.every_head}  # fmt: skip
+    assert ranked.drop_logprob.iloc[0] == pytest.approx(max(drops.values()))
+    best = sorted(drops, key=lambda h: -drops[h])[:3]
     assert list(ranked.name[:3]) == best
     heads, source = run.heads_for((), 3, "causal")
     assert [str(h) for h in heads] == best and source == "causal ranking"
