@@ -149,15 +149,20 @@ def test_the_causal_ranking_is_the_discovery_sweep_and_feeds_head_claims(load_mo
 
 
 @pytest.mark.parametrize(
-    ("experiment", "message"),
+    ("metric", "experiment", "message"),
     [
-        ({"heads": ["L1H2"], "ranking": "causal"}, "give 'heads' or 'ranking', not both"),
-        ({"ranking": "casual"}, "did you mean 'causal'"),
-        ({"pattern": "uniform", "scope": "all", "ranking": "causal"}, "ranking applies to scope 'top'"),
+        ("ablation_drop", {"heads": ["L1H2"], "ranking": "causal"}, "give 'heads' or 'ranking', not both"),
+        ("ablation_drop", {"ranking": "casual"}, "did you mean 'causal'"),
+        ("pattern_drop", {"pattern": "uniform", "scope": "all", "ranking": "causal"}, "ranking applies to scope 'top'"),
+        ("head_sweep", {"test": "attention", "mode": "resample"}, "choose from zero, mean"),
+        ("logit_lens", {"test": "ordered", "step": 2}, "step applies to test 'decodes_step'"),
+        ("logit_lens", {"test": "decodes_step", "step": 9}, "step is 1 .* to 8"),
+        ("interchange", {"positions": ["CT1"], "lens_step": 1}, "give 'positions' or 'lens_step', not both"),
+        ("interchange", {"positions": ["bot"]}, "thought patches act on thoughts"),
+        ("probe_layer", {"test": "step_selectivity", "label": "answer_magnitude"}, "label applies to the hub probes"),
     ],
 )
-def test_ranking_settings_that_would_be_ignored_are_refused(experiment, message):
-    metric = "pattern_drop" if "pattern" in experiment else "ablation_drop"
+def test_settings_that_would_be_ignored_are_refused(metric, experiment, message):
     entry = {"id": "c", "phase": 3, "statement": "s", "metric": metric, "threshold": 1.0, "direction": "greater"}
     with pytest.raises(ClaimError, match=message):
         parse_claim({**entry, "experiment": experiment}, "test")

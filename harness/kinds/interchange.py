@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from harness.experiments import ModelRun
+from harness.experiments import MAX_LENS_STEPS, ModelRun
 from harness.kinds.base import Kind, Measured, Params, Section, choices, forbid_together, nan_effect
 from harness.kinds.logit_lens import lens_hits
 from harness.lens import position_names
@@ -37,8 +37,10 @@ class InterchangeParams(Params):
     def validate(self, given: set[str]) -> None:
         forbid_together(given, ("positions", "lens_step"))
         check_thought_positions(self.positions)
-        if self.lens_step is not None and self.lens_step < 1:
-            raise ValueError("lens_step counts from 1 (the first intermediate result)")
+        if self.lens_step is not None and not 1 <= self.lens_step <= MAX_LENS_STEPS:
+            raise ValueError(
+                f"lens_step is 1 (the first intermediate result) to {MAX_LENS_STEPS}, got {self.lens_step}"
+            )
 
 
 def thoughts_for(p: InterchangeParams, run: ModelRun) -> tuple[int, ...]:

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from harness.experiments import ModelRun
+from harness.experiments import MAX_LENS_STEPS, ModelRun
 from harness.kinds.base import Kind, Measured, Params, Section, choices, nan_effect
 from harness.lens import SOURCES, chance_targets, hits, position_names
 from harness.stats import PairedEffect, mean_with_ci
@@ -39,8 +39,8 @@ class LensParams(Params):
     def validate(self, given: set[str]) -> None:
         if self.top not in (1, 5):
             raise ValueError(f"top is 1 or 5, got {self.top}")
-        if self.step < 1:
-            raise ValueError("step counts from 1 (the first intermediate result)")
+        if not 1 <= self.step <= MAX_LENS_STEPS:
+            raise ValueError(f"step is 1 (the first intermediate result) to {MAX_LENS_STEPS}, got {self.step}")
         if "step" in given and self.test != "decodes_step":
             raise ValueError(f"step applies to test 'decodes_step', not {self.test!r}")
 
