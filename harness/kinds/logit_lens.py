@@ -73,6 +73,9 @@ def measure(p: LensParams, run: ModelRun, measure: str) -> Measured:
         return Measured(mean_with_ci(values, seed=run.seed), details)
     found, _, have = lens_hits(run, "test", p.source, p.top)
     steps = [k for k in range(have.shape[1]) if have[:, k].sum() >= MIN_PROBLEMS]
+    if len(steps) < 2:
+        note = f"fewer than two solution steps with {MIN_PROBLEMS} problems each: no order to test"
+        return Measured(nan_effect(len(found)), {**details, "positions": [], "note": note})
 
     def best_positions(rows: np.ndarray) -> np.ndarray:
         rates = np.stack([found[rows][have[rows, k], :, k].mean(0) for k in steps], -1)  # [P, steps]

@@ -54,6 +54,8 @@ def step_cell(run: ModelRun, step: int) -> tuple[int, int, np.ndarray, np.ndarra
     have it, and the task and control correctness there of the odd-numbered ones ([n] each)."""
     probes = run.step_probes()[step - 1]  # [2, K, L + 1, N]
     have = np.flatnonzero(probes[0, 0, 0] >= 0)
+    if len(have) < 4:  # no probe was fitted: too few problems have the step
+        return 0, 0, np.zeros(0), np.zeros(0)
     select, held = have[::2], have[1::2]
     selectivity = probes[0][..., select].mean(-1) - probes[1][..., select].mean(-1)  # [K, L + 1]
     thought, layer = np.unravel_index(int(np.argmax(selectivity)), selectivity.shape)
@@ -63,6 +65,9 @@ def step_cell(run: ModelRun, step: int) -> tuple[int, int, np.ndarray, np.ndarra
 def measure(p: ProbeParams, run: ModelRun, measure: str) -> Measured:
     if p.test == "step_selectivity":
         thought, layer, task, control = step_cell(run, p.step)
+        if len(task) < 2:
+            note = f"too few problems with a step {p.step} to probe it"
+            return Measured(nan_effect(len(task)), {"step": p.step, "positions": [], "heads": [], "note": note})
         details = {"step": p.step, "positions": [f"CT{thought}"], "layer": layer, "heads": [],
                    "mode": f"probe (step {p.step} result, layer {layer})", "accuracy": float(100 * task.mean()),
                    "control_accuracy": float(100 * control.mean())}  # fmt: skip
