@@ -1,5 +1,11 @@
-"""Integrated gradients from a critical head's output at the hub thought back to the question
+"""Gradient attributions: attribution patching of every head (the causal sweep's fast screen),
+and integrated gradients from a critical head's output at the hub thought back to the question
 tokens (experiment 3.2), with captum's LayerIntegratedGradients on the token embeddings.
+
+Attribution patching (Nanda 2023; Syed et al. 2023) estimates each head's ablation effect on
+the gold answer's teacher-forced log-probability to first order: grad . (ablated - clean) of
+the head's output at the thought positions, summed over them; one forward and one backward
+pass per batch give every head at once.
 
 The attributed scalar is the head's output at the hub CT (its slice of the output-projection
 input) projected on that head's mean output direction over the attributed problems: a linear
@@ -17,10 +23,10 @@ import torch
 
 from harness.arch import Head
 from harness.codi import CODIModel
-from harness.data import NAMES, Problem
-from harness.interventions import HeadCapture
+from harness.data import NAMES, Problem, format_number
+from harness.interventions import HeadCapture, HeadGradients
 from harness.progress import bar
-from harness.runtime import Batch, encode_questions, run_latents
+from harness.runtime import Batch, answer_logprobs, encode_questions, question_pass, run_latents
 
 CATEGORIES = ("number", "operator", "entity", "other")
 # arithmetic symbols and the words that name an operation or a relation between quantities
@@ -169,3 +175,41 @@ def _mean_directions(codi: CODIModel, batches: list[Batch], heads: list[Head], t
         for j, head in enumerate(heads):
             sums[j] += cap.values[head][:, 0].float().sum(0).cpu()
     return [s / s.norm().clamp_min(1e-12) for s in sums]
+
+
+def attribution_patching(
+    codi: CODIModel,
+    problems: list[Problem],
+    means: torch.Tensor,
+    batch_size: int = 128,
+    progress: bool = False,
+) -> np.ndarray:
+    """First-order estimate of each head's ablation drop in answer log-probability (nats), per
+    problem, for zero and mean ablation at every thought: [2 (zero, mean), N, L, H].
+
+    `means` [L, H, K, hd] are the heads' mean outputs at the thoughts (mean ablation's values).
+    A drop is clean minus ablated log-probability, so the estimate is -grad . (ablated - clean).
+    """
+    geo = codi.geometry
+    out = np.zeros((2, len(problems), geo.n_layers, geo.n_heads))
+    progress_bar = bar(total=len(problems), desc=f"attribution patching {codi.name}", disable=not progress)
+    for start in range(0, len(problems), batch_size):
+        chunk = problems[start : start + batch_size]
+        batch = encode_questions(codi, [p.question for p in chunk])
+        with torch.no_grad():  # the question pass precedes every thought: no gradient needed there
+            prefix = question_pass(codi, batch)
+        with torch.enable_grad(), HeadGradients(codi, batch.positions(codi.n_latent).latent) as hook:
+            state = run_latents(codi, batch, prefix=prefix)
+            logprob = answer_logprobs(codi, state, [format_number(p.answer) for p in chunk], copy_cache=False)
+            layers = sorted(hook.deltas)
+            grads = torch.autograd.grad(logprob.sum(), [hook.deltas[layer] for layer in layers], allow_unused=True)
+        for layer, grad in zip(layers, grads):  # grad, clean: [B, K, H, hd]
+            clean = hook.clean[layer]
+            grad = torch.zeros_like(clean) if grad is None else grad  # a layer the answer does not read
+            zero = (grad * clean).sum((1, 3))  # -grad . (0 - clean), summed over thoughts: [B, H]
+            mean = -(grad * (means[layer].transpose(0, 1).to(clean) - clean)).sum((1, 3))  # means: [K, H, hd]
+            out[0, start : start + len(chunk), layer] = zero.double().cpu().numpy()
+            out[1, start : start + len(chunk), layer] = mean.double().cpu().numpy()
+        progress_bar.update(len(chunk))
+    progress_bar.close()
+    return out

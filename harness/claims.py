@@ -189,6 +189,7 @@ def evaluate_claim(claim: Claim, run: ModelRun) -> ClaimResult:
         threshold=threshold,
         direction=claim.direction,
         refute_at=refute_at,
+        unit=str(details.get("units", "")),
         p_value=p_value,
         p_test=p_test,
         verdict=judge(effect.ci_low, effect.ci_high, threshold, claim.direction, refute_at),

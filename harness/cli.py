@@ -1,4 +1,4 @@
-"""`python -m harness train|evaluate|rank-heads|claims`: argument parsing and one-line usage errors (exit 4)."""
+"""`python -m harness train|evaluate|rank-heads|sweep|claims`: argument parsing and one-line usage errors (exit 4)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,13 @@ import logging
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from harness.cache import DEFAULT_DIR
 from harness.codi import ModelLoadError
+
+if TYPE_CHECKING:
+    from harness.experiments import ModelRun
 from harness.data import PROJECT_ROOT, DataError
 
 USAGE_ERROR = 4
@@ -116,6 +121,65 @@ def _rank_heads(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    import tempfile
+
+    import torch
+
+    from harness.cache import ResultCache
+    from harness.data import held_out_splits
+    from harness.experiments import ModelRun
+    from harness.models import resolve
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    problems, discovery = held_out_splits(args.data, args.n_problems)
+    with tempfile.TemporaryDirectory() as scratch:  # --no-cache: computed once here, read back for the table
+        cache = ResultCache(scratch if args.no_cache else args.cache_dir)
+        model = resolve(args.model, args.base, device=args.device, cache=cache)
+        run = ModelRun(model, problems, discovery, cache, args.batch_size, progress=not args.json)
+        return _report_sweep(run, args)
+
+
+def _report_sweep(run: ModelRun, args: argparse.Namespace) -> int:
+    """Time the ablation sweep and attribution patching on the same problems, then print them."""
+    import time
+
+    from scipy.stats import spearmanr
+
+    from harness.kinds.sweep import sweep_table
+
+    baseline_accuracy = run.baseline.mean("accuracy")  # shared by both: not timed
+    before = len(run._computed)
+    start = time.perf_counter()
+    run.sweep(args.mode)
+    seconds_ablation = time.perf_counter() - start
+    start = time.perf_counter()
+    run.attribution_patching()
+    seconds_attribution = time.perf_counter() - start
+    computed = len(run._computed) - before  # results computed while timed (0: the timings are cache reads)
+    table = sweep_table(run, args.mode)
+    rho = float(spearmanr(table.attribution, table.ablation_drop_logprob).statistic)
+    if args.json:
+        heads = table[["head", "ablation_drop", "ablation_drop_logprob", "attribution"]].to_dict(orient="records")
+        print(json.dumps({"model": run.name, "n_problems": len(run.problems), "mode": args.mode,
+                          "baseline_accuracy": baseline_accuracy, "heads": heads,
+                          "spearman": rho, "seconds_ablation": round(seconds_ablation, 2),
+                          "seconds_attribution": round(seconds_attribution, 2), "computed": computed}))  # fmt: skip
+        return 0
+    print(f"model {run.name}: {len(run.problems)} problems (baseline accuracy {baseline_accuracy:.1f}%), "
+          f"every head alone {args.mode}-ablated at every thought")  # fmt: skip
+    top = table.sort_values("ablation_drop_logprob", ascending=False).head(args.top)
+    columns = ["head", "ablation_drop", "ablation_drop_logprob", "attribution", "composite"]
+    print(top[columns].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    ratio = seconds_ablation / max(seconds_attribution, 1e-9)
+    print(f"Spearman (attribution vs ablation log-prob drop, {len(table)} heads): {rho:.3f}")
+    print(f"ablation sweep {seconds_ablation:.1f} s, attribution patching {seconds_attribution:.1f} s ({ratio:.0f}x)")
+    if computed == 0:
+        print("(every result came from the cache: the timings are reads; --no-cache times the computation)")
+    return 0
+
+
 def _claims(args: argparse.Namespace) -> int:
     from harness.claims import ClaimError, check_against_model, load_registry
     from harness.models import resolve
@@ -184,6 +248,20 @@ def build_parser() -> argparse.ArgumentParser:
     rk.add_argument("--threads", type=int, help="torch CPU threads")
     rk.add_argument("--json", action="store_true", help="print one JSON object")
     rk.set_defaults(func=_rank_heads)
+    sw = sub.add_parser("sweep", help="every head alone ablated at the thoughts, and attribution patching's estimate")
+    sw.add_argument("--model", default="tiny-gpt2", help="tiny-gpt2, tiny-llama, codi-gpt2, codi-llama or a path")
+    sw.add_argument("--base", help="base model (HF id or directory) for hub-format checkpoints")
+    sw.add_argument("--data", default="synthetic", help="synthetic, gsm8k or a .jsonl (its discovery split: see docs)")
+    sw.add_argument("--n-problems", type=int, default=1000, help="problems from the test split (default 1000)")
+    sw.add_argument("--mode", choices=["zero", "mean"], default="zero", help="ablation mode (default zero)")
+    sw.add_argument("--batch-size", type=int, help="default 128 on CPU; on CUDA, what memory holds (at most 512)")
+    sw.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1")
+    sw.add_argument("--threads", type=int, help="torch CPU threads")
+    sw.add_argument("--top", type=int, default=10, help="how many heads to print")
+    sw.add_argument("--cache-dir", default=str(DEFAULT_DIR), help="result cache directory (shared with the suite)")
+    sw.add_argument("--no-cache", action="store_true", help="recompute everything (honest timings)")
+    sw.add_argument("--json", action="store_true", help="print one JSON object")
+    sw.set_defaults(func=_sweep)
     cl = sub.add_parser("claims", help="validate the claims registry and list every claim with its parameters")
     cl.add_argument("--registry", default=str(REGISTRY_DEFAULT), help="default hypotheses/claims.toml")
     cl.add_argument("--model", action="append", help="also check named heads and thoughts against this model")
@@ -209,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         return USAGE_ERROR if e.code else 0
     _log_to_stderr()
-    for option in ("batch_size", "max_new_tokens", "threads", "top", "n_latent"):
+    for option in ("batch_size", "max_new_tokens", "threads", "top", "n_latent", "n_problems"):
         value = getattr(args, option, None)
         if value is not None and value <= 0:
             print(f"error: --{option.replace('_', '-')} must be positive, got {value}", file=sys.stderr)

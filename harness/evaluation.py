@@ -9,6 +9,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 from harness.codi import CODIModel
@@ -168,6 +169,29 @@ def evaluate(
         bar.update(len(chunk))
     bar.close()
     return EvalResult(records, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def teacher_forced(
+    codi: CODIModel,
+    problems: list[Problem],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    intervene: Intervene | None = None,
+    prefixes: PrefixStore | None = None,
+) -> np.ndarray:
+    """The gold answers' teacher-forced log-probabilities alone (no decoding): [N] nats, the
+    same numbers `evaluate` records (the same batches, in the same order), for a fraction of
+    its time when an intervention keeps the model from ending its answer."""
+    order = sorted(range(len(problems)), key=lambda i: len(problems[i].question))
+    out = np.zeros(len(problems))
+    for indices in _batches(order, batch_size):
+        chunk = [problems[i] for i in indices]
+        batch = encode_questions(codi, [p.question for p in chunk])
+        prefix = prefixes.get(codi, batch, indices) if prefixes is not None else None
+        with intervene(batch.positions(codi.n_latent), indices) if intervene else nullcontext():
+            state = run_latents(codi, batch, prefix=prefix)
+            out[indices] = answer_logprobs(codi, state, [format_number(p.answer) for p in chunk]).numpy()
+    return out
 
 
 @torch.no_grad()

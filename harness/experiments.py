@@ -21,17 +21,20 @@ import pandas as pd
 import torch
 
 from harness.arch import Head, HeadGeometry
-from harness.attribution import Attributions, integrated_gradients, question_tokens
+from harness.attribution import Attributions, attribution_patching, integrated_gradients, question_tokens
 from harness.cache import ResultCache, content_key
 from harness.codi import CODIModel
 from harness.data import Problem
 from harness.discovery import LatentAttention, head_metrics, model_hub_thought, record_latent_attention, top_heads
-from harness.evaluation import PrefixStore, evaluate
+from harness.evaluation import PrefixStore, evaluate, teacher_forced
+from harness.interchange import interchange, interchange_pairs
 from harness.interventions import HeadCapture
+from harness.lens import lens_tokens, step_tokens
 from harness.models import LazyModel, default_batch_size
-from harness.probes import ProbeResults, run_probes, thought_states
+from harness.probes import ProbeResults, all_thought_states, run_probes, step_probes, thought_states
+from harness.progress import bar
 from harness.runtime import encode_questions, generate, run_latents
-from harness.specs import Baseline, Spec, TransplantHead, installer, what_runs, with_draw
+from harness.specs import AblateHeads, Baseline, Spec, TransplantHead, installer, what_runs, with_draw
 from harness.stats import PairedEffect, paired_effect
 from harness.transplant import DEFAULT_RIDGE, HeadTransplant, LinearMap, paired_states
 from harness.verdicts import ClaimResult, claim_result
@@ -39,6 +42,9 @@ from harness.verdicts import ClaimResult, claim_result
 MAX_NEW_TOKENS = 256
 IG_PROBLEMS = 100  # problems attributed by integrated gradients (3.2)
 IG_STEPS = 32
+MAX_PROBE_STEPS = 4  # solution steps probed (the synthetic problems have 1-4)
+MAX_LENS_STEPS = 8  # solution steps scored by the logit lens (GSM8K has a few longer ones)
+RANKINGS = ("attention", "causal")  # where a claim's top heads come from (`heads_for`)
 
 
 @dataclass(frozen=True)
@@ -224,6 +230,17 @@ class ModelRun:
             self.on_measured(self.name, what, time.perf_counter() - start, bool(computed))
         return value
 
+    def answer_logprobs(self, spec: Spec) -> np.ndarray:
+        """Per-problem gold-answer log-probability of one condition without decoding (the
+        `answer_logprob` of `measure`, for rankings that need nothing else): [N], cached."""
+
+        def compute() -> np.ndarray:
+            intervene = None if isinstance(spec, Baseline) else installer(spec, self)
+            prefixes = self._prefixes if spec.latent_only(self.n_latent) else None
+            return teacher_forced(self.codi, self.problems, self.batch_size, intervene, prefixes)
+
+        return self._get(self.key(**spec.key(), part="answer_logprob"), f"{spec.describe()} (answer log-prob)", compute)
+
     def measure_draws(self, spec: Spec, n_draws: int) -> list[Condition]:
         """A randomised condition's `n_draws` independent draws (one condition otherwise)."""
         return [self.measure(with_draw(spec, d)) for d in range(n_draws if spec.randomised else 1)]
@@ -307,6 +324,56 @@ class ModelRun:
     def hub(self) -> str:
         return f"CT{self.hub_thought}"
 
+    def split_key(self, split: str, **spec) -> str:
+        """The cache key of a result over the `test` or `discovery` problems."""
+        return content_key(model=self.fingerprint, data=data_hash(self.split(split)), decoding=self.decoding, spec=spec)
+
+    def lens(self, split: str = "test") -> np.ndarray:
+        """Logit lens of bot and every thought (hidden state and thought): top-5 tokens,
+        [N, 2, K + 1, 5], cached."""
+
+        def compute() -> np.ndarray:
+            return lens_tokens(self.codi, self.split(split), self.batch_size, progress=self.progress)
+
+        return self._get(self.split_key(split, kind="logit_lens"), f"logit lens ({split} split)", compute)
+
+    def step_targets(self, split: str = "test", n_steps: int = MAX_LENS_STEPS) -> np.ndarray:
+        """Each problem's intermediate results as the model's tokens: [N, n_steps], -1 where a
+        problem has fewer steps (cached: a warm run loads no tokenizer)."""
+        problems = self.split(split)
+        key = self.split_key(split, kind="step_targets", n_steps=n_steps)
+        return self.cache.get_or_compute(key, lambda: step_tokens(self.codi, problems, n_steps))
+
+    @cached_property
+    def pairs(self) -> tuple[list[int], list[Problem]]:
+        """Interchange pairs: (indices of the base test problems, their counterfactual sources)."""
+        return interchange_pairs(self.problems, self.seed)
+
+    def interchange(self, thoughts: tuple[int, ...]) -> np.ndarray:
+        """Each pair's base run with thoughts `thoughts` from its source: [3, n_pairs] (answer
+        is the counterfactual, answer is the base's, log-prob of the counterfactual), cached."""
+        bases, sources = [self.problems[i] for i in self.pairs[0]], self.pairs[1]
+
+        def compute() -> np.ndarray:
+            result, stays = interchange(self.codi, bases, sources, thoughts, self.batch_size, self.progress)
+            return np.array([[r.correct for r in result.records], stays, [r.answer_logprob for r in result.records]])
+
+        key = self.key(kind="interchange", thoughts=sorted(thoughts), sources=data_hash(sources))
+        return self._get(key, f"interchange of thoughts {', '.join(f'CT{t}' for t in sorted(thoughts))}", compute)
+
+    def pair_sources_correct(self) -> np.ndarray:
+        """Whether the model answers each pair's source right, unpatched: [n_pairs], cached."""
+        sources = self.pairs[1]
+
+        def compute() -> np.ndarray:
+            result = evaluate(
+                self.codi, sources, self.batch_size, max_new_tokens=MAX_NEW_TOKENS, progress=self.progress
+            )
+            return np.array([r.correct for r in result.records])
+
+        key = self.key(kind="interchange_sources", sources=data_hash(sources))
+        return self._get(key, "interchange sources (unpatched)", compute)
+
     @cached_property
     def probes(self) -> ProbeResults:
         """3.1: layer-wise probes at the hub thought over the test problems, cached."""
@@ -317,6 +384,17 @@ class ModelRun:
 
         packed = self._get(self.key(kind="probes", thought=self.hub, seed=self.seed), f"probes at {self.hub}", compute)
         return ProbeResults.unpack(packed, self.problems)
+
+    def step_probes(self, n_steps: int = MAX_PROBE_STEPS) -> np.ndarray:
+        """Probes of each step's result at every thought and layer, with the control task:
+        [n_steps, 2, K, L + 1, N] per-problem correctness (-1: no such step), cached."""
+
+        def compute() -> np.ndarray:
+            states = all_thought_states(self.codi, self.problems, self.batch_size, self.progress)
+            return step_probes(states, self.problems, n_steps, self.seed, self.progress)
+
+        key = self.key(kind="step_probes", n_steps=n_steps, seed=self.seed)
+        return self._get(key, "step-result probes (every thought and layer)", compute)
 
     def attributions(self, heads: list[Head], n_problems: int = IG_PROBLEMS, n_steps: int = IG_STEPS) -> Attributions:
         """3.2: integrated gradients of each head's output at the hub thought, cached."""
@@ -369,14 +447,73 @@ class ModelRun:
     def critical_heads(self, n: int) -> list[Head]:
         return self.heads_for((), n)[0]
 
-    def heads_for(self, named: Sequence[str], n_heads: int) -> tuple[list[Head], str]:
+    def heads_for(self, named: Sequence[str], n_heads: int, ranking: str = "attention") -> tuple[list[Head], str]:
         """The heads a claim acts on and where they come from: the claim's own `heads`, else
-        the session's `--heads`, else the top `n_heads` of the discovery ranking."""
+        the session's `--heads`, else the top `n_heads` of the discovery split's attention
+        ranking or (`ranking="causal"`) of its causal sweep."""
         if named:
             return [Head.parse(h) for h in named], "claim"
         if self.heads:
             return self.heads[:n_heads], "--heads"
+        if ranking == "causal":
+            return top_heads(self.causal_ranking, n_heads), "causal ranking"
         return top_heads(self.ranking, n_heads), "ranking"
+
+    # --- the causal head sweep --------------------------------------------------------------
+
+    @property
+    def every_head(self) -> list[Head]:
+        geo = self.geometry
+        return [Head(layer, head) for layer in range(geo.n_layers) for head in range(geo.n_heads)]
+
+    def sweep(self, mode: str = "zero") -> list[Condition]:
+        """Every head alone ablated at every thought: the `AblateHeads((head,), ("latent",),
+        mode)` conditions a single-head claim measures (the same cache entries), in
+        `every_head` order."""
+        heads = bar(self.every_head, desc=f"head sweep {self.name} ({mode})", disable=not self.progress)
+        return [self.measure(AblateHeads((head,), ("latent",), mode)) for head in heads]
+
+    def head_means(self) -> torch.Tensor:
+        """Every head's mean output at each thought over the discovery split (mean ablation's
+        values): [L, H, K, hd]."""
+        outputs = self.head_outputs(tuple(self.every_head), ("latent",), "discovery")
+        geo = self.geometry
+        means = torch.stack([outputs[h].mean(0) for h in self.every_head])  # [L * H, K, hd]
+        return means.view(geo.n_layers, geo.n_heads, *means.shape[1:])
+
+    def attribution_patching(self) -> np.ndarray:
+        """Attribution patching's estimate of every head's ablation drop in answer
+        log-probability, per problem: [2 (zero, mean), N, L, H] nats, cached."""
+
+        def compute() -> np.ndarray:
+            means = self.head_means()
+            return attribution_patching(self.codi, self.problems, means, self.batch_size, self.progress)
+
+        key = self.key(kind="attribution_patching", means=data_hash(self.discovery))
+        return self._get(key, "attribution patching (every head)", compute)
+
+    def on_discovery(self) -> ModelRun:
+        """This model's run on the discovery split (mean values from that split too): what a
+        ranking is chosen on, disjoint from the test problems claims are measured on."""
+        return ModelRun(self.model, self.discovery, self.discovery, self.cache, self.requested_batch_size, self.seed,
+                        progress=self.progress, _prefixes=PrefixStore())  # fmt: skip
+
+    @cached_property
+    def causal_ranking(self) -> pd.DataFrame:
+        """Heads by their zero-ablation drop in answer log-probability at every thought on the
+        discovery split (the sweep's causal ranking, teacher-forced only), best first, with
+        `rank`, `layer`, `head`, `name`, `drop_logprob`."""
+        run = self.on_discovery()
+        base = run.answer_logprobs(Baseline())
+        heads = bar(run.every_head, desc=f"causal ranking {self.name}", disable=not self.progress)
+        rows = [
+            {"layer": h.layer, "head": h.head, "name": str(h),
+             "drop_logprob": float(np.mean(base - run.answer_logprobs(AblateHeads((h,), ("latent",), "zero"))))}
+            for h in heads
+        ]  # fmt: skip
+        df = pd.DataFrame(rows).sort_values(["drop_logprob", "layer", "head"], ascending=[False, True, True])
+        df.insert(0, "rank", range(1, len(df) + 1))
+        return df.reset_index(drop=True)
 
     def random_head_sets(self, like: list[Head], n_sets: int = 20) -> list[list[Head]]:
         """Random head sets matched by layer to `like`, never containing its heads."""

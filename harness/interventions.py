@@ -121,6 +121,32 @@ class HeadCapture(_HeadHooks):
         return None
 
 
+class HeadGradients(_HeadHooks):
+    """Attribution patching's hook: every head's output at `positions` gets a zero tensor added
+    that requires grad, so one backward pass gives d(metric)/d(head output) there for every
+    head at once. `.deltas[layer].grad` and `.clean[layer]` are [B, n_positions, n_heads, hd]
+    after the backward pass and the forward pass."""
+
+    def __init__(self, codi: CODIModel, positions: Sequence[int]):
+        geo = codi.geometry
+        every = [Head(layer, head) for layer in range(geo.n_layers) for head in range(geo.n_heads)]
+        super().__init__(codi, every, positions)
+        self.deltas: dict[int, torch.Tensor] = {}
+        self.clean: dict[int, torch.Tensor] = {}
+
+    def _on_heads(self, x, heads, local, which, args):
+        layer = heads[0].layer
+        if layer not in self.deltas:
+            shape = (x.shape[0], len(self.positions), self.n_heads, self.head_dim)
+            self.deltas[layer] = x.new_zeros(shape, requires_grad=True)
+            self.clean[layer] = x.new_zeros(shape)
+        view = self._view(x)  # [B, T, H, hd]
+        self.clean[layer][:, which] = view[:, local].detach()
+        x = x.clone()
+        self._view(x)[:, local] = view[:, local] + self.deltas[layer][:, which]
+        return (x, *args[1:])
+
+
 # where an activation is read, per layer: the block's input, its attention's input (after the
 # block's first norm), the block's output
 SITES = ("resid_pre", "attn_in", "resid_post")

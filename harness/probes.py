@@ -21,6 +21,7 @@ import torch
 from harness.codi import CODIModel
 from harness.data import Problem
 from harness.interventions import ActivationCapture, residual_sites
+from harness.lens import step_results
 from harness.progress import bar
 from harness.runtime import encode_questions, run_latents
 
@@ -75,6 +76,47 @@ def thought_states(
         states = torch.cat([capture.stacked(site) for site in sites], dim=1)  # [B, L + 1, d]
         out.append(states.float().cpu().numpy())
     return np.concatenate(out)
+
+
+@torch.no_grad()
+def all_thought_states(
+    codi: CODIModel, problems: list[Problem], batch_size: int = 128, progress: bool = False
+) -> np.ndarray:
+    """Residual stream at every thought after every layer: [N, K, L + 1, d] (float32 numpy)."""
+    out = []
+    sites = residual_sites(codi.geometry.n_layers)
+    for start in bar(range(0, len(problems), batch_size), desc=f"thought states {codi.name}", disable=not progress):
+        batch = encode_questions(codi, [p.question for p in problems[start : start + batch_size]])
+        with ActivationCapture(codi, sites, batch.positions(codi.n_latent).latent) as capture:
+            run_latents(codi, batch)
+        states = torch.stack([capture.stacked(site) for site in sites], dim=2)  # [B, K, L + 1, d]
+        out.append(states.float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def step_probes(
+    states: np.ndarray, problems: list[Problem], n_steps: int, seed: int, progress: bool = False
+) -> np.ndarray:
+    """Probes of each solution step's result (its last digit) at every thought and layer, with
+    the control task: [n_steps, 2 (task, control), K, L + 1, N] int8 per-problem correctness
+    (-1 where a problem has no such step)."""
+    n, k, layers = states.shape[:3]
+    out = np.full((n_steps, 2, k, layers, n), -1, dtype=np.int8)
+    values = np.full((n, n_steps), np.nan)
+    for i, p in enumerate(problems):
+        results = step_results(p)[:n_steps]
+        values[i, : len(results)] = results
+    jobs = [(j, t, layer) for j in range(n_steps) for t in range(k) for layer in range(layers)]
+    for j, t, layer in bar(jobs, desc="step probes", disable=not progress):
+        keep = ~np.isnan(values[:, j])
+        if keep.sum() < 10:  # too few problems with this step to cross-validate
+            continue
+        y = np.array([_last_digit(v) for v in values[keep, j]])
+        out[j, 0, t, layer, keep] = probe_correct(states[keep, t, layer], y, seed)
+        out[j, 1, t, layer, keep] = probe_correct(
+            states[keep, t, layer], control_labels(values[keep, j], y, seed), seed
+        )
+    return out
 
 
 def probe_correct(features: np.ndarray, labels: np.ndarray, seed: int, folds: int = 5) -> np.ndarray:

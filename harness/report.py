@@ -182,7 +182,7 @@ def _finding(r) -> str:
     """One sentence per claim: the statement, what was run, the verdict and the numbers."""
     pct = r.control_percentile
     control = "" if pd.isna(pct) else f"; the effect sits at percentile {pct:.0f} of the control"
-    units = UNITS.get(r.measure, "")
+    units = r.unit or UNITS.get(r.measure, "")
     digits = 2 if r.measure == "answer_logprob" else 1
     ran = ", ".join(f"{k} {v}" for k, v in what_ran(r.heads, r.positions, r.mode))
     return (
@@ -318,7 +318,7 @@ def write_report(
         d = 2 if r.measure == "answer_logprob" else 1
         lines.append(
             f"{r.verdict:12s} {r.id:32s} {r.model:12s} effect {r.effect:+6.{d}f} "
-            f"[{r.ci_low:+.{d}f}, {r.ci_high:+.{d}f}] {UNITS.get(r.measure, '')}"
+            f"[{r.ci_low:+.{d}f}, {r.ci_high:+.{d}f}] {r.unit or UNITS.get(r.measure, '')}"
         )
     lines += [f"  {r.id} on {r.model}: {_note(r)}" for r in df.itertuples() if _note(r)]
     lines.append(said)

@@ -15,19 +15,20 @@ from harness.stats import UNITS
 from harness.verdicts import what_ran
 
 COLOURS = {"SUPPORTED": "#1a7f37", "REFUTED": "#c62828", "INCONCLUSIVE": "#b58900"}
-_MEASURE_LABEL = {"accuracy": "effect (accuracy points)", "answer_logprob": "effect (answer log-prob, nats)"}
+_UNIT_LABEL = {"points": "effect (accuracy points)", "nats": "effect (answer log-prob, nats)"}
 
 
 def forest_plot(df: pd.DataFrame) -> Figure:
     """Every claim x model: the effect with its 95% CI, coloured by verdict, with the
     claim's threshold (|) and refute line (:); one panel per measure (points and nats differ)."""
-    measures = list(dict.fromkeys(df.measure))
-    heights = [max(1.5, 0.28 * (df.measure == m).sum() + 0.8) for m in measures]
+    units = df.unit.where(df.unit != "", df.measure.map(UNITS))  # one panel per unit (points, nats, rho, ...)
+    measures = list(dict.fromkeys(units))
+    heights = [max(1.5, 0.28 * (units == m).sum() + 0.8) for m in measures]
     total = sum(heights) + 0.9  # title and legend
     fig = Figure(figsize=(10, total), layout="constrained")
     axes = fig.subplots(len(measures), 1, squeeze=False, height_ratios=heights)[:, 0]
     for ax, measure in zip(axes, measures):
-        rows = df[df.measure == measure].reset_index(drop=True)
+        rows = df[units == measure].reset_index(drop=True)
         y = np.arange(len(rows))[::-1]  # first claim at the top
         for yi, r in zip(y, rows.itertuples()):
             colour = COLOURS.get(r.verdict, "grey")
@@ -40,7 +41,7 @@ def forest_plot(df: pd.DataFrame) -> Figure:
         ax.set_yticks(y, [f"{r.id} · {r.model}" for r in rows.itertuples()], fontsize=8)
         ax.axvline(0, color="grey", lw=0.5)
         ax.set_ylim(-0.7, len(rows) - 0.3)
-        ax.set_xlabel(_MEASURE_LABEL.get(measure, measure))
+        ax.set_xlabel(_UNIT_LABEL.get(measure, f"effect ({measure})"))
         ax.grid(axis="x", alpha=0.3)
     handles = [Line2D([], [], color=c, marker="o", lw=2, label=v.lower()) for v, c in COLOURS.items()]
     handles += [
@@ -76,7 +77,7 @@ def claims_table(df: pd.DataFrame) -> str:
         d = 2 if r.measure == "answer_logprob" else 1
         ran = "; ".join(f"{k}: {v}" for k, v in what_ran(r.heads, r.positions, r.mode))
         note = r.details.get("note", "") if isinstance(r.details, dict) else ""
-        unit = UNITS.get(r.measure, "")
+        unit = r.unit or UNITS.get(r.measure, "")
         rows.append(
             f"<tr class='{r.verdict.lower()}' title='{html.escape(r.statement)}'>"
             f"<td class='nw'><b>{html.escape(r.id)}</b></td><td class='nw'>{html.escape(r.model)}</td>"

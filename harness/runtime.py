@@ -65,6 +65,7 @@ class LatentState:
     next_position: torch.Tensor  # [B] position id of the next token
     thoughts: torch.Tensor  # [B, K, d] CT0..CT{K-1} as fed to the model
     bot_hidden: torch.Tensor  # [B, d] final-normed state at bot (CT0 = prj of it, unpatched)
+    hiddens: torch.Tensor  # [B, K + 1, d] final-normed states at bot, CT0..CT{K-1} (before `prj`)
 
 
 def _ones(mask: torch.Tensor, n: int = 1) -> torch.Tensor:
@@ -125,7 +126,7 @@ def run_latents(
     hidden = prefix.hidden  # [B, d]
     bot_hidden = hidden
     next_pos = torch.full_like(pos[:, -1], mask.shape[1]) if codi.reference_batching else pos[:, -1] + 1  # [B]
-    thoughts = []
+    thoughts, hiddens = [], [hidden]
     for i in range(codi.n_latent if n_thoughts is None else n_thoughts):
         thought = codi.prj(hidden)  # [B, d]
         if patch is not None:
@@ -134,8 +135,9 @@ def run_latents(
         mask = _ones(mask)
         out = _next_step(codi, mask, next_pos, cache, inputs_embeds=thought[:, None])
         hidden = out.last_hidden_state[:, -1]
+        hiddens.append(hidden)
         next_pos = next_pos + 1
-    return LatentState(cache, mask, next_pos, torch.stack(thoughts, dim=1), bot_hidden)
+    return LatentState(cache, mask, next_pos, torch.stack(thoughts, dim=1), bot_hidden, torch.stack(hiddens, dim=1))
 
 
 class ThoughtPatch:
@@ -219,9 +221,10 @@ def answer_targets(codi: CODIModel, answers: list[str]) -> tuple[list[list[int]]
     return ids, scored
 
 
-def answer_logprobs(codi: CODIModel, state: LatentState, answers: list[str]) -> torch.Tensor:
+def answer_logprobs(codi: CODIModel, state: LatentState, answers: list[str], copy_cache: bool = True) -> torch.Tensor:
     """Log-probability (nats) of each row's gold answer number under teacher forcing: eot and
-    the answer's tokens in one pass over a copy of the latent cache: [B].
+    the answer's tokens in one pass over a copy of the latent cache: [B]. `copy_cache=False`
+    extends the cache itself (needed when it holds a graph to differentiate: a copy cannot).
 
     Rows are right-padded with eos; a padded token is never a target, and no real token
     attends to a later one, so padding cannot leak."""
@@ -234,7 +237,7 @@ def answer_logprobs(codi: CODIModel, state: LatentState, answers: list[str]) -> 
     tokens = tokens.to(codi.device)
     mask = _ones(state.attention_mask, width)
     positions = state.next_position[:, None] + torch.arange(width, device=codi.device)  # [B, W]
-    cache = copy.deepcopy(state.cache)
+    cache = copy.deepcopy(state.cache) if copy_cache else state.cache
     if codi.reference_batching:  # as its decoding: no mask, no position ids
         out = codi.step(None, None, cache, input_ids=tokens)
     else:

@@ -69,13 +69,14 @@ class ClaimResult:
     mode: str = ""
     baseline: float = float("nan")  # baseline accuracy (%) or mean answer log-prob (nats)
     refute_at: float = float("nan")  # the opposite criterion (the threshold unless the claim says)
+    unit: str = ""  # the effect's unit when the kind's is not the measure's (e.g. rho, layers)
     p_holm: float | None = None
     control_percentile: float | None = None
     details: dict = field(default_factory=dict)
 
     @property
     def units(self) -> str:
-        return UNITS.get(self.measure, "")
+        return self.unit or UNITS.get(self.measure, "")
 
     def as_row(self) -> dict:
         return asdict(self)

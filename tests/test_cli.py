@@ -5,6 +5,7 @@ import sys
 import pandas as pd
 import pytest
 
+from harness.claims import load_registry
 from harness.cli import USAGE_ERROR, main
 from harness.codi import save_codi
 
@@ -86,7 +87,8 @@ def test_rank_heads_prints_and_writes_every_head(saved_model, capsys, tmp_path):
 def test_claims_command_validates_and_lists(capsys, tmp_path):
     assert main(["claims", "--model", "tiny-gpt2"]) == 0
     out = capsys.readouterr().out
-    assert "21 claims in" in out and "checked against tiny-gpt2" in out and "1.2-hub-drop  phase 1" in out
+    assert f"{len(load_registry())} claims in" in out and "checked against tiny-gpt2" in out
+    assert "1.2-hub-drop  phase 1" in out
     registry = tmp_path / "claims.toml"
     registry.write_text(
         '[[claim]]\nid = "x"\nphase = 1\nstatement = "s"\nmetric = "ablation_drop"\nthreshold = 1.0\n'

@@ -6,9 +6,12 @@ from harness.kinds import (
     attention_pattern,
     attribution,
     head_ablation,
+    interchange,
+    logit_lens,
     position_patch,
     probes,
     reroute,
+    sweep,
     tiers,
     transplant,
 )
@@ -16,7 +19,19 @@ from harness.kinds.base import ClaimError, Kind, Measured, Params, Section
 
 KINDS: dict[str, Kind] = {
     module.KIND.metric: module.KIND
-    for module in (head_ablation, position_patch, attention_pattern, reroute, transplant, probes, attribution, tiers)
+    for module in (
+        head_ablation,
+        interchange,
+        logit_lens,
+        position_patch,
+        attention_pattern,
+        reroute,
+        transplant,
+        probes,
+        attribution,
+        tiers,
+        sweep,
+    )
 }
 
 __all__ = ["KINDS", "ClaimError", "Kind", "Measured", "Params", "Section"]

@@ -14,7 +14,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from harness.arch import Head, HeadGeometry
-from harness.experiments import ModelRun
+from harness.experiments import RANKINGS, ModelRun
 from harness.kinds.base import Kind, Measured, Params, Section, baseline_value, choices, forbid_together
 from harness.specs import AttentionPattern
 from harness.verdicts import ClaimResult
@@ -29,16 +29,18 @@ class PatternParams(Params):
     heads: tuple[str, ...] = ()
     scope: str = choices(*SCOPES, default="top")
     n_heads: int = 3  # scope "top"
+    ranking: str = choices(*RANKINGS, default="attention")  # the top heads of which ranking
     layer: int | None = None  # scope "layer"
 
     def validate(self, given: set[str]) -> None:
-        forbid_together(given, ("heads", "n_heads"), ("heads", "scope"))
+        forbid_together(given, ("heads", "n_heads"), ("heads", "ranking"), ("heads", "scope"))
         if self.scope == "layer" and self.layer is None:
             raise ValueError("scope 'layer' needs a layer")
         if self.layer is not None and self.scope != "layer":
             raise ValueError(f"layer applies to scope 'layer', not {self.scope!r}")
-        if "n_heads" in given and self.scope != "top":
-            raise ValueError(f"n_heads applies to scope 'top', not {self.scope!r}")
+        for key in ("n_heads", "ranking"):
+            if key in given and self.scope != "top":
+                raise ValueError(f"{key} applies to scope 'top', not {self.scope!r}")
         if self.n_heads < 1:
             raise ValueError("n_heads must be at least 1")
 
@@ -54,7 +56,7 @@ def scoped_heads(p: PatternParams, run: ModelRun) -> tuple[list[Head], str]:
         return [Head(p.layer, h) for h in range(geo.n_heads)], f"layer {p.layer}"
     if p.scope == "all":
         return [Head(layer, h) for layer in range(geo.n_layers) for h in range(geo.n_heads)], "all heads"
-    return run.heads_for(p.heads, p.n_heads)
+    return run.heads_for(p.heads, p.n_heads, p.ranking)
 
 
 def measure(p: PatternParams, run: ModelRun, measure: str) -> Measured:

@@ -12,7 +12,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from harness.attribution import CATEGORIES
-from harness.experiments import ModelRun
+from harness.experiments import RANKINGS, ModelRun
 from harness.kinds.base import Kind, Measured, Params, Section, choices, forbid_together
 from harness.stats import mean_with_ci
 from harness.verdicts import ClaimResult
@@ -25,15 +25,16 @@ class AttributionParams(Params):
     category: str = choices(*CATEGORIES, default="number")
     heads: tuple[str, ...] = ()
     n_heads: int = 3
+    ranking: str = choices(*RANKINGS, default="attention")  # the top heads of which ranking
 
     def validate(self, given: set[str]) -> None:
-        forbid_together(given, ("heads", "n_heads"))
+        forbid_together(given, ("heads", "n_heads"), ("heads", "ranking"))
         if self.n_heads < 1:
             raise ValueError("n_heads must be at least 1")
 
 
 def measure(p: AttributionParams, run: ModelRun, measure: str) -> Measured:
-    heads, source = run.heads_for(p.heads, p.n_heads)
+    heads, source = run.heads_for(p.heads, p.n_heads, p.ranking)
     ig = run.attributions(heads)
     attr, tokens = ig.shares()  # [N, H, C], [N, C]
     c = CATEGORIES.index(p.category)

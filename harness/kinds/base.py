@@ -24,7 +24,7 @@ from statsmodels.stats.proportion import proportion_confint
 
 from harness.arch import Head, HeadGeometry, SiteError, check_heads
 from harness.positions import PositionError, check_position
-from harness.stats import MEASURES, UNITS, PairedEffect
+from harness.stats import MEASURES, PairedEffect
 from harness.verdicts import ClaimResult, what_ran
 
 if TYPE_CHECKING:
@@ -215,13 +215,13 @@ def claims_figure(results: list[ClaimResult], title: str) -> Figure:
     """Every claim of a kind: its effect with the 95% CI and its threshold (dashed), one panel
     per measure, each bar labelled with the claim and what it ran (heads, positions, mode),
     coloured by model: the figure every kind has, custom scopes and named heads included."""
-    measures = list(dict.fromkeys(r.measure for r in results))
-    width = max(6.0, 1.6 * max(sum(r.measure == m for r in results) for m in measures))
+    measures = list(dict.fromkeys(r.units for r in results))  # one panel per unit
+    width = max(6.0, 1.6 * max(sum(r.units == m for r in results) for m in measures))
     fig = Figure(figsize=(min(width, 12.0), 3.4 * len(measures)), layout="constrained")
     axes = fig.subplots(len(measures), 1, squeeze=False)[:, 0]
     models = list(dict.fromkeys(r.model for r in results))
     for ax, measure in zip(axes, measures):
-        rows = [r for r in results if r.measure == measure]
+        rows = [r for r in results if r.units == measure]
         for i, r in enumerate(rows):
             first = r.model not in ax.get_legend_handles_labels()[1]
             ax.bar(i, r.effect, 0.7, color=f"C{models.index(r.model)}", label=r.model if first else None)
@@ -231,6 +231,6 @@ def claims_figure(results: list[ClaimResult], title: str) -> Figure:
         labels = ["\n".join([r.id, *(f"{k} {v}" for k, v in what_ran(r.heads, r.positions, r.mode))]) for r in rows]
         ax.set_xticks(np.arange(len(rows)), labels, fontsize=6)
         ax.axhline(0, color="black", lw=0.5)
-        ax.set(ylabel=f"effect ({UNITS.get(measure, measure)})", title=f"{title} (95% CI; dashed: threshold)")
+        ax.set(ylabel=f"effect ({measure})", title=f"{title} (95% CI; dashed: threshold)")
         ax.legend(fontsize=7)
     return fig

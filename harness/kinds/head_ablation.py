@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from statsmodels.stats.proportion import proportion_confint
 
-from harness.experiments import ModelRun
+from harness.experiments import RANKINGS, ModelRun
 from harness.kinds.base import (
     Kind,
     Measured,
@@ -33,6 +33,7 @@ MAX_INCREMENTAL = 5  # top-k curves only for short ranked lists (each k is a con
 class AblationParams(Params):
     heads: tuple[str, ...] = ()  # named heads, e.g. ["L2H3", "L3H1"]; else the top `n_heads`
     n_heads: int = 3
+    ranking: str = choices(*RANKINGS, default="attention")  # the top heads of which ranking
     positions: tuple[str, ...] = ("latent",)  # CT<i>, bot, eot, question, answer, latent
     mode: str = choices(*HEAD_MODES, default="zero")
     n_random: int = 20  # random head sets matched by layer (the control); 0: none
@@ -40,7 +41,7 @@ class AblationParams(Params):
     n_draws: int = 5  # independent derangements (mode "resample")
 
     def validate(self, given: set[str]) -> None:
-        forbid_together(given, ("heads", "n_heads"))
+        forbid_together(given, ("heads", "n_heads"), ("heads", "ranking"))
         if self.n_heads < 1 or self.n_random < 0 or self.n_draws < 1:
             raise ValueError("n_heads and n_draws must be at least 1, n_random at least 0")
         if "n_draws" in given and self.mode != "resample":
@@ -51,7 +52,7 @@ class AblationParams(Params):
 
 
 def measure(p: AblationParams, run: ModelRun, measure: str) -> Measured:
-    heads, source = run.heads_for(p.heads, p.n_heads)
+    heads, source = run.heads_for(p.heads, p.n_heads, p.ranking)
     spec = AblateHeads(tuple(heads), p.positions, p.mode)
     draws = run.measure_draws(spec, p.n_draws)
     effect = run.effect(draws, measure)

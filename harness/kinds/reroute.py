@@ -14,8 +14,18 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from harness.arch import HeadGeometry
-from harness.experiments import ModelRun
-from harness.kinds.base import Kind, Measured, Params, Section, baseline_value, forbid_together, nan_effect, wilson_err
+from harness.experiments import RANKINGS, ModelRun
+from harness.kinds.base import (
+    Kind,
+    Measured,
+    Params,
+    Section,
+    baseline_value,
+    choices,
+    forbid_together,
+    nan_effect,
+    wilson_err,
+)
 from harness.positions import thought_number
 from harness.specs import AttentionPattern
 from harness.verdicts import ClaimResult
@@ -28,9 +38,10 @@ class RerouteParams(Params):
     target: str  # other_hub, neighbour or CT<i>
     heads: tuple[str, ...] = ()
     n_heads: int = 3
+    ranking: str = choices(*RANKINGS, default="attention")  # the top heads of which ranking
 
     def validate(self, given: set[str]) -> None:
-        forbid_together(given, ("heads", "n_heads"))
+        forbid_together(given, ("heads", "n_heads"), ("heads", "ranking"))
         if self.target not in TARGETS and thought_number(self.target) is None:
             raise ValueError(f"target {self.target!r}: choose other_hub, neighbour or a thought CT<i>")
         if self.n_heads < 1:
@@ -54,7 +65,7 @@ def reroute_target(run: ModelRun, target: str) -> str | None:
 
 
 def measure(p: RerouteParams, run: ModelRun, measure: str) -> Measured:
-    heads, source = run.heads_for(p.heads, p.n_heads)
+    heads, source = run.heads_for(p.heads, p.n_heads, p.ranking)
     details = {"hub": run.hub, "heads": [str(h) for h in heads], "heads_from": source, "positions": ["latent"],
                "mode": f"reroute ({p.target})", "reroute_to": p.target,
                "baseline_accuracy": baseline_value(run, "accuracy")}  # fmt: skip

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from harness.experiments import ModelRun
+from harness.experiments import RANKINGS, ModelRun
 from harness.kinds.base import Kind, Measured, Params, Section, choices, forbid_together, nan_effect
 from harness.specs import AblateHeads
 from harness.stats import PairedEffect, accuracy_drop, difference_of_drops
@@ -24,9 +24,10 @@ class TierParams(Params):
     compare: tuple[str, str] | None = choices(*TIERS, default=None)
     heads: tuple[str, ...] = ()
     n_heads: int = 3
+    ranking: str = choices(*RANKINGS, default="attention")  # the top heads of which ranking
 
     def validate(self, given: set[str]) -> None:
-        forbid_together(given, ("heads", "n_heads"), ("tier", "compare"))
+        forbid_together(given, ("heads", "n_heads"), ("heads", "ranking"), ("tier", "compare"))
         if self.tier is None and self.compare is None:
             raise ValueError("give a 'tier' or a pair of tiers to 'compare'")
         if self.compare is not None and self.compare[0] == self.compare[1]:
@@ -41,7 +42,7 @@ def tiers(run: ModelRun) -> np.ndarray:
 
 
 def measure(p: TierParams, run: ModelRun, measure: str) -> Measured:
-    heads, source = run.heads_for(p.heads, p.n_heads)
+    heads, source = run.heads_for(p.heads, p.n_heads, p.ranking)
     groups = tiers(run)
     base = run.baseline.correct.astype(bool)
     ablated = run.measure(AblateHeads(tuple(heads))).correct.astype(bool)
