@@ -495,8 +495,13 @@ class ModelRun:
     def on_discovery(self) -> ModelRun:
         """This model's run on the discovery split (mean values from that split too): what a
         ranking is chosen on, disjoint from the test problems claims are measured on."""
+        announce = self._on_discovery_measured
         return ModelRun(self.model, self.discovery, self.discovery, self.cache, self.requested_batch_size, self.seed,
-                        progress=self.progress, _prefixes=PrefixStore())  # fmt: skip
+                        progress=self.progress, on_measured=announce, _prefixes=PrefixStore())  # fmt: skip
+
+    def _on_discovery_measured(self, model: str, what: str, seconds: float, computed: bool) -> None:
+        if self.on_measured is not None:  # the discovery run's measurements, announced as this run's
+            self.on_measured(model, f"{what} [discovery split]", seconds, computed)
 
     @cached_property
     def causal_ranking(self) -> pd.DataFrame:

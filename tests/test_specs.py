@@ -184,3 +184,14 @@ def test_answer_logprob_equals_a_full_recompute(load_model):
             float(logp[start + j - 1, t]) for j, t in enumerate(tokens.tolist()) if j >= len(tokens) - scored[row]
         )
         assert float(got[row]) == pytest.approx(expected, abs=1e-4)
+
+
+def test_every_finished_measurement_is_announced_computed_then_cached(run):
+    heard = []
+    run.on_measured = lambda model, what, seconds, computed: heard.append((model, what, computed))
+    spec = AblateHeads(("L0H1",), ("CT2",))
+    run.measure(spec)
+    run.measure(spec)
+    run.on_discovery().answer_logprobs(spec)  # a ranking's measurement on the discovery split
+    assert heard[:2] == [("tiny-gpt2", spec.describe(), True), ("tiny-gpt2", spec.describe(), False)]
+    assert heard[2][1].endswith("[discovery split]") and heard[2][2]
