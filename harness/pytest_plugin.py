@@ -29,6 +29,7 @@ from harness.codi import ModelLoadError
 from harness.data import DataError, held_out_splits
 from harness.evaluation import REFERENCE_BATCH_SIZE
 from harness.experiments import ModelRun
+from harness.html_report import HtmlBridge
 from harness.interventions import InterventionError, leftover_hooks
 from harness.models import SHIPPED, default_data, resolve, seed_heads
 from harness.progress import show_on
@@ -129,6 +130,7 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", f"phase{phase}: claims of phase {phase} of the seed plan")
     state = {"enabled": _runs_claims(config), "runs": {}, "collector": _Collector()}
     config.pluginmanager.register(state["collector"], "codi-claims-collector")
+    config.pluginmanager.register(HtmlBridge(state), "codi-claims-html")
     config.stash[_STATE] = state
     if not state["enabled"]:
         return
@@ -302,88 +304,14 @@ def assert_claim(request: pytest.FixtureRequest) -> Callable[[ClaimResult], Clai
 
 
 class _Collector:
-    """Gathers claim results from test reports (this session's or the xdist workers'), and
-    shows INCONCLUSIVE as its own category in pytest-html's counters and filters."""
+    """Gathers claim results from test reports (this session's or the xdist workers')."""
 
     def __init__(self) -> None:
         self.results: list[ClaimResult] = []
-        self.inconclusive: dict[str, pytest.TestReport] = {}  # node id -> its call report
 
-    @pytest.hookimpl(wrapper=True, tryfirst=True)
-    def pytest_runtest_logreport(self, report: pytest.TestReport):
-        """Collects the claim rows. pytest-html files a test when its teardown is reported,
-        reading the stored call report's outcome: while it does, an inconclusive call reads
-        "inconclusive" (its own counter and filter), and "passed" again after."""
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.when == "call":
             self.results += [ClaimResult(**row) for key, row in report.user_properties if key == RESULT_KEY]
-            if getattr(report, "inconclusive", None):
-                self.inconclusive[report.nodeid] = report
-        call = self.inconclusive.pop(report.nodeid, None) if report.when == "teardown" else None
-        if call is None:
-            return (yield)
-        call.outcome = "inconclusive"
-        try:
-            return (yield)
-        finally:
-            call.outcome = "passed"
-
-    def pytest_sessionstart(self, session: pytest.Session) -> None:
-        """pytest-html's counters gain an "Inconclusive" category (after "Passed")."""
-        html = _html_report(session.config)
-        state = session.config.stash.get(_STATE, {})
-        if html is not None and "report_dir" in state:
-            html._report.title = f"CODI claims — {state['report_dir'].name}"
-            _environment(session.config, state)
-        if html is not None:
-            outcomes = html._report.outcomes
-            items = list(outcomes.items())
-            at = [k for k, _ in items].index("passed") + 1
-            outcomes.clear()
-            outcomes.update(items[:at] + [("inconclusive", {"label": "Inconclusive", "value": 0})] + items[at:])
-
-    @pytest.hookimpl(wrapper=True)
-    def pytest_sessionfinish(self, session: pytest.Session):
-        """After pytest-html wrote its page: its filters learn the inconclusive category (else
-        its script would hide those rows)."""
-        result = yield
-        html = _html_report(session.config)
-        path = Path(session.config.getoption("htmlpath") or "")
-        if html is not None and path.is_file():
-            text = path.read_text()
-            marker = "    'rerun',\n]"
-            if text.count(marker) == 1:
-                path.write_text(text.replace(marker, "    'rerun',\n    'inconclusive',\n]"))
-        return result
-
-
-def _environment(config: pytest.Config, state: dict) -> None:
-    """pytest-html's environment box: versions, seed, n and each model's fingerprint."""
-    try:
-        from pytest_metadata.plugin import metadata_key
-    except ImportError:
-        return
-    import torch
-    import transformers
-
-    metadata = config.stash.get(metadata_key, None)
-    if metadata is None:
-        return
-    metadata["torch"] = torch.__version__
-    metadata["transformers"] = transformers.__version__
-    metadata["seed"] = config.getoption("seed")
-    metadata["n problems"] = config.getoption("n_problems")
-    metadata["device / dtype"] = f"{config.getoption('device')} / {config.getoption('dtype')}"
-    for name, run in state["runs"].items():
-        metadata[f"model {name}"] = f"fingerprint {run.fingerprint}, data {state['data'].get(name, '')}"
-
-
-def _html_report(config: pytest.Config):
-    """pytest-html's report writer in this process, if it writes one."""
-    try:
-        from pytest_html.basereport import BaseReport
-    except ImportError:
-        return None
-    return next((p for p in config.pluginmanager.get_plugins() if isinstance(p, BaseReport)), None)
 
 
 @pytest.hookimpl(wrapper=True)

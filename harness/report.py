@@ -23,7 +23,7 @@ from harness.data import PROJECT_ROOT
 from harness.kinds import KINDS, Section
 from harness.kinds.base import claims_figure
 from harness.report_page import forest_plot, page
-from harness.runinfo import same_configuration
+from harness.runinfo import COMPARABLE, same_configuration
 from harness.stats import UNITS, holm
 from harness.verdicts import VERDICTS, ClaimResult, what_ran
 
@@ -127,8 +127,7 @@ def compare(df: pd.DataFrame, run: dict, directory: Path, compare_to: Path | Non
 
 
 def _differences(a: dict, b: dict) -> list[str]:
-    keys = ("seed", "device", "dtype", "reference_batching", "registry_hash")
-    out = [k for k in keys if a.get(k) != b.get(k)]
+    out = [k for k in COMPARABLE if a.get(k) != b.get(k)]
     for name, m in a.get("models", {}).items():
         other = b.get("models", {}).get(name)
         if other is None:
