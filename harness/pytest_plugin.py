@@ -84,7 +84,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--keep-reports",
         type=int,
-        default=KEEP_REPORTS,
         help=f"run folders kept under reports/ (default {KEEP_REPORTS}; older ones are deleted)",
     )
     group.addoption("--no-cache", action="store_true", help="recompute every result")
@@ -157,8 +156,11 @@ def pytest_configure(config: pytest.Config) -> None:
             read_claims(Path(compare_to))
         except (OSError, ValueError) as e:
             raise pytest.UsageError(f"--compare-to {compare_to}: no readable claims.json there ({e})") from None
-    if config.getoption("keep_reports") < 1:
-        raise pytest.UsageError(f"--keep-reports must be at least 1, got {config.getoption('keep_reports')}")
+    keep = config.getoption("keep_reports")
+    if keep is not None and keep < 1:
+        raise pytest.UsageError(f"--keep-reports must be at least 1, got {keep}")
+    if keep is not None and config.getoption("report_dir"):
+        raise pytest.UsageError("--keep-reports prunes reports/; a --report-dir folder is yours and never pruned")
     if config.getoption("collectonly"):  # nothing will be measured: no report folder
         return
     chosen = config.getoption("report_dir")
@@ -361,7 +363,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             state["report_dir"], results, state["runs"], run, Path(compare_to) if compare_to else None
         )
         if not config.getoption("report_dir"):
-            state["pruned"] = prune_reports(REPORTS_DIR, config.getoption("keep_reports"), state["report_dir"])
+            keep = config.getoption("keep_reports") or KEEP_REPORTS
+            state["pruned"] = prune_reports(REPORTS_DIR, keep, state["report_dir"])
 
 
 def pytest_html_results_summary(prefix: list, summary: list, postfix: list, session: pytest.Session) -> None:
