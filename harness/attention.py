@@ -45,12 +45,14 @@ def _eager_probs(module, query, key, mask, scaling) -> torch.Tensor:
 
 
 def _codi_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    plan = getattr(module, "codi_plan", None)
-    if plan is None:
+    plans = getattr(module, "codi_plans", [])
+    if not plans:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     probs = _eager_probs(module, query, key, attention_mask, scaling)
-    probs = plan.apply(module.layer_idx, probs, _visible(attention_mask, query.shape[2], key.shape[2], query.device))
+    visible = _visible(attention_mask, query.shape[2], key.shape[2], query.device)
+    for plan in plans:
+        probs = plan.apply(module.layer_idx, probs, visible)
     groups = query.shape[1] // value.shape[1]
     out = torch.matmul(probs, value.repeat_interleave(groups, dim=1))  # [B, H, Tq, hd]
     return out.transpose(1, 2).contiguous(), probs
@@ -69,7 +71,8 @@ class _AttentionPlan(ABC):
 
     def __enter__(self):
         for layer in self.layers:
-            attention(self.codi.lm, layer).codi_plan = self
+            module = attention(self.codi.lm, layer)
+            module.codi_plans = [*getattr(module, "codi_plans", []), self]
         self._previous = self.codi.lm.config._attn_implementation
         self.codi.lm.set_attn_implementation(IMPLEMENTATION)
         return self
@@ -77,8 +80,9 @@ class _AttentionPlan(ABC):
     def __exit__(self, *exc) -> None:
         for layer in self.layers:
             module = attention(self.codi.lm, layer)
-            if getattr(module, "codi_plan", None) is self:
-                del module.codi_plan
+            module.codi_plans = [p for p in getattr(module, "codi_plans", []) if p is not self]
+            if not module.codi_plans:
+                del module.codi_plans
         self.codi.lm.set_attn_implementation(self._previous)
 
     def _latent_queries(self, n_query: int) -> list[tuple[int, int]]:
@@ -91,8 +95,25 @@ class _AttentionPlan(ABC):
         """Probabilities [B, H, Tq, Tk] of `layer` for this pass -> the ones to use."""
 
 
+def _order(name: str, n_latent: int) -> int:
+    """Where a fixed position sits relative to the thoughts: bot -1, CT<i> i, eot K."""
+    return PositionMap(width=1, n_latent=n_latent, question_lengths=()).index(name) - 1
+
+
+def rewritten_thoughts(pattern: str, hub: str, target: str | None, n_latent: int) -> list[int]:
+    """The thoughts CT<i> whose queries a pattern rewrites. Uniform and sequential rewrite
+    every thought; hub and reroute only the queries that come after the hub (and the target):
+    a query cannot attend to a later position, and the hub attending to itself is not the
+    hub pattern."""
+    if pattern in ("uniform", "sequential"):
+        return list(range(n_latent))
+    after = max(_order(hub, n_latent), _order(target, n_latent) if pattern == "reroute" else -1)
+    return [i for i in range(n_latent) if i > after]
+
+
 class AttentionOverride(_AttentionPlan):
-    """Rewrite chosen heads' patterns at latent queries: hub, uniform, sequential or reroute."""
+    """Rewrite chosen heads' patterns at latent queries: hub, uniform, sequential or reroute.
+    Queries that cannot see the hub or target (`rewritten_thoughts`) keep their own."""
 
     def __init__(
         self,
@@ -105,16 +126,16 @@ class AttentionOverride(_AttentionPlan):
     ):
         if pattern not in PATTERNS:
             raise InterventionError(f"unknown attention pattern {pattern!r}; choose from {', '.join(PATTERNS)}")
-        if pattern == "reroute" and target is None:
-            raise InterventionError("pattern 'reroute' needs a target position")
+        if (pattern == "reroute") != (target is not None):
+            raise InterventionError("a target is given exactly for pattern 'reroute'")
         super().__init__(codi, [h.layer for h in heads], pmap)
         self.heads, self.pattern = list(heads), pattern
         self.hub = pmap.index(hub)
         self.target = pmap.index(target) if target is not None else None
-        self.kept_own = 0  # (query, head, row) cases that could not see their target
+        self.rewritten = set(rewritten_thoughts(pattern, hub, target, pmap.n_latent))
 
     def apply(self, layer: int, probs: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        queries = self._latent_queries(probs.shape[2])
+        queries = [(q, i) for q, i in self._latent_queries(probs.shape[2]) if i in self.rewritten]
         heads = [h.head for h in self.heads if h.layer == layer]
         if not queries or not heads:
             return probs
@@ -134,9 +155,6 @@ class AttentionOverride(_AttentionPlan):
             new = torch.zeros_like(row)
             new[:, query - 1] = 1.0
             return new
-        if self.hub >= query or (self.pattern == "reroute" and self.target >= query):
-            self.kept_own += row.shape[0]
-            return row
         if self.pattern == "hub":
             new = (1 - HUB_MASS) * row
             new[:, self.hub] += HUB_MASS

@@ -225,7 +225,7 @@ def leftover_hooks(codi: CODIModel) -> list[str]:
         for name, m in codi.named_modules()
         if m._forward_pre_hooks or m._forward_hooks
     ]
-    found += [f"{name}: attention plan" for name, m in codi.named_modules() if hasattr(m, "codi_plan")]
+    found += [f"{name}: attention plan" for name, m in codi.named_modules() if hasattr(m, "codi_plans")]
     if codi.thought_patch is not None:
         found.append("an active thought patch")
     if codi.lm.config._attn_implementation == "codi_attention":

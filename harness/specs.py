@@ -15,6 +15,7 @@ outputs, the peer models) it asks through `RunContext`, so this module knows not
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from typing import Protocol
 import torch
 
 from harness.arch import Head
-from harness.attention import PATTERNS, AttentionOverride
+from harness.attention import PATTERNS, AttentionOverride, rewritten_thoughts
 from harness.codi import CODIModel
 from harness.interventions import HeadAblation, InterventionError
 from harness.positions import PositionMap, is_fixed, thought_number
@@ -251,7 +252,17 @@ class AttentionPattern(Spec):
         if (self.pattern == "reroute") != (self.target is not None):
             raise InterventionError("a target is given exactly for pattern 'reroute'")
 
+    def rewritten(self, n_latent: int) -> list[str]:
+        """The thoughts whose queries this pattern rewrites (the others cannot see the hub)."""
+        return [f"CT{i}" for i in rewritten_thoughts(self.pattern, self.hub, self.target, n_latent)]
+
     def hooks(self, run: RunContext, pmap: PositionMap, indices: list[int]) -> list[AbstractContextManager]:
+        if not self.rewritten(pmap.n_latent):
+            where = f"the hub {self.hub}" + (f" and the target {self.target}" if self.target else "")
+            raise InterventionError(
+                f"pattern {self.pattern!r} changes nothing: no thought's query comes after {where} "
+                f"(a query sees only earlier positions)"
+            )
         return [AttentionOverride(run.codi, self.heads, self.pattern, pmap, self.hub, self.target)]
 
 
@@ -273,15 +284,65 @@ class TransplantHead(Spec):
         return [run.transplant_hook(self)]
 
 
+def _overlap(a: Sequence[str], b: Sequence[str]) -> list[str]:
+    """Positions two parts both act on (`latent` covers every thought)."""
+
+    def covers(x: str, y: str) -> bool:
+        return x == y or (x == "latent" and thought_number(y) is not None)
+
+    return sorted({y for x in a for y in b if covers(x, y)} | {x for x in a for y in b if covers(y, x)})
+
+
+def _acts_on(part: Spec) -> dict[Head, tuple[str, ...]]:
+    """The heads a part replaces or rewrites, and at which positions (`latent`: the thought
+    queries, where attention patterns act; `everywhere` for a transplant)."""
+    if isinstance(part, AblateHeads):
+        return {h: part.positions for h in part.heads}
+    if isinstance(part, AttentionPattern):
+        return {h: ("latent",) for h in part.heads}
+    if isinstance(part, TransplantHead):
+        return {part.head: ("everywhere",)}
+    return {}
+
+
+def check_disjoint(parts: Sequence[Spec]) -> None:
+    """Refuse a composition in which one part would override or hide another: the same head
+    acted on twice at a common position, or the same thought patched twice."""
+    for i, a in enumerate(parts):
+        for b in parts[i + 1 :]:
+            if (
+                isinstance(a, PatchThoughts)
+                and isinstance(b, PatchThoughts)
+                and (common := _overlap(a.positions, b.positions))
+            ):
+                raise InterventionError(
+                    f"{a.describe()} and {b.describe()} both patch {', '.join(common)}: one would override the other"
+                )
+            heads_a, heads_b = _acts_on(a), _acts_on(b)
+            for head in sorted(heads_a.keys() & heads_b.keys()):
+                pa, pb = heads_a[head], heads_b[head]
+                common = ["every position"] if "everywhere" in pa + pb else _overlap(pa, pb)
+                if common:
+                    raise InterventionError(
+                        f"{a.describe()} and {b.describe()} both act on {head} at {', '.join(common)}: "
+                        "one would override or hide the other"
+                    )
+
+
 @dataclass(frozen=True)
 class Compose(Spec):
-    """Several specs in one condition (their hooks together; thought patches chained)."""
+    """Several specs in one condition (their hooks together; thought patches chained). The
+    parts must act on disjoint heads-at-positions and thoughts (`check_disjoint`), so they
+    commute: they are kept in a canonical order, and `a + b` is the same condition (and cache
+    entry) as `b + a`."""
 
     specs: tuple[Spec, ...] = field(default=())
 
     def __post_init__(self) -> None:
-        flat = tuple(p for s in self.specs for p in s.parts() if not isinstance(p, Baseline))
-        object.__setattr__(self, "specs", flat)
+        flat = [p for s in self.specs for p in s.parts() if not isinstance(p, Baseline)]
+        check_disjoint(flat)
+        canonical = sorted(flat, key=lambda p: (type(p).__name__, json.dumps(p.key(), sort_keys=True)))
+        object.__setattr__(self, "specs", tuple(canonical))
 
     @property
     def randomised(self) -> bool:  # type: ignore[override]

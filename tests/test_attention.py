@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from harness.arch import Head
-from harness.attention import AttentionOverride, AttentionRecord
+from harness.attention import AttentionOverride, AttentionRecord, rewritten_thoughts
 from harness.data import synthetic_split
 from harness.interventions import InterventionError
 from harness.runtime import encode_questions, generate, run_latents
@@ -24,7 +24,8 @@ def test_rewritten_rows_are_normalised_causal_and_masked(random_codi, pattern):
     pmap = batch.positions(random_codi.n_latent)
     n_heads = random_codi.geometry.n_heads
     seen, offsets = [], []
-    override = AttentionOverride(random_codi, [Head(1, 0), Head(1, 3)], pattern, pmap, hub="CT1", target="CT2")
+    target = "CT2" if pattern == "reroute" else None
+    override = AttentionOverride(random_codi, [Head(1, 0), Head(1, 3)], pattern, pmap, hub="CT1", target=target)
     original_apply = override.apply
 
     def checking_apply(layer, probs, visible):
@@ -49,7 +50,9 @@ def test_rewritten_rows_are_normalised_causal_and_masked(random_codi, pattern):
         hub = pmap.index("CT1")
         after_hub = [(out, off) for (_, out, _), off in zip(seen, offsets) if off > hub and off in pmap.latent]
         assert after_hub and all((out[:, [0, 3], 0, hub] >= 0.8).all() for out, _ in after_hub)
-        assert override.kept_own > 0
+        up_to_hub = [(before, out) for (before, out, _), off in zip(seen, offsets) if off <= hub and off in pmap.latent]
+        assert up_to_hub and all(torch.equal(b, a) for b, a in up_to_hub), "CT0 and CT1 cannot see the hub"
+        assert sorted(override.rewritten) == [2, 3, 4, 5]
 
 
 @torch.no_grad()
@@ -62,7 +65,7 @@ def test_override_changes_outputs_and_is_removed(random_codi):
         t2, _, _ = _run(random_codi)
     assert (t2 - thoughts).abs().max() > 1e-3
     assert random_codi.lm.config._attn_implementation == implementation
-    assert not any(hasattr(m, "codi_plan") for m in random_codi.modules())
+    assert not any(hasattr(m, "codi_plans") for m in random_codi.modules())
     t3, l3, _ = _run(random_codi)
     assert torch.equal(t3, thoughts) and torch.equal(l3, logits)
 
@@ -86,5 +89,36 @@ def test_bad_patterns_are_rejected(random_codi):
     pmap = batch.positions(random_codi.n_latent)
     with pytest.raises(InterventionError, match="unknown attention pattern"):
         AttentionOverride(random_codi, [Head(0, 0)], "diagonal", pmap)
-    with pytest.raises(InterventionError, match="needs a target"):
+    with pytest.raises(InterventionError, match="exactly for pattern 'reroute'"):
         AttentionOverride(random_codi, [Head(0, 0)], "reroute", pmap)
+    with pytest.raises(InterventionError, match="exactly for pattern 'reroute'"):
+        AttentionOverride(random_codi, [Head(0, 0)], "hub", pmap, hub="CT1", target="CT2")
+
+
+@torch.no_grad()
+def test_two_overrides_on_one_layer_both_apply(random_codi):
+    """A composed condition installs one plan per part: two plans on the same layer must both
+    act (the second once silently replaced the first)."""
+    _, _, batch = _run(random_codi)
+    pmap = batch.positions(random_codi.n_latent)
+    first, second = [Head(1, 0)], [Head(1, 3)]
+    uniform = lambda heads: AttentionOverride(random_codi, heads, "uniform", pmap)  # noqa: E731
+    with uniform(first + second):
+        together, _, _ = _run(random_codi)
+    with uniform(first), uniform(second):
+        stacked, _, _ = _run(random_codi)
+    with uniform(second):
+        second_only, _, _ = _run(random_codi)
+    torch.testing.assert_close(stacked, together)
+    assert (stacked - second_only).abs().max() > 1e-4, "the first plan must not be dropped"
+    assert not any(hasattr(m, "codi_plans") for m in random_codi.modules())
+
+
+@pytest.mark.parametrize(
+    ("pattern", "hub", "target", "rewritten"),
+    [("hub", "CT1", None, [2, 3, 4, 5]), ("hub", "CT5", None, []), ("hub", "bot", None, [0, 1, 2, 3, 4, 5]),
+     ("reroute", "CT1", "CT3", [4, 5]), ("reroute", "CT4", "CT5", []), ("uniform", "CT5", None, [0, 1, 2, 3, 4, 5]),
+     ("sequential", "CT2", None, [0, 1, 2, 3, 4, 5])],
+)  # fmt: skip
+def test_the_rewritten_queries_are_those_after_the_hub_and_target(pattern, hub, target, rewritten):
+    assert rewritten_thoughts(pattern, hub, target, n_latent=6) == rewritten

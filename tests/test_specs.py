@@ -148,6 +148,57 @@ def test_composed_specs_apply_both_interventions(run):
     assert run.paired(composed).claim("x", "s", 0.0, "greater").mode == "heads zero + thoughts zero"
 
 
+@pytest.mark.parametrize(
+    ("first", "second", "message"),
+    [
+        (AblateHeads(("L1H2",), ("CT1",)), AblateHeads(("L1H2", "L0H0"), ("CT1",), mode="mean"), "on L1H2 at CT1"),
+        (AblateHeads(("L1H2",), ("latent",)), AblateHeads(("L1H2",), ("CT4", "eot")), "both act on L1H2 at CT4"),
+        (AblateHeads(("L1H2",), ("CT3",)), AttentionPattern(("L1H2",), "uniform", hub="CT1"), "L1H2 at CT3"),
+        (AttentionPattern(("L1H2",), "uniform", hub="CT1"), AttentionPattern(("L1H2",), "hub", hub="CT1"), "L1H2"),
+        (PatchThoughts(("latent",), mode="zero"), PatchThoughts(("CT3",)), "both patch CT3"),
+        (PatchThoughts(("CT2", "CT3"), mode="zero"), PatchThoughts(("CT3",), mode="mean"), "both patch CT3"),
+    ],
+)
+def test_a_composition_whose_parts_would_override_each_other_is_refused(first, second, message):
+    with pytest.raises(InterventionError, match=message):
+        first + second
+    with pytest.raises(InterventionError, match=message):
+        second + first
+
+
+def test_composition_is_order_free_and_two_patterns_on_one_layer_both_apply(run):
+    a, b = AttentionPattern(("L1H2",), "uniform", hub="CT1"), AttentionPattern(("L1H3",), "sequential", hub="CT1")
+    assert (a + b).key() == (b + a).key()
+    question_span = AblateHeads(("L1H2",), ("question",)) + a  # a head's question output and its thought queries
+    assert len(question_span.parts()) == 2
+    both, first, second = (run.measure(s).answer_logprob for s in (a + b, a, b))
+    assert np.abs(both - second).max() > 1e-4 and np.abs(both - first).max() > 1e-4, "each part acts"
+    assert run.measure(b + a).answer_logprob.tolist() == both.tolist()
+    assert len(run._computed) == 3, "a + b and b + a are one condition"
+
+
+def test_a_pattern_no_thought_can_see_is_refused_and_a_claim_on_it_is_inconclusive(run):
+    with pytest.raises(InterventionError, match="changes nothing: no thought's query comes after the hub CT5"):
+        run.measure(AttentionPattern(("L1H2",), "hub", hub="CT5"))
+    spec = {"id": "c", "phase": 1, "statement": "s", "metric": "pattern_drop", "threshold": 5.0, "direction": "less",
+            "experiment": {"pattern": "hub", "heads": ["L1H2"]}}  # fmt: skip
+    claim = parse_claim(spec, "test")
+    run.__dict__["hub_thought"] = 1
+    result = evaluate_claim(claim, run)
+    assert result.positions == "CT2 CT3 CT4 CT5" and "note" not in result.details
+    run.__dict__["hub_thought"] = run.n_latent - 1  # a hub at the last thought: the pattern is a no-op
+    result = evaluate_claim(claim, run)
+    assert result.verdict == "INCONCLUSIVE" and "changes nothing" in result.details["note"]
+    assert result.positions == ""
+    reroute = parse_claim({**spec, "metric": "reroute_drop", "experiment": {"target": "CT5", "heads": ["L1H2"]}}, "t")
+    run.__dict__["hub_thought"] = 2
+    result = evaluate_claim(reroute, run)
+    assert result.verdict == "INCONCLUSIVE" and "rerouting changes nothing" in result.details["note"]
+    run.__dict__["hub_thought"] = 5
+    result = evaluate_claim(reroute, run)  # the target is the hub: the identity
+    assert result.verdict == "INCONCLUSIVE" and "identity" in result.details["note"]
+
+
 def test_randomised_conditions_are_measured_over_draws(run):
     noise = run.measure_draws(PatchThoughts(("CT1",)), 3)
     assert len(noise) == 3 and len(run._computed) == 3

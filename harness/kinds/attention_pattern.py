@@ -1,5 +1,7 @@
 """Attention-pattern override (metric `pattern_drop`): chosen heads' attention at the latent
-queries forced to the hub, uniform or sequential pattern; the drop from baseline.
+queries forced to the hub, uniform or sequential pattern; the drop from baseline. The hub
+pattern rewrites only the thoughts after the hub (the claim's positions say which); a hub at
+the last thought leaves nothing to rewrite, and the claim is INCONCLUSIVE with a note.
 
 Heads: named `heads`, or a `scope`: the top `n_heads` of the ranking (default), every head of
 one `layer`, or every head of the model.
@@ -15,7 +17,7 @@ from matplotlib.figure import Figure
 
 from harness.arch import Head, HeadGeometry
 from harness.experiments import RANKINGS, ModelRun
-from harness.kinds.base import Kind, Measured, Params, Section, baseline_value, choices, forbid_together
+from harness.kinds.base import Kind, Measured, Params, Section, baseline_value, choices, forbid_together, nan_effect
 from harness.specs import AttentionPattern
 from harness.verdicts import ClaimResult
 
@@ -67,11 +69,14 @@ def measure(p: PatternParams, run: ModelRun, measure: str) -> Measured:
         "hub": run.hub,
         "heads": [str(h) for h in heads],
         "heads_from": source,
-        "positions": ["latent"],
+        "positions": condition.rewritten(run.n_latent),  # the queries rewritten: after the hub for "hub"
         "mode": p.pattern,
-        "accuracy": 100.0 * run.measure(condition).accuracy,
         "baseline_accuracy": baseline_value(run, "accuracy"),
     }
+    if not details["positions"]:
+        note = f"the hub {run.hub} is the last thought: no thought's query can see it, the pattern changes nothing"
+        return Measured(nan_effect(len(run.problems)), {**details, "accuracy": np.nan, "note": note})
+    details["accuracy"] = 100.0 * run.measure(condition).accuracy
     return Measured(run.effect(condition, measure), details)
 
 

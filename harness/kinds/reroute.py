@@ -2,7 +2,9 @@
 at the latent queries, moved to another thought; the drop from baseline.
 
 `target`: `other_hub` (the other model's hub position: needs a second model in the run),
-`neighbour` (the thought next to this model's hub) or a thought `CT<i>`.
+`neighbour` (the thought next to this model's hub) or a thought `CT<i>`. Only the queries
+after both the hub and the target are rerouted (the claim's positions say which); when none
+is, or the target is the hub itself, nothing is tested and the claim is INCONCLUSIVE.
 """
 
 from __future__ import annotations
@@ -75,10 +77,15 @@ def measure(p: RerouteParams, run: ModelRun, measure: str) -> Measured:
     if p.target == "other_hub":
         details["other_model"] = next(iter(run.peers))
     details["target"] = target
-    if target == run.hub:
-        details["note"] = "the target is this model's hub: rerouting is the identity"
-        return Measured(run.effect([run.baseline], measure), {**details, "accuracy": details["baseline_accuracy"]})
-    condition = AttentionPattern(tuple(heads), "reroute", run.hub, target)
+    condition = AttentionPattern(tuple(heads), "reroute", run.hub, target) if target != run.hub else None
+    details["positions"] = condition.rewritten(run.n_latent) if condition else []  # the queries rerouted
+    if condition is None or not details["positions"]:
+        note = (
+            "the target is this model's hub: rerouting is the identity"
+            if condition is None
+            else f"no thought's query comes after both the hub {run.hub} and {target}: rerouting changes nothing"
+        )
+        return Measured(nan_effect(len(run.problems)), {**details, "note": note})
     return Measured(run.effect(condition, measure), {**details, "accuracy": 100.0 * run.measure(condition).accuracy})
 
 
