@@ -226,6 +226,10 @@ class _Uncaptured(io.TextIOBase):
             sys.stderr.flush()
         return len(text)
 
+    def isatty(self) -> bool:
+        with self.capture.global_and_fixture_disabled():
+            return sys.stderr.isatty()
+
 
 class _Progress:
     """A line per finished measurement, as it happens: model, what, seconds, computed or read

@@ -1,5 +1,6 @@
 """The hypotheses suite end to end, run by pytester in a subprocess on a small problem count."""
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ from harness.arch import Head
 from harness.claims import load_registry
 from harness.evaluation import evaluate
 from harness.interventions import HeadAblation
+from harness.progress import LOG_INTERVAL_S, bar, show_on
 from harness.report import read_claims
 from harness.stats import accuracy_drop
 
@@ -129,3 +131,19 @@ def test_usage_errors_exit_4_before_any_model_runs(pytester, tmp_path, args, mes
 def test_collect_only_makes_no_report_folder(pytester, tmp_path, suite_args):
     result = _run(pytester, suite_args, tmp_path / "r", tmp_path / "cache", "--collect-only")
     assert result.ret == 0 and not (tmp_path / "r").exists()
+
+
+def test_a_bar_written_to_a_log_redraws_at_most_every_30_s():
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    log, terminal = io.StringIO(), Terminal()
+    with show_on(log):
+        logged = bar(range(1000), desc="evaluate")
+        list(logged)
+    with show_on(terminal):
+        live = bar(range(3))
+        list(live)
+    assert logged.mininterval == LOG_INTERVAL_S and live.mininterval < 1
+    assert log.getvalue().count("evaluate") <= 3, "a fast loop draws its bar once or twice in a log, not per step"
