@@ -34,20 +34,29 @@ def content_key(**parts) -> str:
 
 
 class ResultCache:
-    """Arrays of per-problem results (e.g. correctness flags) under content keys."""
+    """Arrays of per-problem results (e.g. correctness flags) under content keys. Without a
+    directory (`--no-cache`) nothing is read from or written to disk, and each key is still
+    computed once per process (a condition several claims read is not recomputed)."""
 
     def __init__(self, directory: str | Path | None = DEFAULT_DIR):
         self.directory = Path(directory) if directory is not None else None
         self.hits = self.misses = 0
+        self._memory: dict[str, np.ndarray] = {}  # no directory: this process's results
 
     def __contains__(self, key: str) -> bool:
-        return self.directory is not None and (self.directory / f"{key}.npy").exists()
+        if self.directory is None:
+            return key in self._memory
+        return (self.directory / f"{key}.npy").exists()
 
     def get_or_compute(self, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
         """The entry under `key`, or `compute()` stored there (once, even across processes)."""
         if self.directory is None:
-            self.misses += 1
-            return compute()
+            if key in self._memory:
+                self.hits += 1
+            else:
+                self.misses += 1
+                self._memory[key] = np.asarray(compute())
+            return self._memory[key].copy()
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"{key}.npy"
         with FileLock(str(path) + ".lock"):

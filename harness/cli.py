@@ -122,7 +122,6 @@ def _rank_heads(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    import tempfile
 
     import torch
 
@@ -134,11 +133,10 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     problems, discovery = held_out_splits(args.data, args.n_problems)
-    with tempfile.TemporaryDirectory() as scratch:  # --no-cache: computed once here, read back for the table
-        cache = ResultCache(scratch if args.no_cache else args.cache_dir)
-        model = resolve(args.model, args.base, device=args.device, cache=cache)
-        run = ModelRun(model, problems, discovery, cache, args.batch_size, progress=not args.json)
-        return _report_sweep(run, args)
+    cache = ResultCache(None if args.no_cache else args.cache_dir)  # --no-cache: in memory, computed once
+    model = resolve(args.model, args.base, device=args.device, cache=cache)
+    run = ModelRun(model, problems, discovery, cache, args.batch_size, progress=not args.json)
+    return _report_sweep(run, args)
 
 
 def _report_sweep(run: ModelRun, args: argparse.Namespace) -> int:

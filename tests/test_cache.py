@@ -191,7 +191,16 @@ def test_concurrent_processes_compute_an_entry_once(tmp_path):
     assert np.array_equal(np.load(directory / f"{key}.npy"), np.arange(1000))
 
 
-def test_disabled_cache_always_computes(tmp_path):
-    cache = ResultCache(None)
-    assert cache.get_or_compute("k", lambda: np.ones(2)).tolist() == [1.0, 1.0]
-    assert cache.misses == 1
+def test_without_a_directory_each_key_is_computed_once_in_memory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cache, calls = ResultCache(None), []
+
+    def compute():
+        calls.append(1)
+        return np.ones(2)
+
+    first = cache.get_or_compute("k", compute)
+    first[0] = 5.0  # a caller's change does not reach the stored entry
+    assert cache.get_or_compute("k", compute).tolist() == [1.0, 1.0] and "k" in cache
+    assert (len(calls), cache.misses, cache.hits) == (1, 1, 1) and "j" not in cache
+    assert not list(tmp_path.iterdir()), "nothing written to disk"
