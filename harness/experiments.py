@@ -196,6 +196,12 @@ class ModelRun:
             spec=spec,
         )
 
+    def spec_key(self, spec: Spec, **part) -> str:
+        """The cache key of one condition: its fields, and the seed when it is randomised (noise
+        and resample draws come from the seed: another `--seed` is another computation)."""
+        seeded = {"seed": self.seed} if spec.randomised else {}
+        return self.key(**spec.key(), **seeded, **part)
+
     def measure(self, spec: Spec) -> Condition:
         """Per-problem results of one condition, cached on disk under the spec's own fields."""
 
@@ -211,7 +217,7 @@ class ModelRun:
             )
             return np.array([[r.correct, r.answer_logprob, r.confidence] for r in result.records]).T  # [3, N]
 
-        condition = Condition(*self._get(self.key(**spec.key()), spec.describe(), compute))
+        condition = Condition(*self._get(self.spec_key(spec), spec.describe(), compute))
         self.log.append((spec, condition))
         return condition
 
@@ -239,7 +245,7 @@ class ModelRun:
             prefixes = self._prefixes if spec.latent_only(self.n_latent) else None
             return teacher_forced(self.codi, self.problems, self.batch_size, intervene, prefixes)
 
-        return self._get(self.key(**spec.key(), part="answer_logprob"), f"{spec.describe()} (answer log-prob)", compute)
+        return self._get(self.spec_key(spec, part="answer_logprob"), f"{spec.describe()} (answer log-prob)", compute)
 
     def measure_draws(self, spec: Spec, n_draws: int) -> list[Condition]:
         """A randomised condition's `n_draws` independent draws (one condition otherwise)."""

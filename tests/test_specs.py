@@ -57,6 +57,23 @@ def test_named_heads_at_a_named_thought_equal_zeroed_attention_weights(run):
     assert not np.allclose(latent_everywhere.answer_logprob, measured.answer_logprob), "CT2 alone is not latent"
 
 
+def test_another_seed_is_another_computation_of_a_random_condition_only(run):
+    """Noise and resample draws come from the seed: a run with another --seed on the same cache
+    must draw again (it once read seed 0's draws back), a deterministic condition need not."""
+    other = ModelRun(run.model, TEST, DISCOVERY, run.cache, requested_batch_size=8, seed=1)
+    noise, resample, zero = (
+        PatchThoughts(("CT1",)),
+        AblateHeads(("L1H2",), ("CT1",), "resample"),
+        PatchThoughts(("CT1",), "zero"),
+    )
+    for spec in (noise, resample, zero):
+        run.measure(spec)
+        other.measure(spec)
+    assert len(run._computed) == 3 and len(other._computed) == 2, "only the zero patch is shared"
+    assert not np.array_equal(run.measure(noise).answer_logprob, other.measure(noise).answer_logprob)
+    assert not np.array_equal(run.measure(resample).answer_logprob, other.measure(resample).answer_logprob)
+
+
 def test_distinct_head_sets_are_two_computations_and_a_reordered_set_is_one(run):
     run.measure(AblateHeads(("L0H1", "L1H2")))
     assert len(run._computed) == 1
