@@ -22,12 +22,12 @@ from harness.error_analysis import by_type, group_draws
 from harness.experiments import ModelRun
 from harness.kinds import KINDS, ClaimError, Params
 from harness.kinds.base import baseline_value, close_hint, coerce
+from harness.specs import with_draw
 from harness.stats import MEASURES, percentile_of
-from harness.verdicts import DIRECTIONS, ClaimResult, judge, point_judge
+from harness.verdicts import DIRECTIONS, ClaimResult, check_criteria, judge, point_judge
 
 REGISTRY = PROJECT_ROOT / "hypotheses" / "claims.toml"
 PHASES = (1, 2, 3, 4)
-LABEL_KEYS = ("supported", "refuted", "inconclusive")
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class Claim:
     params: Params = field(compare=False)  # the kind's typed parameters (TOML: `experiment`)
     measure: str = "accuracy"  # accuracy (points) or answer_logprob (nats)
     refute_at: float | None = None  # the opposite criterion (default: the threshold)
-    threshold_of_baseline: bool = False  # threshold is a fraction of baseline accuracy (points)
+    threshold_of_baseline: bool = False  # threshold and refute_at are fractions of baseline accuracy
     labels: dict = field(default_factory=dict)  # the seed's names for supported / refuted
     gate: str | None = None  # id of a claim that must be SUPPORTED for this one to run
 
@@ -52,8 +52,8 @@ class Claim:
     def describe(self) -> str:
         """One line for --list-claims: id, phase, kind, every parameter (defaults filled in)."""
         params = ", ".join(f"{k}={v!r}" for k, v in self.params.describe().items())
-        refute = f", refute_at {self.refute_at:g}" if self.refute_at is not None else ""
         base = " x baseline" if self.threshold_of_baseline else ""
+        refute = f", refute_at {self.refute_at:g}{base}" if self.refute_at is not None else ""
         gate = f", gate {self.gate}" if self.gate else ""
         return (
             f"{self.id}  phase {self.phase}  {self.metric}({params})  measure {self.measure}, "
@@ -100,13 +100,24 @@ def parse_claim(entry: dict, where: str) -> Claim:
         raise ClaimError(f"{where}: metric {kind.metric!r} measures {', '.join(kind.measures)}, not {measure!r}")
     if values.get("threshold_of_baseline") and measure != "accuracy":
         raise ClaimError(f"{where}: threshold_of_baseline is a fraction of baseline accuracy; measure is {measure!r}")
+    if values.get("threshold_of_baseline") and not kind.baseline_relative:
+        raise ClaimError(
+            f"{where}: threshold_of_baseline scales an accuracy drop; metric {kind.metric!r} measures "
+            f"{kind.effect_unit}, not a drop from baseline accuracy"
+        )
     labels = entry.get("labels", {})
-    if not isinstance(labels, dict) or any(k not in LABEL_KEYS or not isinstance(v, str) for k, v in labels.items()):
-        raise ClaimError(f"{where}: labels maps {', '.join(LABEL_KEYS)} to names, got {labels!r}")
+    try:
+        check_criteria(values["threshold"], values["direction"], values.get("refute_at"), labels)
+    except ValueError as e:
+        raise ClaimError(f"{where}: {e}") from None
     experiment = entry.get("experiment", {})
     if not isinstance(experiment, dict):
         raise ClaimError(f"{where}: experiment must be a table, got {experiment!r}")
     params = kind.params.from_table(experiment, where)
+    try:
+        params.check_direction(values["direction"])
+    except ValueError as e:
+        raise ClaimError(f"{where}: {e}") from None
     if getattr(params, "against_control", False):
         if values.get("threshold_of_baseline"):
             raise ClaimError(
@@ -115,6 +126,11 @@ def parse_claim(entry: dict, where: str) -> Claim:
         if values["direction"] != "greater":
             raise ClaimError(
                 f"{where}: against_control needs direction 'greater' (the effect above the control's 95th percentile)"
+            )
+        if "refute_at" in values:
+            raise ClaimError(
+                f"{where}: against_control judges both ways against the control (the threshold is a margin above "
+                "its 95th percentile); refute_at would be an absolute number beside it"
             )
     return Claim(**values, labels=labels, params=params)
 
@@ -129,9 +145,15 @@ def load_registry(path: Path = REGISTRY) -> list[Claim]:
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
         raise ClaimError(f"{path}: duplicate claim id {duplicates[0]!r}")
+    gates = {c.id: c.gate for c in claims}
     for c in claims:
         if c.gate is not None and c.gate not in ids:
             raise ClaimError(f"{path}: claim {c.id!r} is gated on unknown claim id {c.gate!r}")
+        chain = [c.id]
+        while gates.get(chain[-1]) is not None:
+            chain.append(gates[chain[-1]])
+            if chain[-1] in chain[:-1]:
+                raise ClaimError(f"{path}: claim {c.id!r}: its gates form a cycle ({' -> '.join(chain)})")
     return claims
 
 
@@ -152,14 +174,16 @@ def _heads_text(details: dict) -> str:
 
 def evaluate_claim(claim: Claim, run: ModelRun) -> ClaimResult:
     start = len(run.log)
-    measured = KINDS[claim.metric].measure(claim.params, run, claim.measure)
+    kind = KINDS[claim.metric]
+    measured = kind.measure(claim.params, run, claim.measure)
     effect, details, null = measured.effect, measured.details, measured.null
     conditions = group_draws(run.log[start:])  # what this claim measured, for the error analysis
-    if conditions and claim.measure in MEASURES:
+    main = with_draw(measured.main, 0).describe() if measured.main is not None else next(iter(conditions), None)
+    if kind.error_analysis and main in conditions and claim.measure in MEASURES:
         details = {
             **details,
-            "condition": next(iter(conditions)),
-            "by_type": by_type(run.problems, run.baseline, conditions, claim.measure, run.seed, next(iter(conditions))),
+            "condition": main,
+            "by_type": by_type(run.problems, run.baseline, conditions, claim.measure, run.seed, main),
         }
     threshold = claim.threshold
     if claim.threshold_of_baseline:  # e.g. "keeps > 90% of baseline": drop < 10% of baseline acc
@@ -172,7 +196,9 @@ def evaluate_claim(claim: Claim, run: ModelRun) -> ClaimResult:
         threshold = claim.threshold + float(np.percentile(null, 95))  # a margin above the control
         p_value = (1 + sum(x >= effect.effect for x in null)) / (1 + len(null))
         p_test = f"control share ({len(null)} random sets)"
-    refute_at = claim.refute_at if claim.refute_at is not None else threshold
+    refute_at = threshold
+    if claim.refute_at is not None:  # a fraction of baseline accuracy like the threshold, when it is one
+        refute_at = claim.refute_at * (baseline_value(run, "accuracy") if claim.threshold_of_baseline else 1.0)
     statement = claim.statement
     if details.get("heads_from") == "--heads":
         statement += f" [run on the heads named by --heads: {', '.join(details['heads'])}]"

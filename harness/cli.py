@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shlex
@@ -24,19 +25,8 @@ REGISTRY_DEFAULT = PROJECT_ROOT / "hypotheses" / "claims.toml"
 def _train(args: argparse.Namespace) -> int:
     from harness.training import TrainConfig, train
 
-    cfg = TrainConfig(
-        arch=args.arch,
-        out=args.out,
-        seed=args.seed,
-        data_seed=args.data_seed,
-        teacher_steps=args.teacher_steps,
-        codi_steps=args.codi_steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        distill_weight=args.distill_weight,
-        n_latent=args.n_latent,
-        threads=args.threads,
-    )
+    options = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in options})  # every option reaches the run
     command = "python -m harness " + shlex.join(sys.argv[1:])
     train(cfg, command=command)
     card = json.loads((Path(args.out) / "card.json").read_text())

@@ -92,7 +92,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--reference-batching",
         action="store_true",
-        help="the official evaluator's batching (128 in data order; results depend on the batch); runs uncached",
+        help="the official evaluator's batching (128 in data order; results depend on the batch), cached apart "
+        "from default runs",
     )
     group.addoption("--registry", default=str(REGISTRY), help="the claims registry (default hypotheses/claims.toml)")
     group.addoption(
@@ -265,20 +266,32 @@ def model_run(request: pytest.FixtureRequest, model_name: str) -> ModelRun:
     return request.config.stash[_STATE]["runs"][model_name]
 
 
+def _unmet_gate(claim: Claim, run: ModelRun) -> ClaimResult | None:
+    """The first claim up `claim`'s chain of gates that is not SUPPORTED on `run` (a gate's own
+    gate first: a claim whose gate could not run cannot run either), else None."""
+    if claim.gate is None:
+        return None
+    gate = _REGISTRY[claim.gate]
+    unmet = _unmet_gate(gate, run)
+    if unmet is not None:
+        return unmet
+    result = evaluate_claim(gate, run)
+    return result if result.verdict != "SUPPORTED" else None
+
+
 @pytest.fixture
 def run_claim(request: pytest.FixtureRequest, model_run: ModelRun) -> Callable[[Claim], ClaimResult]:
     """`run_claim(claim)`: a registry claim measured on the test's model. A phase-2 claim whose
     gate is not SUPPORTED is skipped with the reason (unless --no-gates)."""
 
     def run(claim: Claim) -> ClaimResult:
-        if claim.gate and not request.config.getoption("no_gates"):
-            gate = evaluate_claim(_REGISTRY[claim.gate], model_run)
-            if gate.verdict != "SUPPORTED":
-                pytest.skip(
-                    f"phase 1 gate not met: {gate.id} is {gate.verdict} for {model_run.name} "
-                    f"(effect {gate.effect:+.1f} points, 95% CI {gate.ci_low:+.1f} to {gate.ci_high:+.1f}); "
-                    "pivot to distributed analysis (or force with --no-gates)"
-                )
+        gate = None if request.config.getoption("no_gates") else _unmet_gate(claim, model_run)
+        if gate is not None:
+            pytest.skip(
+                f"phase {gate.phase} gate not met: {gate.id} is {gate.verdict} for {model_run.name} "
+                f"(effect {gate.effect:+.1f} {gate.units}, 95% CI {gate.ci_low:+.1f} to {gate.ci_high:+.1f}); "
+                "pivot to distributed analysis (or force with --no-gates)"
+            )
         return evaluate_claim(claim, model_run)
 
     return run

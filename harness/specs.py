@@ -192,7 +192,8 @@ class AblateHeads(Spec):
 class PatchThoughts(Spec):
     """Continuous thoughts replaced before they are fed back: Gaussian noise matched to that
     thought's mean norm over the test problems (one draw per `draw`), zero, the mean over the
-    discovery split, or another test problem's thought (a derangement, one per draw)."""
+    discovery split, or another test problem's thought (a derangement, one per draw; every
+    thought patched comes from the same other problem)."""
 
     positions: tuple[str, ...]
     mode: str = "noise"
@@ -222,9 +223,10 @@ class PatchThoughts(Spec):
             return torch.zeros_like(thoughts)
         if self.mode == "mean":
             return run.clean_thoughts("discovery")[:, thought].mean(0, keepdim=True).expand_as(thoughts)
+        if self.mode == "resample":  # one donor problem per problem for every thought patched
+            donors = torch.Generator().manual_seed(run.seed * 1000 + 700 + self.draw * NOISE_SEED_STRIDE)
+            return thoughts[derangement(len(thoughts), donors)]
         generator = torch.Generator().manual_seed(run.seed * 1000 + thought + self.draw * NOISE_SEED_STRIDE)
-        if self.mode == "resample":
-            return thoughts[derangement(len(thoughts), generator)]
         return norm_matched_noise(thoughts, generator)
 
     def latent_patch(self, run: RunContext, indices: list[int]) -> LatentPatch:
@@ -251,6 +253,8 @@ class AttentionPattern(Spec):
             raise InterventionError(f"unknown attention pattern {self.pattern!r}; choose from {', '.join(PATTERNS)}")
         if (self.pattern == "reroute") != (self.target is not None):
             raise InterventionError("a target is given exactly for pattern 'reroute'")
+        if self.target is not None and self.target == self.hub:
+            raise InterventionError(f"rerouting the hub {self.hub} to itself is the identity: choose another target")
 
     def rewritten(self, n_latent: int) -> list[str]:
         """The thoughts whose queries this pattern rewrites (the others cannot see the hub)."""

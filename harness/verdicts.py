@@ -91,6 +91,27 @@ class ClaimResult:
         )
 
 
+LABEL_KEYS = ("supported", "refuted", "inconclusive")
+
+
+def check_criteria(threshold: float, direction: str, refute_at: float | None, labels: dict | None = None) -> None:
+    """A claim's criteria make sense together (else ValueError): the refutation criterion lies
+    on the refuted side of the threshold (or a CI between them would be judged against both),
+    and labels name only verdicts."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be 'greater' or 'less', got {direction!r}")
+    if refute_at is not None and (refute_at > threshold if direction == "greater" else refute_at < threshold):
+        side = "at most" if direction == "greater" else "at least"
+        raise ValueError(
+            f"refute_at {refute_at:g} must be {side} the threshold {threshold:g} for direction {direction!r} "
+            "(REFUTED lies beyond it on the other side)"
+        )
+    if labels is not None and (
+        not isinstance(labels, dict) or any(k not in LABEL_KEYS or not isinstance(v, str) for k, v in labels.items())
+    ):
+        raise ValueError(f"labels maps {', '.join(LABEL_KEYS)} to names, got {labels!r}")
+
+
 def claim_result(
     effect: PairedEffect,
     *,
@@ -112,8 +133,7 @@ def claim_result(
 ) -> ClaimResult:
     """The verdict of a measured effect as a claims-table row: what a Python claim returns
     (phase 0: claims outside the registry's phases form their own Holm family)."""
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be 'greater' or 'less', got {direction!r}")
+    check_criteria(threshold, direction, refute_at, labels)
     if measure not in UNITS:
         raise ValueError(f"unknown measure {measure!r}; choose from {', '.join(UNITS)}")
     refute = threshold if refute_at is None else refute_at

@@ -94,11 +94,30 @@ def test_shipped_registry_has_the_seed_phase1_claims():
         ),
         (ENTRY + 'measure = "answer_logprob"\nthreshold_of_baseline = true', "threshold_of_baseline is a fraction"),
         (ENTRY + 'gate = "nope"', "gated on unknown claim id 'nope'"),
+        (ENTRY + 'gate = "x.1"', "claim 'x.1': its gates form a cycle (x.1 -> x.1)"),
         (
             ENTRY + "threshold_of_baseline = true\nexperiment = { against_control = true }",
             "threshold_of_baseline would be",
         ),
         (ENTRY.replace('"greater"', '"less"') + "experiment = { against_control = true }", "needs direction 'greater'"),
+        (ENTRY + "refute_at = 2.0\nexperiment = { against_control = true }", "refute_at would be an absolute number"),
+        (ENTRY + "refute_at = 20.0", "refute_at 20 must be at most the threshold 10 for direction 'greater'"),
+        (ENTRY.replace('"greater"', '"less"') + "refute_at = 5.0", "refute_at 5 must be at least the threshold 10"),
+        (ENTRY + 'labels = { supported = "yes", refutd = "no" }', "labels maps supported, refuted, inconclusive"),
+        (
+            ENTRY.replace("ablation_drop", "head_sweep")
+            + 'threshold_of_baseline = true\nexperiment = { test = "attention" }',
+            "metric 'head_sweep' measures a Spearman rank correlation, not a drop from baseline accuracy",
+        ),
+        (
+            ENTRY.replace("ablation_drop", "position_drop") + "experiment = { which = 'max_non_hub' }",
+            "which 'max_non_hub' judges the largest non-hub drop: it answers direction 'less' only",
+        ),
+        (
+            ENTRY.replace("ablation_drop", "position_drop").replace('"greater"', '"less"')
+            + "experiment = { which = 'hub_minus_non_hub' }",
+            "answers direction 'greater' only",
+        ),
     ],
 )
 def test_malformed_registry_entries_are_named(tmp_path, text, message):
@@ -225,3 +244,26 @@ def test_seed_head_lists_of_the_real_models():
     assert seed_heads("codi-gpt2").split(",")[0] == "L0H3"
     with pytest.raises(ModelLoadError, match="no seed head list"):
         seed_heads("tiny-llama")
+
+
+def test_a_gates_own_gate_is_checked_first(monkeypatch, tmp_path):
+    """a <- b <- c: c runs only when b and a are SUPPORTED; when a is not, c reports a."""
+    import harness.pytest_plugin as plugin
+
+    text = (ENTRY.replace("x.1", "a") + ENTRY.replace("x.1", "b") + 'gate = "a"\n'
+            + ENTRY.replace("x.1", "c") + 'gate = "b"\n')  # fmt: skip
+    claims = {c.id: c for c in load_registry(_registry(tmp_path, text))}
+    verdicts = {"a": "REFUTED", "b": "SUPPORTED"}
+    evaluated = []
+
+    def fake_evaluate(claim, run):
+        evaluated.append(claim.id)
+        return ClaimResult(id=claim.id, phase=claim.phase, model="m", statement="s", metric=claim.metric,
+                           measure="accuracy", effect=1.0, ci_low=0.0, ci_high=2.0, threshold=10.0, direction="greater",
+                           p_value=0.5, p_test="", verdict=verdicts[claim.id], point_verdict="", n=10)  # fmt: skip
+
+    monkeypatch.setattr(plugin, "_REGISTRY", claims)
+    monkeypatch.setattr(plugin, "evaluate_claim", fake_evaluate)
+    assert plugin._unmet_gate(claims["c"], None).id == "a" and evaluated == ["a"]
+    verdicts["a"] = "SUPPORTED"
+    assert plugin._unmet_gate(claims["c"], None) is None and evaluated == ["a", "a", "b"]

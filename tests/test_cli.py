@@ -1,3 +1,4 @@
+import argparse
 import json
 import subprocess
 import sys
@@ -6,7 +7,7 @@ import pandas as pd
 import pytest
 
 from harness.claims import load_registry
-from harness.cli import USAGE_ERROR, main
+from harness.cli import USAGE_ERROR, build_parser, main
 from harness.codi import save_codi
 
 
@@ -97,3 +98,27 @@ def test_claims_command_validates_and_lists(capsys, tmp_path):
     assert main(["claims", "--registry", str(registry), "--model", "tiny-gpt2"]) == USAGE_ERROR
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: claim 'x': head L7H0 out of range for tiny-gpt2: 4 layers x 8 heads"]
+
+
+def test_every_train_option_reaches_the_training_config(monkeypatch, tmp_path):
+    """A train option the CLI parses but does not pass on is silently ignored (--init-from was)."""
+    import harness.training
+
+    seen = {}
+
+    def fake_train(cfg, command):
+        seen["cfg"] = cfg
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "card.json").write_text('{"accuracy": {}}')
+
+    monkeypatch.setattr(harness.training, "train", fake_train)
+    args = ["train", "--arch", "llama", "--out", str(tmp_path / "out"), "--seed", "3", "--data-seed", "4",
+            "--teacher-steps", "0", "--codi-steps", "7", "--batch-size", "5", "--lr", "0.5", "--distill-weight", "2.5",
+            "--n-latent", "4", "--threads", "2", "--init-from", "fixtures/models/tiny-llama"]  # fmt: skip
+    parser = build_parser()
+    train = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    options = {a.dest for a in train._actions if a.dest != "help"}
+    given, defaults = parser.parse_args(args), parser.parse_args(["train", "--arch", "gpt2", "--out", "elsewhere"])
+    assert all(getattr(given, o) != getattr(defaults, o) for o in options), "the test sets every option"
+    assert main(args) == 0
+    assert {o: getattr(seen["cfg"], o, "missing") for o in options} == {o: getattr(given, o) for o in options}

@@ -197,6 +197,8 @@ def test_composition_is_order_free_and_two_patterns_on_one_layer_both_apply(run)
 def test_a_pattern_no_thought_can_see_is_refused_and_a_claim_on_it_is_inconclusive(run):
     with pytest.raises(InterventionError, match="changes nothing: no thought's query comes after the hub CT5"):
         run.measure(AttentionPattern(("L1H2",), "hub", hub="CT5"))
+    with pytest.raises(InterventionError, match="rerouting the hub CT2 to itself is the identity"):
+        AttentionPattern(("L1H2",), "reroute", hub="CT2", target="CT2")
     spec = {"id": "c", "phase": 1, "statement": "s", "metric": "pattern_drop", "threshold": 5.0, "direction": "less",
             "experiment": {"pattern": "hub", "heads": ["L1H2"]}}  # fmt: skip
     claim = parse_claim(spec, "test")
@@ -263,3 +265,60 @@ def test_every_finished_measurement_is_announced_computed_then_cached(run):
     run.on_discovery().answer_logprobs(spec)  # a ranking's measurement on the discovery split
     assert heard[:2] == [("tiny-gpt2", spec.describe(), True), ("tiny-gpt2", spec.describe(), False)]
     assert heard[2][1].endswith("[discovery split]") and heard[2][2]
+
+
+def test_resampled_thoughts_all_come_from_one_other_problem(run):
+    """`latent` resampled: each problem gets another problem's whole thought trajectory, not a
+    mixture of six donors."""
+    clean = run.clean_thoughts("test")  # [N, K, d]
+    spec = PatchThoughts(("latent",), mode="resample", draw=1)
+
+    def donors(spec: PatchThoughts, t: int) -> list[int]:
+        return [int(torch.cdist(row[None], clean[:, t]).argmin()) for row in spec.replacement(run, t)]
+
+    per_thought = [donors(spec, t) for t in range(run.n_latent)]
+    assert all(d == per_thought[0] for d in per_thought), "one donor per problem for every thought"
+    assert all(d != i for i, d in enumerate(per_thought[0])), "never the problem itself"
+    assert donors(with_draw(spec, 2), 0) != per_thought[0], "each draw its own donors"
+
+
+def _claim(metric: str, experiment: dict, **keys):
+    entry = {"id": "c", "phase": 1, "statement": "s", "metric": metric, "threshold": 1.0, "direction": "greater",
+             "experiment": experiment, **keys}  # fmt: skip
+    return parse_claim(entry, "test")
+
+
+def test_refute_at_is_a_fraction_of_baseline_like_the_threshold(run):
+    claim = _claim("pattern_drop", {"pattern": "uniform", "heads": ["L1H2"]}, threshold=0.1, direction="less",
+                   threshold_of_baseline=True, refute_at=0.3)  # fmt: skip
+    result = evaluate_claim(claim, run)
+    baseline = 100.0 * run.baseline.accuracy
+    assert baseline > 0
+    assert result.threshold == pytest.approx(0.1 * baseline) and result.refute_at == pytest.approx(0.3 * baseline)
+
+
+def test_the_error_analysis_breaks_down_the_claims_own_thought(run):
+    """A `which` claim measures every thought; its error analysis is the hub's (or the judged
+    thought's) patch, not the first one measured (CT0)."""
+    run = ModelRun(run.model, synthetic_split("test")[:80], DISCOVERY, run.cache, requested_batch_size=40)
+    run.__dict__["hub_thought"] = 2
+    hub = evaluate_claim(_claim("position_drop", {"which": "hub", "n_draws": 1}), run)
+    assert hub.details["condition"] == PatchThoughts(("CT2",)).describe()
+    with_ci = {r["condition"] for r in hub.details["by_type"] if not np.isnan(r["ci_low"])}
+    assert with_ci == {hub.details["condition"]}, "the types' CIs are the hub patch's"
+    worst = evaluate_claim(_claim("position_drop", {"which": "max_non_hub", "n_draws": 1}, direction="less"), run)
+    assert worst.details["condition"] == PatchThoughts((worst.details["worst"],)).describe()
+
+
+def test_an_interchange_step_no_problem_has_is_inconclusive_not_ct0(run):
+    result = evaluate_claim(_claim("interchange", {"lens_step": 8}), run)
+    assert result.verdict == "INCONCLUSIVE" and result.details["note"] == "no discovery problems with step 8"
+    assert result.positions == ""
+
+
+def test_python_claims_check_their_criteria_too(run):
+    paired = run.paired(PatchThoughts(("CT1",), "zero"))
+    with pytest.raises(ValueError, match="refute_at 20 must be at most the threshold 10"):
+        paired.claim("c", "s", 10.0, "greater", refute_at=20.0)
+    with pytest.raises(ValueError, match="labels maps"):
+        paired.claim("c", "s", 10.0, "greater", labels={"supportd": "x"})

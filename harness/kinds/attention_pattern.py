@@ -126,4 +126,5 @@ KIND = Kind(
     measure,
     section,
     "heads' attention at the thoughts forced to a pattern (hub / uniform / sequential); drop from baseline",
+    baseline_relative=True,
 )

@@ -91,4 +91,5 @@ KIND = Kind(
     section,
     "integrated gradients of heads at the hub thought: a token category's excess share of attribution",
     measures=("accuracy",),
+    effect_unit="a share of attribution",
 )

@@ -29,6 +29,7 @@ from harness.verdicts import ClaimResult, what_ran
 
 if TYPE_CHECKING:
     from harness.experiments import ModelRun
+    from harness.specs import Spec
 
 
 class ClaimError(ValueError):
@@ -127,6 +128,9 @@ class Params:
     def validate(self, given: set[str]) -> None:
         """Cross-field rules (raise ValueError); `given` are the keys the claim wrote."""
 
+    def check_direction(self, direction: str) -> None:
+        """Refuse (ValueError) a claim direction these parameters cannot judge."""
+
     def check_model(self, geo: HeadGeometry, n_latent: int, model: str) -> None:
         """Named heads and positions exist in `model` (raise ValueError)."""
         heads = [Head.parse(h) for h in getattr(self, "heads", ())]
@@ -157,6 +161,7 @@ class Measured:
     details: dict
     null: list[float] | None = None
     bootstrap: np.ndarray | None = None  # resampled effects: p is then the share against the claim
+    main: Spec | None = None  # the claim's own intervention (error analysis); None: the first measured
 
 
 @dataclass
@@ -179,6 +184,9 @@ class Kind:
     section: Callable[[list[ClaimResult], dict[str, ModelRun]], Section | None]
     summary: str  # one line: what it measures
     measures: tuple[str, ...] = MEASURES
+    baseline_relative: bool = False  # the effect is a drop from baseline accuracy (threshold_of_baseline)
+    error_analysis: bool = True  # a claim has one intervention of its own, broken down by problem type
+    effect_unit: str = "a drop from baseline"  # what the effect is, when it is not such a drop
 
 
 def nan_effect(n: int, test: str = "") -> PairedEffect:

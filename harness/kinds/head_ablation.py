@@ -146,4 +146,5 @@ KIND = Kind(
     measure,
     section,
     "heads' outputs replaced (zero / mean / resample) at named positions; drop from baseline",
+    baseline_relative=True,
 )

@@ -44,10 +44,12 @@ class InterchangeParams(Params):
 
 
 def thoughts_for(p: InterchangeParams, run: ModelRun) -> tuple[int, ...]:
-    """Indices of the thoughts a claim patches."""
+    """Indices of the thoughts a claim patches (none: no discovery problem has `lens_step`)."""
     if p.lens_step is not None:
         k = p.lens_step - 1
         found, chance, have = lens_hits(run, "discovery", "thought", 1)
+        if k >= have.shape[1] or have[:, k].sum() < 2:
+            return ()
         excess = found[have[:, k], 1:, k].mean(0) - chance[have[:, k], 1:, k].mean(0)  # [K]: CT0.. (not bot)
         return (int(np.argmax(excess)),)
     if "latent" in p.positions:
@@ -69,6 +71,8 @@ def measure(p: InterchangeParams, run: ModelRun, measure: str) -> Measured:
     names = [f"CT{i}" for i in thoughts]
     details = {"heads": [], "positions": names, "mode": f"interchange ({p.outcome})", "outcome": p.outcome,
                "n_pairs": len(run.pairs[0])}  # fmt: skip
+    if not thoughts:
+        return Measured(nan_effect(0), {**details, "note": f"no discovery problems with step {p.lens_step}"})
     if not run.pairs[0]:
         note = "no interchange pairs: the data are not the synthetic generator's (see docs/claims.md)"
         return Measured(nan_effect(0), {**details, "note": note})
@@ -118,4 +122,5 @@ KIND = Kind(
     section,
     "a source problem's thoughts (another start value) patched into the base: share of answers that follow them",
     measures=("accuracy",),
+    effect_unit="a share of pairs",
 )

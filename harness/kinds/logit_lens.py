@@ -146,4 +146,5 @@ KIND = Kind(
     section,
     "bot and every thought through the LM head: how often each solution step's result is decoded",
     measures=("accuracy",),
+    effect_unit="a decoding rate above chance (or order violations)",
 )

@@ -40,6 +40,19 @@ class PositionParams(Params):
         if "n_draws" in given and self.mode not in ("noise", "resample"):
             raise ValueError(f"n_draws applies to modes 'noise' and 'resample'; mode {self.mode!r} is deterministic")
 
+    def check_direction(self, direction: str) -> None:
+        """The composite comparisons judge one member, chosen for one direction: the largest
+        non-hub drop answers "every non-hub drop is below t", the smallest hub-minus-non-hub
+        difference "the hub's drop exceeds every non-hub drop"."""
+        judged = {"max_non_hub": ("less", "the largest non-hub drop"),
+                  "hub_minus_non_hub": ("greater", "the smallest hub-minus-non-hub difference")}  # fmt: skip
+        if self.which in judged and direction != judged[self.which][0]:
+            needs, member = judged[self.which]
+            raise ValueError(
+                f"which {self.which!r} judges {member}: it answers direction {needs!r} only "
+                "(name thoughts with positions for other comparisons)"
+            )
+
 
 def _draws(run: ModelRun, positions: tuple[str, ...], p: PositionParams) -> list[Condition]:
     return run.measure_draws(PatchThoughts(positions, p.mode), p.n_draws)
@@ -61,19 +74,22 @@ def measure(p: PositionParams, run: ModelRun, measure: str) -> Measured:
         "per_thought_accuracy": {k: _acc(d) for k, d in draws.items()},
     }
     which = p.which or "hub"
+    patch = lambda name: PatchThoughts((name,), p.mode)  # noqa: E731  (the claim's own, for the error analysis)
     if which == "hub":
-        return Measured(effects[run.hub], {**details, "positions": [run.hub]})
+        return Measured(effects[run.hub], {**details, "positions": [run.hub]}, main=patch(run.hub))
     others = [k for k in names if k != run.hub]
     if which == "max_non_hub":  # "each non-hub drop < t": judged on the largest
         worst = max(others, key=lambda k: effects[k].effect)
-        return Measured(effects[worst], {**details, "positions": [worst], "worst": worst})
+        return Measured(effects[worst], {**details, "positions": [worst], "worst": worst}, main=patch(worst))
     # "the hub's drop exceeds every non-hub drop": the smallest paired difference, draw by draw
     diffs = {}
     for k in others:
         pairs = list(zip(draws[run.hub], draws[k]))
         diffs[k] = run.effect([hub for hub, _ in pairs], measure, reference=_mean_condition([o for _, o in pairs]))
     closest = min(diffs, key=lambda k: diffs[k].effect)
-    return Measured(diffs[closest], {**details, "positions": [run.hub, closest], "closest": closest})
+    return Measured(
+        diffs[closest], {**details, "positions": [run.hub, closest], "closest": closest}, main=patch(run.hub)
+    )
 
 
 def _acc(draws: list[Condition]) -> float:
@@ -153,4 +169,5 @@ KIND = Kind(
     measure,
     section,
     "continuous thoughts replaced (noise / zero / mean / resample); drop from baseline",
+    baseline_relative=True,
 )

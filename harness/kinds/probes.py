@@ -169,4 +169,5 @@ KIND = Kind(
     section,
     "linear probes per layer at the hub thought, with a control task",
     measures=("accuracy",),
+    effect_unit="layers or probe accuracy above chance",
 )

@@ -74,9 +74,11 @@ def measure(p: RerouteParams, run: ModelRun, measure: str) -> Measured:
     target = reroute_target(run, p.target)
     if target is None:
         return Measured(nan_effect(len(run.problems)), {**details, "note": "needs a second model in the run"})
-    if p.target == "other_hub":
+    if p.target == "other_hub":  # the first other model of the run (`--model` order)
         details["other_model"] = next(iter(run.peers))
     details["target"] = target
+    whose = f" ({details['other_model']}'s hub)" if p.target == "other_hub" else ""
+    details["mode"] = f"reroute {run.hub} -> {target}{whose}"
     condition = AttentionPattern(tuple(heads), "reroute", run.hub, target) if target != run.hub else None
     details["positions"] = condition.rewritten(run.n_latent) if condition else []  # the queries rerouted
     if condition is None or not details["positions"]:
@@ -129,4 +131,5 @@ KIND = Kind(
     measure,
     section,
     "heads' hub attention moved to another thought at the latent queries; drop from baseline",
+    baseline_relative=True,
 )

@@ -129,4 +129,6 @@ KIND = Kind(
     measure,
     section,
     "every head alone ablated at the thoughts; Spearman of the attention ranking or attribution patching with it",
+    effect_unit="a Spearman rank correlation",
+    error_analysis=False,  # every head alone: no single intervention of the claim's own
 )

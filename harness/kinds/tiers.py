@@ -113,4 +113,5 @@ KIND = Kind(
     section,
     "head ablation within difficulty tiers; a tier's drop or the difference of two tiers' drops",
     measures=("accuracy",),
+    effect_unit="drops within difficulty tiers (each tier has its own baseline)",
 )

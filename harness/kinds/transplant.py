@@ -93,4 +93,5 @@ KIND = Kind(
     measure,
     section,
     "the other model's top head transplanted into this model's top head; drop from baseline",
+    baseline_relative=True,
 )
