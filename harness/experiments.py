@@ -288,6 +288,7 @@ class ModelRun:
             "baseline_accuracy": round(100 * self.baseline.accuracy, 1) if baseline_known else None,
             "heads": [str(h) for h in (self.heads or (top_heads(self.ranking, 3) if ranked else []))] or None,
             "heads_from": "--heads" if self.heads else "ranking (top 3)" if ranked else None,
+            "forced_heads": [str(h) for h in self.heads] if self.heads else None,
             "hub": self.hub if self.ranking_known else None,
         }
 

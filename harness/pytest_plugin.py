@@ -372,6 +372,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             dtype=config.getoption("dtype"),
             reference_batching=config.getoption("reference_batching"),
             registry=Path(config.getoption("registry")),
+            claim_files=[Path(a.split("::")[0]) for a in config.args],
             data=state["data"],
             runs=state["runs"],
         )

@@ -23,7 +23,7 @@ from harness.data import PROJECT_ROOT
 from harness.kinds import KINDS, Section
 from harness.kinds.base import claims_figure
 from harness.report_page import forest_plot, page
-from harness.runinfo import COMPARABLE, same_configuration
+from harness.runinfo import COMPARABLE, MODEL_COMPARABLE, same_configuration
 from harness.stats import UNITS, holm
 from harness.verdicts import VERDICTS, ClaimResult, what_ran
 
@@ -133,7 +133,7 @@ def _differences(a: dict, b: dict) -> list[str]:
         if other is None:
             out.append(f"{name} absent")
         else:
-            out += [f"{name} {k}" for k in ("fingerprint", "data_hash", "n") if m.get(k) != other.get(k)]
+            out += [f"{name} {k}" for k in MODEL_COMPARABLE if m.get(k) != other.get(k)]
     return out or ["models"]
 
 
@@ -216,7 +216,8 @@ def _summary_md(df, run: dict, flips: list[str], said: str, sections: dict[str, 
               + ("; reference batching" if run["reference_batching"] else ""),
               f"- versions: {', '.join(f'{k} {v}' for k, v in run['versions'].items())}",
               f"- data: {'; '.join(run['data'])}",
-              f"- registry: {run['registry']} ({run['registry_hash']})", ""]  # fmt: skip
+              f"- registry: {run['registry']} ({run['registry_hash']}); Python claims {run.get('claim_code_hash')}",
+              ""]  # fmt: skip
     for name in dict.fromkeys(df.model):
         m = run["models"].get(name, {})
         lines += [f"## {name}", ""]

@@ -105,6 +105,7 @@ def run_block(run: dict) -> str:
         ("versions", ", ".join(f"{k} {v}" for k, v in run["versions"].items())),
         ("data", "; ".join(run["data"])),
         ("registry", f"{run['registry']} ({run['registry_hash']})"),
+        ("Python claims", run.get("claim_code_hash")),
     ]  # fmt: skip
     for name, m in run["models"].items():
         baseline = "not measured" if m["baseline_accuracy"] is None else f"{m['baseline_accuracy']:.1f}%"

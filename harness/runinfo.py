@@ -17,11 +17,23 @@ import harness
 if TYPE_CHECKING:
     from harness.experiments import ModelRun
 
-COMPARABLE = ("seed", "device", "dtype", "reference_batching", "registry_hash")  # and each model's identity
+COMPARABLE = ("seed", "device", "dtype", "reference_batching", "registry_hash", "claim_code_hash")  # and per model
+MODEL_COMPARABLE = ("fingerprint", "data_hash", "n", "forced_heads")  # weights, data, n, the heads --heads named
 
 
 def file_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def code_hash(paths: list[Path]) -> str:
+    """One hash of the Python claim files a run was given (each `.py` under a folder, or the
+    file): an edited Python claim is another configuration, like an edited registry."""
+    found = (f for p in paths if p.exists() for f in (p.rglob("*.py") if p.is_dir() else [p]))
+    files = sorted({f for f in found if f.suffix == ".py"})
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def run_info(
@@ -32,11 +44,13 @@ def run_info(
     dtype: str,
     reference_batching: bool,
     registry: Path,
+    claim_files: list[Path],
     data: dict[str, str],
     runs: dict[str, ModelRun],
 ) -> dict:
-    """Everything the verdicts depend on besides the code: seed, versions, device, data and
-    registry hashes, and per model its fingerprint, n, baseline, critical heads and hub."""
+    """Everything the verdicts depend on besides the code: seed, versions, device, data,
+    registry and Python-claim hashes, and per model its fingerprint, n, baseline, critical
+    heads (and those --heads forced) and hub."""
     models = {}
     for name, run in runs.items():
         models[name] = {"data": data.get(name, ""), **run.describe()}
@@ -55,21 +69,21 @@ def run_info(
         "data": sorted({f"{m['data']} ({m['data_hash']}, n={m['n']})" for m in models.values()}),
         "registry": str(registry),
         "registry_hash": file_hash(registry),
+        "claim_code_hash": code_hash(claim_files),
         "models": models,
     }
 
 
 def comparable_key(run: dict) -> dict:
     """The part of a run's configuration two runs must share for their verdicts to be compared."""
-    models = {
-        name: {k: m.get(k) for k in ("fingerprint", "data_hash", "n")} for name, m in run.get("models", {}).items()
-    }
+    models = {name: {k: m.get(k) for k in MODEL_COMPARABLE} for name, m in run.get("models", {}).items()}
     return {**{k: run.get(k) for k in COMPARABLE}, "models": models}
 
 
 def same_configuration(a: dict, b: dict) -> bool:
-    """Same seed, device, dtype, batching and registry; and every model present in both has
-    the same weights, data and n (a run of one model compares with a run of both)."""
+    """Same seed, device, dtype, batching, registry and Python claims; and every model present
+    in both has the same weights, data, n and --heads (a run of one model compares with a run
+    of both)."""
     ka, kb = comparable_key(a), comparable_key(b)
     if any(ka[k] != kb[k] for k in COMPARABLE):
         return False

@@ -9,11 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness import error_analysis, report
+from harness import error_analysis, report, runinfo
 from harness.data import Problem
 from harness.experiments import Condition
 
-CONFIG = {"seed": 0, "device": "cpu", "dtype": "float32", "reference_batching": False, "registry_hash": "r1"}
+CONFIG = {"seed": 0, "device": "cpu", "dtype": "float32", "reference_batching": False, "registry_hash": "r1",
+          "claim_code_hash": "c1"}  # fmt: skip
 MODELS = {"m": {"fingerprint": "f1", "data_hash": "d1", "n": 100}}
 
 
@@ -48,13 +49,31 @@ def test_flips_are_against_the_newest_run_of_the_same_configuration_that_measure
     assert used == ["20260101-020000", "20260101-000000"] and "same configuration" in said
 
 
-def test_other_weights_data_or_n_are_not_comparable(tmp_path):
-    for i, model in enumerate(({"fingerprint": "f2"}, {"data_hash": "d2"}, {"n": 50})):
+def test_other_weights_data_n_heads_or_python_claims_are_not_comparable(tmp_path):
+    changes = ({"fingerprint": "f2"}, {"data_hash": "d2"}, {"n": 50}, {"forced_heads": ["L0H0", "L1H1"]})
+    for i, model in enumerate(changes):
         _run(tmp_path, f"2026010{i}-000000", {"x": "SUPPORTED"}, 100 + i, models={"m": {**MODELS["m"], **model}})
+    _run(tmp_path, "20260108-000000", {"x": "SUPPORTED"}, 200, claim_code_hash="c2")  # an edited Python claim
     current = tmp_path / "20260109-000000"
     current.mkdir()
     flips, said, used = report.compare(_now({"x": "REFUTED"}), {**CONFIG, "models": MODELS}, current, None)
     assert flips == [] and used == [] and "nothing to compare with" in said
+    _, said, _ = report.compare(
+        _now({"x": "REFUTED"}), {**CONFIG, "models": MODELS}, current, tmp_path / "20260103-000000"
+    )
+    assert "differs: m forced_heads" in said
+
+
+def test_the_python_claims_hash_follows_their_code(tmp_path):
+    (tmp_path / "sub").mkdir()
+    claim, notes = tmp_path / "sub" / "test_mine.py", tmp_path / "notes.txt"
+    claim.write_text("x = 1\n")
+    notes.write_text("a")
+    before = runinfo.code_hash([tmp_path])
+    notes.write_text("b")  # not a Python file
+    assert runinfo.code_hash([tmp_path]) == before == runinfo.code_hash([claim])
+    claim.write_text("x = 2\n")
+    assert runinfo.code_hash([tmp_path]) != before
 
 
 def test_compare_to_names_the_run_and_says_when_its_configuration_differs(tmp_path):
