@@ -25,7 +25,7 @@ from harness.kinds.base import claims_figure
 from harness.report_page import forest_plot, page
 from harness.runinfo import COMPARABLE, MODEL_COMPARABLE, same_configuration
 from harness.stats import UNITS, holm
-from harness.verdicts import VERDICTS, ClaimResult, what_ran
+from harness.verdicts import VERDICTS, ClaimResult, criterion, what_ran
 
 REPORTS_DIR = PROJECT_ROOT / "reports"
 KEEP_REPORTS = 20
@@ -188,7 +188,7 @@ def _finding(r) -> str:
         f"**{r.id}** {r.verdict.lower()}: {r.statement}. Measured {r.effect:+.{digits}f} {units} of {r.measure} "
         f"(95% CI {r.ci_low:+.{digits}f} to {r.ci_high:+.{digits}f}; n = {r.n}"
         + (f"; {ran}" if ran else "")
-        + f") against a threshold of {r.direction} than {r.threshold:.{digits}f}"
+        + f") against a threshold of {criterion(r.direction, r.threshold, r.refute_at, digits)}"
         f" ({r.p_test} p = {r.p_value:.2g}, Holm {r.p_holm:.2g}){control}."
         + (f" Not measurable: {_note(r)}." if _note(r) else "")
     )
@@ -240,9 +240,9 @@ def _summary_md(df, run: dict, flips: list[str], said: str, sections: dict[str, 
         for r in df[df.model == name].itertuples():
             ci = f"[{r.ci_low:+.2f}, {r.ci_high:+.2f}]"
             ran = "; ".join(v for _, v in what_ran(r.heads, r.positions, r.mode))
+            needs = criterion(r.direction, r.threshold, r.refute_at)
             lines.append(
-                f"| {r.id} | {r.measure} | {ran} | {r.effect:+.2f} | {ci} | {r.direction} {r.threshold:.2f} "
-                f"| {r.verdict} | {r.point_verdict} |"
+                f"| {r.id} | {r.measure} | {ran} | {r.effect:+.2f} | {ci} | {needs} | {r.verdict} | {r.point_verdict} |"
             )
         lines += ["", "What was found:", ""]
         lines += [f"- {_finding(r)}" for r in df[df.model == name].itertuples()]

@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from harness.stats import UNITS
-from harness.verdicts import what_ran
+from harness.verdicts import refuted_beyond, what_ran
 
 COLOURS = {"SUPPORTED": "#1a7f37", "REFUTED": "#c62828", "INCONCLUSIVE": "#b58900"}
 _UNIT_LABEL = {"points": "effect (accuracy points)", "nats": "effect (answer log-prob, nats)"}
@@ -78,13 +78,15 @@ def claims_table(df: pd.DataFrame) -> str:
         ran = "; ".join(f"{k}: {v}" for k, v in what_ran(r.heads, r.positions, r.mode))
         note = r.details.get("note", "") if isinstance(r.details, dict) else ""
         unit = r.unit or UNITS.get(r.measure, "")
+        beyond = refuted_beyond(r.direction, r.threshold, r.refute_at, d)
+        beyond = f"<br><small>{beyond}</small>" if beyond else ""
         rows.append(
             f"<tr class='{r.verdict.lower()}' title='{html.escape(r.statement)}'>"
             f"<td class='nw'><b>{html.escape(r.id)}</b></td><td class='nw'>{html.escape(r.model)}</td>"
             f"<td class='nw'><b>{r.verdict}</b><br><small>{html.escape(str(r.point_verdict))}</small></td>"
             f"<td class='nw num'>{_num(r.effect, d)} <small>{unit}</small></td>"
             f"<td class='nw num'>[{_num(r.ci_low, d)}, {_num(r.ci_high, d)}]</td>"
-            f"<td class='nw num'>{r.direction} {r.threshold:.{d}f}</td>"
+            f"<td class='nw num'>{r.direction} {r.threshold:.{d}f}{beyond}</td>"
             f"<td class='nw num'>{_p(r.p_value)}<br><small>{html.escape(r.p_test)}</small></td>"
             f"<td class='nw num'>{_p(r.p_holm)}</td><td class='nw num'>{r.n}</td></tr>"
             f"<tr class='{r.verdict.lower()} statement'><td colspan='{len(head)}'><small>{html.escape(r.statement)}"

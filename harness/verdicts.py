@@ -6,6 +6,7 @@ rows land in the same claims table, CSVs and report.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from harness.stats import UNITS, PairedEffect
@@ -84,11 +85,26 @@ class ClaimResult:
     def message(self) -> str:
         control = f", control percentile {self.control_percentile:.0f}" if self.control_percentile is not None else ""
         ran = "; ".join(f"{k} {v}" for k, v in what_ran(self.heads, self.positions, self.mode))
+        needs = criterion(self.direction, self.threshold, self.refute_at)
         return (
             f"{self.id} on {self.model}: {self.verdict} - effect {self.effect:+.2f} {self.units} "
-            f"(95% CI {self.ci_low:+.2f} to {self.ci_high:+.2f}; needs {self.direction} than {self.threshold:.2f}; "
+            f"(95% CI {self.ci_low:+.2f} to {self.ci_high:+.2f}; needs {needs}; "
             f"{self.p_test} p={self.p_value:.3g}{control}; n={self.n}" + (f"; {ran}" if ran else "") + ")"
         )
+
+
+def refuted_beyond(direction: str, threshold: float, refute_at: float, digits: int = 2) -> str:
+    """Where REFUTED starts, in words, when that is not the threshold (`refuted below 2.00`);
+    else empty."""
+    if math.isnan(refute_at) or refute_at == threshold:
+        return ""
+    return f"refuted {'below' if direction == 'greater' else 'above'} {refute_at:.{digits}f}"
+
+
+def criterion(direction: str, threshold: float, refute_at: float, digits: int = 2) -> str:
+    """The claim's criteria in words: `greater than 10.00 (refuted below 2.00)`."""
+    beyond = refuted_beyond(direction, threshold, refute_at, digits)
+    return f"{direction} than {threshold:.{digits}f}" + (f" ({beyond})" if beyond else "")
 
 
 LABEL_KEYS = ("supported", "refuted", "inconclusive")

@@ -14,7 +14,7 @@ from harness.experiments import ModelRun
 from harness.kinds.attention_pattern import PatternParams, scoped_heads
 from harness.models import seed_heads
 from harness.stats import accuracy_drop
-from harness.verdicts import ClaimResult, judge, point_judge
+from harness.verdicts import ClaimResult, criterion, judge, point_judge
 
 ENTRY = """
 [[claim]]
@@ -267,3 +267,16 @@ def test_a_gates_own_gate_is_checked_first(monkeypatch, tmp_path):
     assert plugin._unmet_gate(claims["c"], None).id == "a" and evaluated == ["a"]
     verdicts["a"] = "SUPPORTED"
     assert plugin._unmet_gate(claims["c"], None) is None and evaluated == ["a", "a", "b"]
+
+
+def test_every_view_of_a_criterion_says_where_refuted_starts():
+    """1.1's CI [3, 8] is INCONCLUSIVE, not REFUTED, because REFUTED starts below 2: the text
+    must say so wherever the threshold is shown."""
+    assert criterion("greater", 10.0, 2.0) == "greater than 10.00 (refuted below 2.00)"
+    assert criterion("less", 22.5, 30.0, 1) == "less than 22.5 (refuted above 30.0)"
+    assert criterion("greater", 10.0, 10.0) == criterion("greater", 10.0, float("nan")) == "greater than 10.00"
+    result = ClaimResult(id="c", phase=1, model="m", statement="s", metric="ablation_drop", measure="accuracy",
+                         effect=5.0, ci_low=3.0, ci_high=8.0, threshold=10.0, direction="greater", p_value=0.01,
+                         p_test="t", verdict=judge(3.0, 8.0, 10.0, "greater", 2.0), point_verdict="", n=100,
+                         refute_at=2.0)  # fmt: skip
+    assert result.verdict == "INCONCLUSIVE" and "needs greater than 10.00 (refuted below 2.00)" in result.message()

@@ -147,3 +147,21 @@ def test_claims_json_keeps_small_p_values_and_writes_nan_as_null(tmp_path):
     assert claims["unmeasured"]["effect"] is None and claims["unmeasured"]["verdict"] == "INCONCLUSIVE"
     assert "2.3e-14" in (tmp_path / "r" / "claims.csv").read_text()
     assert (tmp_path / "r" / "forest.svg").exists() and "id='forest.png'" in written.html
+
+
+def test_the_ablation_table_keeps_one_row_per_condition_and_measure():
+    from harness.kinds import head_ablation
+    from harness.verdicts import ClaimResult
+
+    def row(cid: str, measure: str, effect: float) -> ClaimResult:
+        details = {"heads": ["L0H1"], "heads_from": "claim", "positions": ["latent"], "mode": "zero", "n_draws": 1,
+                   "baseline_accuracy": 80.0, "accuracy": 70.0, "control": [1.0, 2.0]}  # fmt: skip
+        return ClaimResult(id=cid, phase=1, model="m", statement="s", metric="ablation_drop", measure=measure,
+                           effect=effect, ci_low=effect - 1, ci_high=effect + 1, threshold=1.0, direction="greater",
+                           p_value=0.01, p_test="t", verdict="SUPPORTED", point_verdict="", n=100,
+                           details=details)  # fmt: skip
+
+    rows = [row("acc", "accuracy", 10.0), row("acc-again", "accuracy", 10.0), row("logp", "answer_logprob", 0.3)]
+    table = head_ablation.section(rows, {}).tables["ablation_claims"]
+    assert table[["claim", "measure", "drop"]].values.tolist() == [["acc acc-again", "accuracy", 10.0],
+                                                                   ["logp", "answer_logprob", 0.3]]  # fmt: skip

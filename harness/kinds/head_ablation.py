@@ -89,6 +89,8 @@ def section(results: list[ClaimResult], runs: dict[str, ModelRun]) -> Section:
             "mode": r.details["mode"],
             "measure": r.measure,
             "n": r.n,
+            "n_draws": r.details["n_draws"],
+            "n_random": len(r.details.get("control", [])),
             "baseline_accuracy": r.details["baseline_accuracy"],
             "accuracy": r.details["accuracy"],
             "drop": r.effect,
@@ -99,7 +101,10 @@ def section(results: list[ClaimResult], runs: dict[str, ModelRun]) -> Section:
         }
         for r in results
     ]
-    tables = {"ablation_claims": pd.DataFrame(rows).drop_duplicates(subset=["model", "heads", "positions", "mode"])}
+    same = ["model", "heads", "positions", "mode", "measure", "n_draws", "n_random"]  # one condition, one row
+    table = pd.DataFrame(rows)
+    table["claim"] = table.groupby(same)["claim"].transform(lambda ids: " ".join(dict.fromkeys(ids)))
+    tables = {"ablation_claims": table.drop_duplicates(subset=same)}
     curves = {}  # the seed's shape: n_heads, <model>_acc, control band at the full set
     for model, group in by_model(results).items():
         ranked = [r for r in group if "incremental" in r.details and r.measure == "accuracy"]
