@@ -25,7 +25,9 @@ if TYPE_CHECKING:
 TYPE_RESAMPLES = 2_000  # bootstrap resamples per type (many small CIs: a tenth of a claim's)
 MIN_PROBLEMS = 10  # a type with fewer problems gets no row (its CI would say nothing)
 FIGURE_MIN = 40  # types with fewer problems stay out of the figure (still in by_type.csv)
-_OPERATION = re.compile(r"\d\s*([-+*/x×÷])\s*-?\d")
+# an operator between two operands; lookarounds consume no operand, so a chained step
+# (15*3/5) yields each operator, and a decimal like .5 counts as an operand
+_OPERATION = re.compile(r"(?<=[\d)])\s*([-+*/x×÷])(?=\s*[-(.\d])")
 _NAMES = {"+": "+", "-": "-", "*": "×", "x": "×", "×": "×", "/": "÷", "÷": "÷"}
 
 

@@ -133,9 +133,28 @@ def paired_effect(
     binary = np.isin(ref, (0.0, 1.0)).all() and np.isin(treat, (0.0, 1.0)).all()
     if treat.shape[0] == 1 and measure == "accuracy" and binary:
         return accuracy_drop(ref.astype(bool), treat[0].astype(bool), n_resamples, seed, level)
-    diff = scale * (ref[None] - treat)  # [D, N]
+    return _mean_of_differences(scale * (ref[None] - treat), n_resamples, level, seed)
+
+
+def difference_of_draws(
+    reference, treated, measure: str = "accuracy", n_resamples: int = N_RESAMPLES, seed: int = 0, level: float = 0.95
+) -> PairedEffect:
+    """Drop from `reference` [D, N] to `treated` [D, N], two randomised conditions paired
+    problem by problem and draw by draw (e.g. noise at the hub vs noise at another thought: the
+    difference of their drops). The CI resamples problems and draws of both sides together."""
+    if measure not in MEASURES:
+        raise ValueError(f"unknown measure {measure!r}; choose from {', '.join(MEASURES)}")
+    ref, treat = np.atleast_2d(np.asarray(reference, float)), np.atleast_2d(np.asarray(treated, float))
+    assert ref.shape == treat.shape and ref.size > 0, "the same draws of the same problems"
+    return _mean_of_differences((100.0 if measure == "accuracy" else 1.0) * (ref - treat), n_resamples, level, seed)
+
+
+def _mean_of_differences(diff: np.ndarray, n_resamples: int, level: float, seed: int) -> PairedEffect:
+    """Mean of per-problem differences `diff` [D, N] over D draws: a percentile bootstrap CI
+    (problems, and draws when D > 1) and a two-sided Wilcoxon signed-rank p of the per-problem
+    means."""
     per_problem = diff.mean(0)  # [N]
-    if treat.shape[0] == 1:
+    if diff.shape[0] == 1:
         low, high = _percentile_ci((per_problem,), _mean, n_resamples, level, seed)
     else:
         low, high = _joint_ci(diff, n_resamples, level, seed)
@@ -143,7 +162,7 @@ def paired_effect(
         p = 1.0
     else:
         p = float(scipy_stats.wilcoxon(per_problem, zero_method="zsplit").pvalue)
-    return PairedEffect(float(diff.mean()), low, high, p, int(ref.size), "Wilcoxon signed-rank")
+    return PairedEffect(float(diff.mean()), low, high, p, int(diff.shape[1]), "Wilcoxon signed-rank")
 
 
 def _joint_ci(diff: np.ndarray, n_resamples: int, level: float, seed: int) -> tuple[float, float]:

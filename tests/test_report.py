@@ -127,6 +127,9 @@ def test_the_error_analysis_names_the_type_a_planted_condition_hurts():
 def test_operations_are_read_from_the_solution_not_the_question():
     assert error_analysis.operations(Problem("a", "5 - 3 = ?", "<<48/2=24>> <<24*3=72>>", 72.0, 2)) == "× ÷"
     assert error_analysis.operations(Problem("b", "q", "<< 4 - -2 = 6 >>", 6.0, 1)) == "-"
+    # GSM8K chains operations in one step and writes decimals without a leading zero
+    assert error_analysis.operations(Problem("c", "q", "<<15*3/5=9>>", 9.0, 1)) == "× ÷"
+    assert error_analysis.operations(Problem("d", "q", "<<30*.5=15>> <<(2+3)*4=20>>", 20.0, 2)) == "+ ×"
 
 
 def test_claims_json_keeps_small_p_values_and_writes_nan_as_null(tmp_path):

@@ -5,6 +5,7 @@ from scipy.stats import binomtest, wilcoxon
 from harness.stats import (
     accuracy_above,
     accuracy_drop,
+    difference_of_draws,
     difference_of_drops,
     holm,
     mcnemar_exact,
@@ -114,3 +115,19 @@ def test_log_probability_drops_are_in_nats_with_a_wilcoxon_p():
     assert effect.p_value == pytest.approx(wilcoxon(base - treated).pvalue) and effect.test == "Wilcoxon signed-rank"
     with pytest.raises(ValueError, match="unknown measure"):
         paired_effect(base, [treated], "logprob")
+
+
+def test_a_difference_of_two_randomised_drops_resamples_both_sides_draws():
+    """1.2-hub-largest: noise at the hub vs noise at another thought, both over draws. Averaging
+    one side's draws into a fixed reference hid their spread (the CI was as narrow as if that
+    side were deterministic)."""
+    n = 400
+    hub = np.stack([np.where(np.arange(n) % 5 < 1, 0.0, 1.0)] * 2)  # [2, N]: the same 20-point drop each draw
+    other = np.stack([np.ones(n), np.where(np.arange(n) % 5 < 2, 0.0, 1.0)])  # drops 0 and 40: mean 20
+    paired = difference_of_draws(other, hub)  # hub drop minus other drop, draw by draw
+    assert paired.effect == pytest.approx(0.0) and paired.n == n
+    averaged = difference_of_draws(np.mean(other, axis=0, keepdims=True), hub[:1])
+    assert averaged.effect == pytest.approx(0.0)
+    assert paired.ci_high - paired.ci_low > 3 * (averaged.ci_high - averaged.ci_low)
+    with pytest.raises(AssertionError):
+        difference_of_draws(other, hub[:1])

@@ -17,6 +17,7 @@ from matplotlib.patches import Patch
 from harness.experiments import Condition, ModelRun
 from harness.kinds.base import Kind, Measured, Params, Section, baseline_value, choices
 from harness.specs import THOUGHT_MODES, PatchThoughts, check_thought_positions
+from harness.stats import difference_of_draws
 from harness.verdicts import ClaimResult
 
 WHICH = ("hub", "max_non_hub", "hub_minus_non_hub")
@@ -83,9 +84,10 @@ def measure(p: PositionParams, run: ModelRun, measure: str) -> Measured:
         return Measured(effects[worst], {**details, "positions": [worst], "worst": worst}, main=patch(worst))
     # "the hub's drop exceeds every non-hub drop": the smallest paired difference, draw by draw
     diffs = {}
+    hub_values = np.stack([d.values(measure) for d in draws[run.hub]])  # [D, N]
     for k in others:
-        pairs = list(zip(draws[run.hub], draws[k]))
-        diffs[k] = run.effect([hub for hub, _ in pairs], measure, reference=_mean_condition([o for _, o in pairs]))
+        other = np.stack([d.values(measure) for d in draws[k]])  # [D, N]: draw d beside the hub's draw d
+        diffs[k] = difference_of_draws(other, hub_values, measure, seed=run.seed)
     closest = min(diffs, key=lambda k: diffs[k].effect)
     return Measured(
         diffs[closest], {**details, "positions": [run.hub, closest], "closest": closest}, main=patch(run.hub)
@@ -94,13 +96,6 @@ def measure(p: PositionParams, run: ModelRun, measure: str) -> Measured:
 
 def _acc(draws: list[Condition]) -> float:
     return 100.0 * float(np.mean([d.accuracy for d in draws]))
-
-
-def _mean_condition(draws: list[Condition]) -> Condition:
-    """The per-problem mean over draws (a reference for a difference of drops)."""
-    if len(draws) == 1:
-        return draws[0]
-    return Condition(*(np.mean([getattr(d, f) for d in draws], axis=0) for f in Condition.__dataclass_fields__))
 
 
 def section(results: list[ClaimResult], runs: dict[str, ModelRun]) -> Section:
