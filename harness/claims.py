@@ -189,9 +189,10 @@ def evaluate_claim(claim: Claim, run: ModelRun) -> ClaimResult:
     if claim.threshold_of_baseline:  # e.g. "keeps > 90% of baseline": drop < 10% of baseline acc
         threshold = claim.threshold * baseline_value(run, "accuracy")
     p_value, p_test = effect.p_value, effect.test
-    if measured.bootstrap is not None:  # the share of resampled effects against the claim
-        against = measured.bootstrap > threshold if claim.direction == "less" else measured.bootstrap < threshold
-        p_value = float(np.mean(against))
+    if measured.bootstrap is not None:  # the share of resampled effects against the claim (never exactly 0)
+        draws = measured.bootstrap[~np.isnan(measured.bootstrap)]  # a resample with no effect counts for neither
+        against = draws > threshold if claim.direction == "less" else draws < threshold
+        p_value = (1 + int(against.sum())) / (1 + len(draws)) if len(draws) else float("nan")
     if getattr(claim.params, "against_control", False) and null:
         threshold = claim.threshold + float(np.percentile(null, 95))  # a margin above the control
         p_value = (1 + sum(x >= effect.effect for x in null)) / (1 + len(null))

@@ -185,8 +185,9 @@ def _finding(r) -> str:
     digits = 2 if r.measure == "answer_logprob" else 1
     ran = ", ".join(f"{k} {v}" for k, v in what_ran(r.heads, r.positions, r.mode))
     return (
-        f"**{r.id}** {r.verdict.lower()}: {r.statement}. Measured {r.effect:+.{digits}f} {units} of {r.measure} "
-        f"(95% CI {r.ci_low:+.{digits}f} to {r.ci_high:+.{digits}f}; n = {r.n}"
+        f"**{r.id}** {r.verdict.lower()}: {r.statement}. Measured {r.effect:+.{digits}f} {units}"
+        + ("" if r.unit else f" of {r.measure}")
+        + f" (95% CI {r.ci_low:+.{digits}f} to {r.ci_high:+.{digits}f}; n = {r.n}"
         + (f"; {ran}" if ran else "")
         + f") against a threshold of {criterion(r.direction, r.threshold, r.refute_at, digits)}"
         f" ({r.p_test} p = {r.p_value:.2g}, Holm {r.p_holm:.2g}){control}."

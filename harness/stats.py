@@ -78,12 +78,12 @@ def difference_of_drops(
     db = 100.0 * (_as_bool(base_b).astype(float) - _as_bool(treat_b).astype(float))
     if da.size < 2 or db.size < 2:
         nan = float("nan")
-        return PairedEffect(nan, nan, nan, nan, int(da.size + db.size), "Welch t (one-sided)")
+        return PairedEffect(nan, nan, nan, nan, int(da.size + db.size), "Welch t (one-sided, > 0)")
     low, high = _percentile_ci((da, db), _mean_difference, n_resamples, level, seed)
     effect = float(da.mean() - db.mean())
     p = scipy_stats.ttest_ind(da, db, equal_var=False, alternative="greater").pvalue
     p = float(effect <= 0) if np.isnan(p) else float(p)  # no variance in either group
-    return PairedEffect(effect, low, high, p, int(da.size + db.size), "Welch t (one-sided)")
+    return PairedEffect(effect, low, high, p, int(da.size + db.size), "Welch t (one-sided, > 0)")
 
 
 def accuracy_above(correct, chance: float, n_resamples: int = N_RESAMPLES, seed: int = 0) -> PairedEffect:
@@ -94,7 +94,7 @@ def accuracy_above(correct, chance: float, n_resamples: int = N_RESAMPLES, seed:
     p = scipy_stats.binomtest(int(hits.sum()), hits.size, chance, alternative="greater").pvalue
     shift = 100.0 * chance
     shifted = (ci.effect - shift, ci.ci_low - shift, ci.ci_high - shift)
-    return PairedEffect(*shifted, float(p), int(hits.size), "binomial exact (one-sided)")
+    return PairedEffect(*shifted, float(p), int(hits.size), "binomial exact (one-sided, > chance)")
 
 
 def mean_with_ci(values, n_resamples: int = N_RESAMPLES, seed: int = 0, level: float = 0.95) -> PairedEffect:
@@ -104,7 +104,7 @@ def mean_with_ci(values, n_resamples: int = N_RESAMPLES, seed: int = 0, level: f
     assert x.ndim == 1 and x.size > 1, "per-problem differences"
     low, high = _percentile_ci((x,), _mean, n_resamples, level, seed)
     p = 1.0 if np.all(x == x[0]) and x[0] <= 0 else float(scipy_stats.wilcoxon(x, alternative="greater").pvalue)
-    return PairedEffect(float(x.mean()), low, high, p, int(x.size), "Wilcoxon signed-rank (one-sided)")
+    return PairedEffect(float(x.mean()), low, high, p, int(x.size), "Wilcoxon signed-rank (one-sided, > 0)")
 
 
 MEASURES = ("accuracy", "answer_logprob")

@@ -51,7 +51,7 @@ def measure(p: AttributionParams, run: ModelRun, measure: str) -> Measured:
         "mean_abs_delta": float(np.abs(ig.deltas).mean()),
         "relative_delta": float(np.abs(ig.deltas).mean() / max(gaps.mean(), 1e-12)),
     }
-    return Measured(mean_with_ci(excess, seed=run.seed), details)
+    return Measured(mean_with_ci(excess, seed=run.seed), {**details, "units": "share points"})
 
 
 def section(results: list[ClaimResult], runs: dict[str, ModelRun]) -> Section:

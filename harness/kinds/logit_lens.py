@@ -70,6 +70,7 @@ def measure(p: LensParams, run: ModelRun, measure: str) -> Measured:
         values = 100.0 * (found[rows, best, k].astype(float) - chance[rows, best, k])  # [n] points
         details.update(positions=[names[best]], step=p.step, rate=float(100 * found[rows, best, k].mean()),
                        chance=float(100 * chance[rows, best, k].mean()))  # fmt: skip
+        details["units"] = "points over chance"
         return Measured(mean_with_ci(values, seed=run.seed), details)
     found, _, have = lens_hits(run, "test", p.source, p.top)
     steps = [k for k in range(have.shape[1]) if have[:, k].sum() >= MIN_PROBLEMS]

@@ -72,6 +72,7 @@ def measure(p: ProbeParams, run: ModelRun, measure: str) -> Measured:
         details = {"step": p.step, "positions": [f"CT{thought}"], "layer": layer, "heads": [],
                    "mode": f"probe (step {p.step} result, layer {layer})", "accuracy": float(100 * task.mean()),
                    "control_accuracy": float(100 * control.mean())}  # fmt: skip
+        details["units"] = "points over control"
         return Measured(mean_with_ci(100.0 * (task.astype(float) - control), seed=run.seed), details)
     probes = run.probes
     task, control = probes.task[p.label], probes.control[p.label]  # [L + 1, n]
@@ -79,7 +80,8 @@ def measure(p: ProbeParams, run: ModelRun, measure: str) -> Measured:
                "critical_layer": critical_layer(task, control), "heads": []}  # fmt: skip
     if p.test == "final_above_chance":
         ch = chance(probes.labels[p.label])
-        return Measured(accuracy_above(task[-1], ch, seed=run.seed), {**details, "chance": 100 * ch})
+        details.update(chance=100 * ch, units="points over chance")
+        return Measured(accuracy_above(task[-1], ch, seed=run.seed), details)
     heads, source = run.heads_for(p.heads, p.n_heads, p.ranking)
     head_layers = sorted({h.layer for h in heads})
     details.update(heads=[str(h) for h in heads], heads_from=source, head_layers=head_layers)

@@ -26,7 +26,7 @@ from harness.verdicts import ClaimResult
 TESTS = ("attention", "attribution")
 MODES = ("zero", "mean")  # attribution patching estimates these (resample has no fixed target)
 N_RESAMPLES = 1000
-TOP_SHOWN = 3  # heads named in the claim row: the sweep's top causal heads
+TOP_SHOWN = 3  # heads named in the claim's details (top_heads): the sweep's top causal heads
 
 
 @dataclass(frozen=True)
@@ -87,8 +87,8 @@ def measure(p: SweepParams, run: ModelRun, measure: str) -> Measured:
     top = table.sort_values("ablation_drop_logprob", ascending=False).head(TOP_SHOWN)
     details = {
         "test": p.test,
-        "heads": list(top["head"]),
-        "heads_from": "sweep",
+        "heads": [],  # every head was ablated, one at a time
+        "top_heads": list(top["head"]),  # the largest log-prob drops on the test split
         "positions": ["latent"],
         "mode": f"every head alone, {p.mode}",
         "sweep": table.to_dict(orient="records"),
