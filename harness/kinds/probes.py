@@ -89,7 +89,7 @@ def measure(p: ProbeParams, run: ModelRun, measure: str) -> Measured:
     details["selectivity"] = [float(100 * s) for s in selectivity]
     if selectivity[details["critical_layer"] + 1] <= 0:
         note = "the probe never beats its control task after the critical layer: no layer to locate"
-        return Measured(nan_effect(task.shape[1]), {**details, "note": note})
+        return Measured(nan_effect(task.shape[1]), {**details, "note": note, "units": "layers"})
 
     def distance(columns: np.ndarray) -> int:
         crit = critical_layer(task[:, columns], control[:, columns])
