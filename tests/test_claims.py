@@ -152,6 +152,13 @@ def test_defaults_are_written_once_and_shown_filled_in(tmp_path):
     assert params["heads"] == ["L2H3"] and params["positions"] == ["CT2"]
     assert params["mode"] == "zero" and params["n_random"] == 20 and claim.measure == "accuracy"
     assert "heads=['L2H3']" in claim.describe() and "positions=['CT2']" in claim.describe()
+    # what does not act is not listed: named heads need no ranking, mode zero has no draws
+    assert not {"n_heads", "ranking", "n_draws"} & set(params)
+    (ranked,) = load_registry(_registry(tmp_path, ENTRY + "experiment = { mode = 'resample' }"))
+    assert {"n_heads", "ranking", "n_draws"} <= set(ranked.params.describe())
+    text = ENTRY.replace("ablation_drop", "pattern_drop") + "experiment = { pattern = 'hub', scope = 'all' }"
+    (pattern,) = load_registry(_registry(tmp_path, text))
+    assert not {"n_heads", "ranking", "layer"} & set(pattern.params.describe())
 
 
 @given(low=points, width=st.floats(min_value=0, max_value=50), threshold=points)

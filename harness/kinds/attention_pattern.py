@@ -46,6 +46,10 @@ class PatternParams(Params):
         if self.n_heads < 1:
             raise ValueError("n_heads must be at least 1")
 
+    def unused(self) -> set[str]:
+        out = super().unused() | ({"layer"} if self.scope != "layer" else set())
+        return out | ({"n_heads", "ranking"} if self.scope != "top" else set())
+
     def check_model(self, geo: HeadGeometry, n_latent: int, model: str) -> None:
         super().check_model(geo, n_latent, model)
         if self.layer is not None and not 0 <= self.layer < geo.n_layers:

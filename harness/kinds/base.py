@@ -32,6 +32,9 @@ if TYPE_CHECKING:
     from harness.specs import Spec
 
 
+RANDOM_MODES = ("noise", "resample")  # modes measured over independent draws
+
+
 class ClaimError(ValueError):
     """A malformed claim (registry entry or Python claim); the message names claim and key."""
 
@@ -138,9 +141,22 @@ class Params:
         for name in getattr(self, "positions", ()):
             check_position(name, n_latent)
 
+    def unused(self) -> set[str]:
+        """Parameters that do not act given the others (named heads make the ranking moot; a
+        deterministic mode has no draws): left out of `describe`, so a listing shows what runs."""
+        out = set()
+        if getattr(self, "heads", ()):
+            out |= {"n_heads", "ranking"}
+        if hasattr(self, "n_draws") and getattr(self, "mode", None) not in RANDOM_MODES:
+            out.add("n_draws")
+        return out
+
     def describe(self) -> dict:
-        """Every parameter, defaults filled in (for --list-claims and the report)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        """Every parameter that acts, defaults filled in (for --list-claims and the report)."""
+        unused = self.unused()
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items() if k not in unused
+        }
 
 
 def forbid_together(given: set[str], *groups: tuple[str, ...]) -> None:
