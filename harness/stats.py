@@ -73,38 +73,38 @@ def difference_of_drops(
     base_a, treat_a, base_b, treat_b, n_resamples: int = N_RESAMPLES, seed: int = 0, level: float = 0.95
 ) -> PairedEffect:
     """Drop in group a minus drop in group b (points), groups of different problems: a
-    bootstrap resampling each group independently, and Welch's one-sided t-test for p."""
+    bootstrap resampling each group independently, and Welch's two-sided t-test for p."""
     da = 100.0 * (_as_bool(base_a).astype(float) - _as_bool(treat_a).astype(float))
     db = 100.0 * (_as_bool(base_b).astype(float) - _as_bool(treat_b).astype(float))
     if da.size < 2 or db.size < 2:
         nan = float("nan")
-        return PairedEffect(nan, nan, nan, nan, int(da.size + db.size), "Welch t (one-sided, > 0)")
+        return PairedEffect(nan, nan, nan, nan, int(da.size + db.size), "Welch t")
     low, high = _percentile_ci((da, db), _mean_difference, n_resamples, level, seed)
     effect = float(da.mean() - db.mean())
-    p = scipy_stats.ttest_ind(da, db, equal_var=False, alternative="greater").pvalue
-    p = float(effect <= 0) if np.isnan(p) else float(p)  # no variance in either group
-    return PairedEffect(effect, low, high, p, int(da.size + db.size), "Welch t (one-sided, > 0)")
+    p = scipy_stats.ttest_ind(da, db, equal_var=False).pvalue
+    p = float(effect == 0) if np.isnan(p) else float(p)  # no variance in either group
+    return PairedEffect(effect, low, high, p, int(da.size + db.size), "Welch t")
 
 
 def accuracy_above(correct, chance: float, n_resamples: int = N_RESAMPLES, seed: int = 0) -> PairedEffect:
-    """Accuracy minus a chance level (points) with a bootstrap CI, and the one-sided exact
-    binomial p of doing no better than chance."""
+    """Accuracy minus a chance level (points) with a bootstrap CI, and the two-sided exact
+    binomial p of doing as well as chance."""
     hits = _as_bool(correct)
     ci = accuracy_drop(hits, np.zeros_like(hits), n_resamples=n_resamples, seed=seed)  # CI of the accuracy
-    p = scipy_stats.binomtest(int(hits.sum()), hits.size, chance, alternative="greater").pvalue
+    p = scipy_stats.binomtest(int(hits.sum()), hits.size, chance).pvalue
     shift = 100.0 * chance
     shifted = (ci.effect - shift, ci.ci_low - shift, ci.ci_high - shift)
-    return PairedEffect(*shifted, float(p), int(hits.size), "binomial exact (one-sided, > chance)")
+    return PairedEffect(*shifted, float(p), int(hits.size), "binomial exact (vs chance)")
 
 
 def mean_with_ci(values, n_resamples: int = N_RESAMPLES, seed: int = 0, level: float = 0.95) -> PairedEffect:
-    """Mean of per-problem differences with a bootstrap CI, and a one-sided Wilcoxon
-    signed-rank p that the differences are centred above zero."""
+    """Mean of per-problem differences with a bootstrap CI, and a two-sided Wilcoxon
+    signed-rank p that the differences are centred on zero."""
     x = np.asarray(values, dtype=float)
     assert x.ndim == 1 and x.size > 1, "per-problem differences"
     low, high = _percentile_ci((x,), _mean, n_resamples, level, seed)
-    p = 1.0 if np.all(x == x[0]) and x[0] <= 0 else float(scipy_stats.wilcoxon(x, alternative="greater").pvalue)
-    return PairedEffect(float(x.mean()), low, high, p, int(x.size), "Wilcoxon signed-rank (one-sided, > 0)")
+    p = 1.0 if np.all(x == 0) else float(scipy_stats.wilcoxon(x, zero_method="zsplit").pvalue)
+    return PairedEffect(float(x.mean()), low, high, p, int(x.size), "Wilcoxon signed-rank")
 
 
 MEASURES = ("accuracy", "answer_logprob")

@@ -76,14 +76,17 @@ def test_accuracy_above_chance_uses_an_exact_binomial_test():
     eff = accuracy_above(hits, 0.5, n_resamples=2000)
     assert eff.effect == pytest.approx(30.0)
     assert eff.ci_low < 30.0 < eff.ci_high
-    assert eff.p_value == pytest.approx(binomtest(80, 100, 0.5, alternative="greater").pvalue)
+    assert eff.p_value == pytest.approx(binomtest(80, 100, 0.5).pvalue)  # two-sided: no direction favoured
+    below = accuracy_above(np.arange(100) < 20, 0.5, n_resamples=2000)  # as far below chance
+    assert below.p_value == pytest.approx(eff.p_value) and below.effect == pytest.approx(-30.0)
 
 
 def test_mean_with_ci_of_per_problem_differences():
     x = np.linspace(-1, 5, 50)
     eff = mean_with_ci(x, n_resamples=2000)
     assert eff.effect == pytest.approx(2.0) and eff.ci_low < 2.0 < eff.ci_high
-    assert eff.p_value == pytest.approx(wilcoxon(x, alternative="greater").pvalue)
+    assert eff.p_value == pytest.approx(wilcoxon(x, zero_method="zsplit").pvalue)
+    assert mean_with_ci(-x, n_resamples=2000).p_value == pytest.approx(eff.p_value), "a 'less' claim's p alike"
     flat = mean_with_ci(np.zeros(10))
     assert (flat.effect, flat.ci_low, flat.ci_high, flat.p_value) == (0.0, 0.0, 0.0, 1.0)
 

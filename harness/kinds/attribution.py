@@ -1,7 +1,7 @@
 """Integrated gradients of the critical heads' output at the hub thought back to the question
 tokens (metric `attribution_share`): a token category's share of the attribution minus its
 share of the question's tokens, per problem (mean over heads); CI by bootstrap over problems,
-p by a one-sided Wilcoxon signed-rank test."""
+p by a two-sided Wilcoxon signed-rank test."""
 
 from __future__ import annotations
 
