@@ -118,7 +118,9 @@ def section(results: list[ClaimResult], runs: dict[str, ModelRun]) -> Section:
         ax.legend(fontsize=7)
     seed = {"pattern": ["baseline", *PATTERNS]}  # the seed's shape: pattern, <model>_acc
     for model, g in acc.groupby("model", sort=False):
-        by_pattern = dict(zip(g.pattern, g.accuracy))
+        ranked = g[g.heads_from == "ranking"]  # the seed's rows: the attention ranking's top heads
+        first = (ranked if len(ranked) else g).drop_duplicates("pattern")  # the registry's first claim per pattern
+        by_pattern = dict(zip(first.pattern, first.accuracy))
         seed[f"{model}_acc"] = [g.baseline_accuracy.iloc[0], *(by_pattern.get(p, np.nan) for p in PATTERNS)]
     tables = {"patterns": pd.DataFrame(seed), "pattern_claims": table}
     return Section("Attention patterns", tables, {"patterns": fig})

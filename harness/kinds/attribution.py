@@ -80,7 +80,8 @@ def section(results: list[ClaimResult], runs: dict[str, ModelRun]) -> Section:
             ax.set_xticks(range(len(toks)), toks, rotation=90, fontsize=7)
             ax.set_yticks(range(len(heads)), heads, fontsize=7)
         fig.suptitle(f"{r.model}: integrated gradients of {', '.join(heads)} at {run.hub}")
-        figures[f"attribution_{r.model}"] = fig
+        sets = sum(model == r.model for model, _ in seen)  # a model's second head set gets its own figure
+        figures[f"attribution_{r.model}" + (f"_{sets}" if sets > 1 else "")] = fig
     return Section("Integrated gradients of the critical heads (3.2)", {"attribution": pd.DataFrame(rows)}, figures)
 
 
