@@ -20,6 +20,7 @@ from harness.data import PROJECT_ROOT, DataError
 
 USAGE_ERROR = 4
 REGISTRY_DEFAULT = PROJECT_ROOT / "hypotheses" / "claims.toml"
+DATA_HELP = "synthetic, gsm8k (default: the model's own data, as in the claims suite)"
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -209,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="latent-mode accuracy of a CODI model")
     ev.add_argument("--model", default="tiny-gpt2", help="tiny-gpt2, tiny-llama, codi-gpt2, codi-llama or a path")
     ev.add_argument("--base", help="base model (HF id or directory) for hub-format checkpoints")
-    ev.add_argument("--data", default="synthetic", help="synthetic, gsm8k, a GSM8K-format .jsonl or a datasets id")
+    ev.add_argument("--data", help=DATA_HELP + ", a GSM8K-format .jsonl or a datasets id")
     ev.add_argument("--n", type=int, help="first N problems (default: all)")
     ev.add_argument("--latent-patch", choices=["none", "mean"], default="none")
     ev.add_argument("--batch-size", type=int, help="default 128 on CPU; on CUDA, what memory holds (at most 512)")
@@ -229,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     rk = sub.add_parser("rank-heads", help="rank attention heads by flow/hub/skip among the thoughts")
     rk.add_argument("--model", default="tiny-gpt2", help="tiny-gpt2, tiny-llama, codi-gpt2, codi-llama or a path")
     rk.add_argument("--base", help="base model (HF id or directory) for hub-format checkpoints")
-    rk.add_argument("--data", default="synthetic", help="whose discovery split: synthetic, gsm8k or a .jsonl")
+    rk.add_argument("--data", help="whose discovery split: " + DATA_HELP + " or a .jsonl")
     rk.add_argument("--top", type=int, default=10, help="how many heads to print")
     rk.add_argument("--out", help="CSV of every head (default ranked_heads_<model>.csv)")
     rk.add_argument("--batch-size", type=int, default=128)
@@ -239,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="every head alone ablated at the thoughts, and attribution patching's estimate")
     sw.add_argument("--model", default="tiny-gpt2", help="tiny-gpt2, tiny-llama, codi-gpt2, codi-llama or a path")
     sw.add_argument("--base", help="base model (HF id or directory) for hub-format checkpoints")
-    sw.add_argument("--data", default="synthetic", help="synthetic, gsm8k or a .jsonl (its discovery split: see docs)")
+    sw.add_argument("--data", help=DATA_HELP + " or a .jsonl (its discovery split: see docs)")
     sw.add_argument("--n-problems", type=int, default=1000, help="problems from the test split (default 1000)")
     sw.add_argument("--mode", choices=["zero", "mean"], default="zero", help="ablation mode (default zero)")
     sw.add_argument("--batch-size", type=int, help="default 128 on CPU; on CUDA, what memory holds (at most 512)")
@@ -280,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and value <= 0:
             print(f"error: --{option.replace('_', '-')} must be positive, got {value}", file=sys.stderr)
             return USAGE_ERROR
+    if hasattr(args, "data") and args.data is None:  # the claims suite's default for this model
+        from harness.models import default_data
+
+        args.data = default_data(args.model)
     try:
         return args.func(args)
     except (ModelLoadError, DataError) as e:

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from harness.arch import Head, HeadGeometry
+from harness.arch import Head, HeadGeometry, check_heads
 from harness.attribution import Attributions, attribution_patching, integrated_gradients, question_tokens
 from harness.cache import ResultCache, content_key
 from harness.codi import CODIModel
@@ -28,9 +28,10 @@ from harness.data import Problem
 from harness.discovery import LatentAttention, head_metrics, model_hub_thought, record_latent_attention, top_heads
 from harness.evaluation import PrefixStore, evaluate, teacher_forced
 from harness.interchange import interchange, interchange_pairs
-from harness.interventions import HeadCapture
+from harness.interventions import HeadCapture, InterventionError
 from harness.lens import lens_tokens, step_tokens
 from harness.models import LazyModel, default_batch_size
+from harness.positions import PositionError, check_position
 from harness.probes import ProbeResults, all_thought_states, run_probes, step_probes, thought_states
 from harness.progress import bar
 from harness.runtime import encode_questions, generate, run_latents
@@ -217,9 +218,25 @@ class ModelRun:
             )
             return np.array([[r.correct, r.answer_logprob, r.confidence] for r in result.records]).T  # [3, N]
 
+        self.check_sites(spec)
         condition = Condition(*self._get(self.spec_key(spec), spec.describe(), compute))
         self.log.append((spec, condition))
         return condition
+
+    def check_sites(self, spec: Spec) -> None:
+        """Every head and position a condition names exists in this model (a `SiteError` or
+        `PositionError` naming the model), before anything is computed or read."""
+        heads = [h for part in spec.parts() for h in getattr(part, "heads", ())]
+        heads += [part.head for part in spec.parts() if isinstance(part, TransplantHead)]
+        for head in dict.fromkeys(heads):
+            check_heads([head], self.geometry, self.name)
+        names = [n for part in spec.parts() for n in getattr(part, "positions", ())]
+        names += [n for part in spec.parts() for n in (getattr(part, "hub", None), getattr(part, "target", None)) if n]
+        for name in dict.fromkeys(names):
+            try:
+                check_position(name, self.n_latent)
+            except PositionError as e:
+                raise PositionError(f"{self.name}: {e}") from None
 
     def _get(self, key: str, what: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
         """The cached result under `key`, else `compute()` stored; each one announced to
@@ -252,7 +269,12 @@ class ModelRun:
         return [self.measure(with_draw(spec, d)) for d in range(n_draws if spec.randomised else 1)]
 
     def paired(self, spec: Spec, n_draws: int = 5) -> Paired:
-        """`spec` measured (`n_draws` draws if it is randomised) beside the baseline."""
+        """`spec` measured (`n_draws` draws if it is randomised) beside the baseline. The draws
+        are 0..n_draws-1: a spec naming a draw of its own is refused (it would be replaced)."""
+        if n_draws < 1:
+            raise InterventionError(f"n_draws must be at least 1, got {n_draws}")
+        if with_draw(spec, 0) != spec:
+            raise InterventionError(f"paired() measures draws 0..{n_draws - 1} itself: give the spec without draw=")
         return Paired(self, spec, self.baseline, self.measure_draws(spec, n_draws))
 
     def effect(

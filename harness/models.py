@@ -71,9 +71,13 @@ def seed_heads(model: str) -> str:
 
 
 def default_data(model: str) -> str:
-    """The data a model is evaluated on unless `--data` says otherwise."""
+    """The data a model is evaluated on unless `--data` says otherwise: a named model's own; a
+    checkpoint of ours, the synthetic problems it was trained on; a hub-format checkpoint (a
+    path or hub id), GSM8K, like the published CODI checkpoints."""
     spec = MODEL_SPECS.get(model)
-    return spec.default_data if spec else "synthetic"
+    if spec is not None:
+        return spec.default_data
+    return "synthetic" if (Path(model) / OWN_META).is_file() else "gsm8k"
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

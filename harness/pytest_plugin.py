@@ -32,6 +32,7 @@ from harness.experiments import ModelRun
 from harness.html_report import HtmlBridge
 from harness.interventions import InterventionError, leftover_hooks
 from harness.models import SHIPPED, default_data, resolve, seed_heads
+from harness.positions import PositionError
 from harness.progress import show_on
 from harness.report import KEEP_REPORTS, REPORTS_DIR, new_run_dir, prune_reports, read_claims, write_report
 from harness.runinfo import run_info
@@ -61,7 +62,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--model", action="append", help="shipped name (repeatable) or checkpoint path; default both tiny models"
     )
     group.addoption("--base", help="base model (HF id or directory) for hub-format checkpoints")
-    group.addoption("--data", default=None, help="synthetic (default for tiny models), gsm8k, or a .jsonl path")
+    group.addoption(
+        "--data", default=None, help="synthetic, gsm8k or a .jsonl path (default: ours synthetic, hub-format gsm8k)"
+    )
     group.addoption("--n-problems", type=int, default=1000, help="problems from the test split (default 1000)")
     group.addoption(
         "--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1; with -n, cuda is one GPU per worker"
@@ -128,7 +131,7 @@ def _runs_claims(config: pytest.Config) -> bool:
 def pytest_configure(config: pytest.Config) -> None:
     for phase in PHASES:
         config.addinivalue_line("markers", f"phase{phase}: claims of phase {phase} of the seed plan")
-    state = {"enabled": _runs_claims(config), "runs": {}, "collector": _Collector()}
+    state = {"enabled": _runs_claims(config), "runs": {}, "collector": _Collector(), "recorded": set()}
     config.pluginmanager.register(state["collector"], "codi-claims-collector")
     config.pluginmanager.register(HtmlBridge(state), "codi-claims-html")
     config.stash[_STATE] = state
@@ -199,12 +202,19 @@ def _load_runs(config: pytest.Config) -> dict[str, ModelRun]:
     data = {name: config.getoption("data") or default_data(name) for name in names}
     splits = {source: held_out_splits(source, n) for source in set(data.values())}  # before any model loads
     config.stash[_STATE]["data"] = {}
+    given: dict[str, str] = {}  # model name -> the --model value it came from
     for name in names:
         heads = config.getoption("heads")
         heads = seed_heads(name) if heads == "seed" else heads
         model = resolve(
             name, config.getoption("base"), None, config.getoption("dtype"), device, cache, serial, reference
         )
+        if model.name in runs:  # e.g. runs/seed0/final and runs/seed1/final: one would replace the other
+            raise ModelLoadError(
+                f"two --model values are both named {model.name!r} ({given[model.name]} and {name}): "
+                "rename one folder, or run them separately"
+            )
+        given[model.name] = name
         geometry = model.facts.geometry  # from the cache, or by loading it: a broken checkpoint stops here
         problems, discovery = splits[data[name]]
         heads = parse_heads(heads, geometry, model.name) if heads is not None else None
@@ -263,7 +273,14 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.fixture
 def model_run(request: pytest.FixtureRequest, model_name: str) -> ModelRun:
     """The session's run of the test's model: `measure(spec)`, `paired(spec)`, `effect(...)`."""
-    return request.config.stash[_STATE]["runs"][model_name]
+    state = request.config.stash[_STATE]
+    if not state["enabled"]:
+        pytest.exit(
+            "ERROR: the claims plugin is off for this run (it turns on for tests under hypotheses/ or with "
+            "--report-dir DIR): pass --report-dir to run claims kept elsewhere",
+            returncode=pytest.ExitCode.USAGE_ERROR,
+        )
+    return state["runs"][model_name]
 
 
 def _unmet_gate(claim: Claim, run: ModelRun) -> ClaimResult | None:
@@ -308,6 +325,12 @@ def assert_claim(request: pytest.FixtureRequest) -> Callable[[ClaimResult], Clai
     state = request.config.stash[_STATE]
 
     def check(result: ClaimResult) -> ClaimResult:
+        where, own = request.node.nodeid, getattr(getattr(request.node, "callspec", None), "params", {})
+        if own.get("model_name", result.model) != result.model:
+            _refuse(f"{where}: a result for {result.model} recorded by {own['model_name']}'s test")
+        if (result.id, result.model) in state["recorded"]:
+            _refuse(f"{where}: claim {result.id!r} on {result.model} is recorded twice: give each its own id")
+        state["recorded"].add((result.id, result.model))
         run = state["runs"].get(result.model)
         leftovers = leftover_hooks(run.codi) if run is not None and run.model.loaded else []
         assert not leftovers, f"an intervention left hooks behind: {leftovers}"
@@ -333,14 +356,26 @@ class _Collector:
             self.results += [ClaimResult(**row) for key, row in report.user_properties if key == RESULT_KEY]
 
 
+def _refuse(message: str) -> None:
+    """Stop the run as a usage error (exit status 4, one line): what a claim asked for cannot run."""
+    pytest.exit(f"ERROR: {message}", returncode=pytest.ExitCode.USAGE_ERROR)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item):
-    """Progress bars inside a claim's evaluations show past the output capture."""
+    """Progress bars inside a claim's evaluations show past the output capture; a condition a
+    Python claim names that the model cannot run (a head or thought out of range, parts that
+    would override each other) is a usage error, not a finding."""
     state = item.config.stash.get(_STATE, {})
-    if not state.get("enabled") or item.config.get_verbosity() < -1:
+    if not state.get("enabled"):
         return (yield)
-    with show_on(_Uncaptured(item.config)):
-        return (yield)
+    try:
+        if item.config.get_verbosity() < -1:
+            return (yield)
+        with show_on(_Uncaptured(item.config)):
+            return (yield)
+    except (InterventionError, SiteError, PositionError) as e:
+        _refuse(f"{item.nodeid}: {e}")
 
 
 @pytest.hookimpl(wrapper=True)

@@ -144,12 +144,13 @@ def claim_result(
     positions: str = "",
     mode: str = "",
     baseline: float = float("nan"),
-    metric: str = "python",
     details: dict | None = None,
 ) -> ClaimResult:
     """The verdict of a measured effect as a claims-table row: what a Python claim returns
     (phase 0: claims outside the registry's phases form their own Holm family)."""
     check_criteria(threshold, direction, refute_at, labels)
+    if not isinstance(phase, int) or isinstance(phase, bool):
+        raise ValueError(f"phase is a number (1-4, or 0 for claims outside the seed's phases), got {phase!r}")
     if measure not in UNITS:
         raise ValueError(f"unknown measure {measure!r}; choose from {', '.join(UNITS)}")
     refute = threshold if refute_at is None else refute_at
@@ -158,7 +159,7 @@ def claim_result(
         phase=phase,
         model=model,
         statement=statement,
-        metric=metric,
+        metric="python",  # a row of its own kind: the registry kinds' sections read their own rows only
         measure=measure,
         effect=effect.effect,
         ci_low=effect.ci_low,

@@ -128,6 +128,17 @@ def test_usage_errors_exit_4_before_any_model_runs(pytester, tmp_path, args, mes
     assert not (tmp_path / "r").exists(), "a run that measured nothing leaves no report folder"
 
 
+def test_two_checkpoints_with_one_folder_name_are_refused(pytester, tmp_path, suite_args):
+    """runs/seed0/final and runs/seed1/final: keyed by name, the second replaced the first."""
+    import shutil
+
+    for seed in ("seed0", "seed1"):
+        shutil.copytree(ROOT / "fixtures" / "models" / "tiny-gpt2", tmp_path / seed / "final")
+    models = ["--model", str(tmp_path / "seed0" / "final"), "--model", str(tmp_path / "seed1" / "final")]
+    result = _run(pytester, suite_args, tmp_path / "r", tmp_path / "cache", *models)
+    assert result.ret == 4 and "two --model values are both named 'final'" in result.stderr.str()
+
+
 def test_collect_only_makes_no_report_folder(pytester, tmp_path, suite_args):
     result = _run(pytester, suite_args, tmp_path / "r", tmp_path / "cache", "--collect-only")
     assert result.ret == 0 and not (tmp_path / "r").exists()
@@ -147,3 +158,36 @@ def test_a_bar_written_to_a_log_redraws_at_most_every_30_s():
         list(live)
     assert logged.mininterval == LOG_INTERVAL_S and live.mininterval < 1
     assert log.getvalue().count("evaluate") <= 3, "a fast loop draws its bar once or twice in a log, not per step"
+
+
+_PYTHON_CLAIM = """
+from harness.specs import AblateHeads, PatchThoughts
+
+
+def test_python_claim_of_mine(model_run, assert_claim):
+    {body}
+"""
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ('model_run.paired(AblateHeads(("L9H0",)))', "head L9H0 out of range for tiny-gpt2: 4 layers x 8 heads"),
+        ('model_run.paired(PatchThoughts(("CT6",), "zero"))', "tiny-gpt2: unknown position 'CT6'"),
+        ('model_run.paired(PatchThoughts(("CT1",), draw=3))', "paired() measures draws 0..4 itself"),
+        (
+            'p = model_run.paired(PatchThoughts(("CT1",), "zero"))\n'
+            '    assert_claim(p.claim("same", "s", -200.0, "greater"))  # SUPPORTED: the test goes on\n'
+            '    assert_claim(p.claim("same", "s", -100.0, "greater"))',
+            "claim 'same' on tiny-gpt2 is recorded twice",
+        ),
+    ],
+    ids=["head", "thought", "draw", "duplicate-id"],
+)
+def test_a_python_claim_that_cannot_run_as_written_is_a_usage_error(pytester, tmp_path, suite_args, body, message):
+    test_file = tmp_path / "test_mine.py"
+    test_file.write_text(_PYTHON_CLAIM.format(body=body))
+    args = suite_args(tmp_path / "r", tmp_path / "cache", "--model", "tiny-gpt2", "--n-problems", "12", "-k", "of_mine")
+    result = pytester.runpytest_subprocess(*args, str(test_file))
+    assert result.ret == 4, result.outlines[-10:] + result.errlines[-10:]
+    assert message in result.stdout.str() + result.stderr.str()

@@ -322,3 +322,10 @@ def test_python_claims_check_their_criteria_too(run):
         paired.claim("c", "s", 10.0, "greater", refute_at=20.0)
     with pytest.raises(ValueError, match="labels maps"):
         paired.claim("c", "s", 10.0, "greater", labels={"supportd": "x"})
+    with pytest.raises(ValueError, match="phase is a number"):
+        paired.claim("c", "s", 10.0, "greater", phase="1")
+    with pytest.raises(TypeError, match="metric"):  # a registry kind's section would read details it lacks
+        paired.claim("c", "s", 10.0, "greater", metric="position_drop")
+    assert paired.claim("c", "s", 10.0, "greater").metric == "python"
+    with pytest.raises(InterventionError, match="n_draws must be at least 1"):
+        run.paired(PatchThoughts(("CT1",)), n_draws=0)
