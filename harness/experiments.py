@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -550,16 +552,24 @@ class ModelRun:
         return df.reset_index(drop=True)
 
     def random_head_sets(self, like: list[Head], n_sets: int = 20) -> list[list[Head]]:
-        """Random head sets matched by layer to `like`, never containing its heads."""
-        rng = random.Random(self.seed)
+        """`n_sets` distinct random head sets matched by layer to `like`, never containing its
+        heads; fewer when fewer exist (one head of an 8-head layer has 7), so a control of
+        "20 sets" is never one set counted twice."""
         n_heads = self.geometry.n_heads
-        sets = []
-        for _ in range(n_sets):
+        per_layer = Counter(h.layer for h in like)
+        for layer, m in per_layer.items():
+            if n_heads - m < m:
+                raise InterventionError(f"no random heads matched by layer: layer {layer} has no {m} other heads")
+        possible = math.prod(math.comb(n_heads - m, m) for m in per_layer.values())
+        rng, sets, seen = random.Random(self.seed), [], set()
+        while len(sets) < min(n_sets, possible):
             chosen: list[Head] = []
             for h in like:
                 options = [Head(h.layer, k) for k in range(n_heads) if Head(h.layer, k) not in like + chosen]
                 chosen.append(rng.choice(options))
-            sets.append(chosen)
+            if frozenset(chosen) not in seen:
+                seen.add(frozenset(chosen))
+                sets.append(chosen)
         return sets
 
     # --- what specs read (`specs.RunContext`) ---------------------------------------------

@@ -329,3 +329,16 @@ def test_python_claims_check_their_criteria_too(run):
     assert paired.claim("c", "s", 10.0, "greater").metric == "python"
     with pytest.raises(InterventionError, match="n_draws must be at least 1"):
         run.paired(PatchThoughts(("CT1",)), n_draws=0)
+
+
+def test_random_head_sets_are_distinct_and_as_many_as_exist(run):
+    """A control of "20 random sets" drew sets independently: tiny-gpt2's top-3 at seed 0 got 19
+    distinct ones, and a single head's 20 "sets" held at most 7."""
+    like = [Head(1, 2), Head(3, 2), Head(2, 1)]
+    sets = run.random_head_sets(like, 20)
+    assert len(sets) == 20 and len({frozenset(s) for s in sets}) == 20
+    assert all([h.layer for h in s] == [h.layer for h in like] and not set(s) & set(like) for s in sets)
+    single = run.random_head_sets([Head(1, 2)], 20)
+    assert sorted(s[0] for s in single) == [Head(1, k) for k in range(8) if k != 2], "all 7 others, once each"
+    with pytest.raises(InterventionError, match="layer 0 has no 5 other heads"):
+        run.random_head_sets([Head(0, k) for k in range(5)], 3)
