@@ -7,13 +7,14 @@ import pytest
 import torch
 
 from conftest import zeroed_attention
-from harness.arch import Head
+from harness.arch import Head, SiteError
 from harness.cache import ResultCache
 from harness.claims import evaluate_claim, parse_claim
 from harness.data import format_number, synthetic_split
 from harness.evaluation import evaluate
 from harness.experiments import ModelRun
 from harness.interventions import HeadAblation, HeadCapture, InterventionError
+from harness.positions import PositionError
 from harness.runtime import ThoughtPatch, answer_logprobs, answer_targets, encode_questions, position_ids, run_latents
 from harness.specs import NOISE_SEED_STRIDE, AblateHeads, AttentionPattern, PatchThoughts, derangement, with_draw
 from harness.stats import accuracy_drop
@@ -329,6 +330,12 @@ def test_python_claims_check_their_criteria_too(run):
     assert paired.claim("c", "s", 10.0, "greater").metric == "python"
     with pytest.raises(InterventionError, match="n_draws must be at least 1"):
         run.paired(PatchThoughts(("CT1",)), n_draws=0)
+    with pytest.raises(InterventionError, match=r"paired\(\) measures draws 0..4 itself"):
+        run.paired(PatchThoughts(("CT1",), draw=3))
+    with pytest.raises(PositionError, match="tiny-gpt2: unknown position 'CT6'"):
+        run.paired(PatchThoughts(("CT6",), "zero"))
+    with pytest.raises(SiteError, match="head L9H0 out of range for tiny-gpt2"):
+        run.measure(AblateHeads(("L9H0",)))
 
 
 def test_random_head_sets_are_distinct_and_as_many_as_exist(run):
