@@ -106,15 +106,12 @@ def parse_claim(entry: dict, where: str) -> Claim:
             f"{kind.effect_unit}, not a drop from baseline accuracy"
         )
     labels = entry.get("labels", {})
-    try:
-        check_criteria(values["threshold"], values["direction"], values.get("refute_at"), labels)
-    except ValueError as e:
-        raise ClaimError(f"{where}: {e}") from None
     experiment = entry.get("experiment", {})
     if not isinstance(experiment, dict):
         raise ClaimError(f"{where}: experiment must be a table, got {experiment!r}")
     params = kind.params.from_table(experiment, where)
-    try:
+    try:  # the criteria make sense together, and the kind can judge the direction
+        check_criteria(values["threshold"], values["direction"], values.get("refute_at"), labels)
         params.check_direction(values["direction"])
     except ValueError as e:
         raise ClaimError(f"{where}: {e}") from None

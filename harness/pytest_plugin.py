@@ -275,10 +275,9 @@ def model_run(request: pytest.FixtureRequest, model_name: str) -> ModelRun:
     """The session's run of the test's model: `measure(spec)`, `paired(spec)`, `effect(...)`."""
     state = request.config.stash[_STATE]
     if not state["enabled"]:
-        pytest.exit(
-            "ERROR: the claims plugin is off for this run (it turns on for tests under hypotheses/ or with "
-            "--report-dir DIR): pass --report-dir to run claims kept elsewhere",
-            returncode=pytest.ExitCode.USAGE_ERROR,
+        _refuse(
+            "the claims plugin is off for this run (it turns on for tests under hypotheses/ or with "
+            "--report-dir DIR): pass --report-dir to run claims kept elsewhere"
         )
     return state["runs"][model_name]
 
