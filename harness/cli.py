@@ -136,15 +136,16 @@ def _report_sweep(run: ModelRun, args: argparse.Namespace) -> int:
 
     from scipy.stats import spearmanr
 
+    from harness.causal import attribution_patching, sweep
     from harness.kinds.sweep import sweep_table
 
     baseline_accuracy = run.baseline.mean("accuracy")  # shared by both: not timed
     before = len(run._computed)
     start = time.perf_counter()
-    run.sweep(args.mode)
+    sweep(run, args.mode)
     seconds_ablation = time.perf_counter() - start
     start = time.perf_counter()
-    run.attribution_patching()
+    attribution_patching(run)
     seconds_attribution = time.perf_counter() - start
     computed = len(run._computed) - before  # results computed while timed (0: the timings are cache reads)
     table = sweep_table(run, args.mode)

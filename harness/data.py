@@ -7,6 +7,7 @@ evaluation, claims) consumes `Problem`s, whatever their source.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -35,6 +36,14 @@ class Problem:
     @property
     def answer_text(self) -> str:
         return f"{ANSWER_PREFIX} {format_number(self.answer)}"
+
+
+def data_hash(problems: list[Problem]) -> str:
+    """The data part of a cache key: a hash of every problem's id, question and answer."""
+    h = hashlib.sha256()
+    for p in problems:
+        h.update(f"{p.id}\t{p.question}\t{p.answer}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def format_number(x: float) -> str:

@@ -24,6 +24,7 @@ from harness.runtime import LatentPatch, encode_questions, run_latents
 from harness.specs import derangement
 
 SOURCES = ("hidden", "thought")
+MAX_LENS_STEPS = 8  # solution steps scored by the logit lens (GSM8K has a few longer ones)
 TOP = 5
 _RESULT = re.compile(r"=\s*(-?[\d,]*\.?\d+)\s*>>")
 

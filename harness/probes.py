@@ -25,6 +25,8 @@ from harness.lens import step_results
 from harness.progress import bar
 from harness.runtime import encode_questions, run_latents
 
+MAX_PROBE_STEPS = 4  # solution steps probed (the synthetic problems have 1-4)
+
 MAGNITUDE_EDGES = (10, 30, 100, 1000)  # answer buckets: <10, 10-29, 30-99, 100-999, 1000+
 TARGETS = ("answer_last_digit", "answer_magnitude", "first_result_last_digit")
 _FIRST_RESULT = re.compile(r"=\s*(-?[\d,]*\.?\d+)\s*>>")

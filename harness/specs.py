@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -29,6 +29,7 @@ from harness.codi import CODIModel
 from harness.interventions import HeadAblation, InterventionError
 from harness.positions import PositionMap, is_fixed, thought_number
 from harness.runtime import LatentPatch, ThoughtPatch, norm_matched_noise
+from harness.transplant import transplant_hook
 
 HEAD_MODES = ("zero", "mean", "resample")
 THOUGHT_MODES = ("noise", "zero", "mean", "resample")
@@ -47,8 +48,11 @@ class RunContext(Protocol):
     def head_outputs(self, heads: tuple[Head, ...], positions: tuple[str, ...], split: str) -> dict[Head, torch.Tensor]:
         """Each head's clean output at the named fixed positions: {head: [N, P, hd]}."""
 
-    def transplant_hook(self, spec: TransplantHead) -> AbstractContextManager:
-        """The hook of a head transplant (it needs the donor model and fitted maps)."""
+    def peer(self, fingerprint: str) -> RunContext:
+        """The session's other model with these weights (a transplant's donor)."""
+
+    def remember(self, name: Hashable, compute: Callable[[], Any]) -> Any:
+        """`compute()` once per run under `name` (a transplant's fitted maps)."""
 
 
 def derangement(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -285,7 +289,7 @@ class TransplantHead(Spec):
         return False
 
     def hooks(self, run: RunContext, pmap: PositionMap, indices: list[int]) -> list[AbstractContextManager]:
-        return [run.transplant_hook(self)]
+        return [transplant_hook(run, self)]
 
 
 def _overlap(a: Sequence[str], b: Sequence[str]) -> list[str]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,6 +28,10 @@ from harness.codi import CODIModel
 from harness.data import Problem
 from harness.interventions import ActivationCapture, InterventionError, hidden_input
 from harness.runtime import encode_questions, run_latents
+
+if TYPE_CHECKING:
+    from harness.experiments import ModelRun
+    from harness.specs import TransplantHead
 
 # shrinks each standardised input direction by ~1%: on the shipped models' 300 discovery problems
 # the held-out R^2 equals that of 1e-6 (to +-0.03) with maps of 3-5x smaller norm
@@ -320,3 +325,35 @@ class HeadTransplant:
         output = output.clone()  # [B, T, d_r]
         output[:, self._targets] += self._delta[:, self._targets]
         return output
+
+
+# --- a run's transplants (the maps fitted once per run, their fit cached) -------------------
+
+
+def fitted_maps(run: ModelRun, donor: ModelRun, recipient_layer: int, donor_layer: int) -> tuple[LinearMap, LinearMap]:
+    """(map_in, map_out) between `run`'s model and `donor`'s at those layers, fitted by least
+    squares on paired states of the discovery problems (memoised by the run)."""
+
+    def fit() -> tuple[LinearMap, LinearMap]:
+        states = paired_states(run.codi, donor.codi, run.discovery, recipient_layer, donor_layer, run.batch_size)
+        return states.maps()
+
+    return run.remember(("transplant_maps", donor.name, recipient_layer, donor_layer), fit)
+
+
+def transplant_fit(run: ModelRun, spec: TransplantHead) -> np.ndarray:
+    """The maps' fit [R^2 in, held-out R^2 in, R^2 out, held-out R^2 out], cached."""
+    donor = run.peer(spec.donor)
+
+    def fit() -> np.ndarray:
+        maps = fitted_maps(run, donor, spec.head.layer, spec.donor_head.layer)
+        return np.array([v for m in maps for v in (m.r2, np.nan if m.r2_heldout is None else m.r2_heldout)])
+
+    return run.cached(run.key(**spec.key(), part="fit"), f"transplant maps {spec.describe()}", fit)
+
+
+def transplant_hook(run: ModelRun, spec: TransplantHead) -> HeadTransplant:
+    """The hook of `spec` in `run`: its donor is the run's peer with the donor's weights."""
+    donor = run.peer(spec.donor)
+    map_in, map_out = fitted_maps(run, donor, spec.head.layer, spec.donor_head.layer)
+    return HeadTransplant(run.codi, spec.head, donor.codi, spec.donor_head, map_in, map_out)

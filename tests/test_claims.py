@@ -287,3 +287,28 @@ def test_every_view_of_a_criterion_says_where_refuted_starts():
                          p_test="t", verdict=judge(3.0, 8.0, 10.0, "greater", 2.0), point_verdict="", n=100,
                          refute_at=2.0)  # fmt: skip
     assert result.verdict == "INCONCLUSIVE" and "needs greater than 10.00 (refuted below 2.00)" in result.message()
+
+
+def test_a_registry_claims_refute_at_decides_where_refuted_starts(tmp_path, monkeypatch):
+    """A claim "drop > 10" with refute_at 2 and a CI of [3, 8]: below the threshold but above
+    refute_at, so INCONCLUSIVE (REFUTED only once the CI is below 2)."""
+    from harness import claims as claims_module
+    from harness.kinds import KINDS, Kind, Measured, Params, Section
+    from harness.stats import PairedEffect
+
+    ci = {"low": 3.0, "high": 8.0}
+
+    def measure(params, run, measure):
+        return Measured(PairedEffect(5.0, ci["low"], ci["high"], 0.01, 40, "fixed"), {"heads": []})
+
+    fixed = Kind("fixed_effect", Params, measure, lambda results, runs: Section("s", {}), "a fixed effect",
+                 error_analysis=False)  # fmt: skip
+    monkeypatch.setitem(KINDS, "fixed_effect", fixed)
+    run = ModelRun.__new__(ModelRun)
+    run.log, run.model = [], type("M", (), {"name": "m"})()
+    text = ENTRY.replace("ablation_drop", "fixed_effect") + "refute_at = 2.0\n"
+    (claim,) = load_registry(_registry(tmp_path, text))
+    result = claims_module.evaluate_claim(claim, run)
+    assert (result.refute_at, result.verdict, result.point_verdict) == (2.0, "INCONCLUSIVE", "inconclusive")
+    ci.update(low=0.5, high=1.5)
+    assert claims_module.evaluate_claim(claim, run).verdict == "REFUTED"

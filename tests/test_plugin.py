@@ -1,6 +1,7 @@
 """The hypotheses suite end to end, run by pytester in a subprocess on a small problem count."""
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,22 @@ PHASE1 = [c.id for c in load_registry() if c.phase == 1]
 def _run(pytester, suite_args, report_dir, cache_dir, *args):
     phase1 = ("-k", "phase1", "--model", "tiny-gpt2", "--n-problems", str(N))
     return pytester.runpytest_subprocess(*suite_args(report_dir, cache_dir, *phase1, *args))
+
+
+REFERENCE = Path(__file__).parent / "data" / "phase1_tiny-gpt2_n40.json"
+
+
+def _matches_reference(claims: list[dict]) -> None:
+    """Every claim's numbers and verdicts as the committed reference run has them: a change to
+    the machinery (a refactor, a cache key) must not move a single effect, CI or verdict."""
+    reference = json.loads(REFERENCE.read_text())["claims"]
+    assert [(c["id"], c["model"]) for c in claims] == [(r["id"], r["model"]) for r in reference]
+    for claim, ref in zip(claims, reference):
+        for key, value in ref.items():
+            if isinstance(value, float):
+                assert claim[key] == pytest.approx(value, rel=1e-9, abs=1e-9), (claim["id"], key)
+            else:
+                assert claim[key] == value, (claim["id"], key)
 
 
 def test_phase1_end_to_end(pytester, tmp_path, suite_args):
@@ -62,6 +79,7 @@ def test_phase1_end_to_end(pytester, tmp_path, suite_args):
         assert (run / name).stat().st_size > 0, name
     for figure in run.glob("*.png"):
         assert "<svg" in (run / f"{figure.stem}.svg").read_text()[:2000], f"{figure.stem}: no SVG beside the PNG"
+    _matches_reference(claims)
     model = info["models"]["tiny-gpt2"]
     baseline = next(c for c in claims if c["id"] == "1.1-top3-causal")
     assert model["n"] == N and model["baseline_accuracy"] == pytest.approx(baseline["baseline"], abs=0.05)

@@ -168,3 +168,20 @@ def test_the_ablation_table_keeps_one_row_per_condition_and_measure():
     table = head_ablation.section(rows, {}).tables["ablation_claims"]
     assert table[["claim", "measure", "drop"]].values.tolist() == [["acc acc-again", "accuracy", 10.0],
                                                                    ["logp", "answer_logprob", 0.3]]  # fmt: skip
+
+
+def test_holm_adjusts_within_each_model_and_phase(tmp_path):
+    """Holm's step-down correction over a (model, phase) family: three phase-1 claims share
+    one family; a phase-2 claim and another model's claim are families of their own."""
+    from harness.stats import PairedEffect
+    from harness.verdicts import claim_result
+
+    def row(cid: str, p: float, model: str = "m", phase: int = 1):
+        effect = PairedEffect(8.5, 6.3, 10.7, p, 100, "McNemar exact")
+        return claim_result(effect, id=cid, statement="s", model=model, threshold=1.0, direction="greater", phase=phase)
+
+    rows = [row("a", 0.01), row("b", 0.04), row("c", 0.03), row("d", 0.02, phase=2), row("e", 0.01, model="n")]
+    run = {**CONFIG, "id": "r", "versions": {}, "data": [], "registry": "claims.toml", "models": {}}
+    report.write_report(tmp_path / "r", rows, {}, run)
+    p_holm = {c["id"]: c["p_holm"] for c in report.read_claims(tmp_path / "r")["claims"]}
+    assert p_holm == pytest.approx({"a": 0.03, "b": 0.06, "c": 0.06, "d": 0.02, "e": 0.01})

@@ -14,6 +14,7 @@ from harness.data import format_number, synthetic_split
 from harness.evaluation import evaluate
 from harness.experiments import ModelRun
 from harness.interventions import HeadAblation, HeadCapture, InterventionError
+from harness.kinds.head_ablation import random_head_sets
 from harness.positions import PositionError
 from harness.runtime import ThoughtPatch, answer_logprobs, answer_targets, encode_questions, position_ids, run_latents
 from harness.specs import NOISE_SEED_STRIDE, AblateHeads, AttentionPattern, PatchThoughts, derangement, with_draw
@@ -164,6 +165,16 @@ def test_composed_specs_apply_both_interventions(run):
     alone = run.measure(AblateHeads(tuple(heads), ("CT1",)))
     assert np.abs(alone.answer_logprob - _logprobs(ref)).max() > 1e-3
     assert run.paired(composed).claim("x", "s", 0.0, "greater").mode == "heads zero + thoughts zero"
+
+
+def test_two_composed_thought_patches_both_act(run):
+    """CT1 zeroed by one part and CT3 by the other is the one patch of CT1 and CT3 together
+    (the chained thought patch; with only the last part acting it equals CT3 alone)."""
+    composed = PatchThoughts(("CT1",), mode="zero") + PatchThoughts(("CT3",), mode="zero")
+    together = run.answer_logprobs(PatchThoughts(("CT1", "CT3"), mode="zero"))
+    assert run.answer_logprobs(composed).tolist() == together.tolist()
+    for alone in ("CT1", "CT3"):
+        assert np.abs(run.answer_logprobs(PatchThoughts((alone,), mode="zero")) - together).max() > 1e-3
 
 
 @pytest.mark.parametrize(
@@ -342,10 +353,10 @@ def test_random_head_sets_are_distinct_and_as_many_as_exist(run):
     """A control of "20 random sets" drew sets independently: tiny-gpt2's top-3 at seed 0 got 19
     distinct ones, and a single head's 20 "sets" held at most 7."""
     like = [Head(1, 2), Head(3, 2), Head(2, 1)]
-    sets = run.random_head_sets(like, 20)
+    sets = random_head_sets(run, like, 20)
     assert len(sets) == 20 and len({frozenset(s) for s in sets}) == 20
     assert all([h.layer for h in s] == [h.layer for h in like] and not set(s) & set(like) for s in sets)
-    single = run.random_head_sets([Head(1, 2)], 20)
+    single = random_head_sets(run, [Head(1, 2)], 20)
     assert sorted(s[0] for s in single) == [Head(1, k) for k in range(8) if k != 2], "all 7 others, once each"
     with pytest.raises(InterventionError, match="layer 0 has no 5 other heads"):
-        run.random_head_sets([Head(0, k) for k in range(5)], 3)
+        random_head_sets(run, [Head(0, k) for k in range(5)], 3)

@@ -13,6 +13,7 @@ from torch import nn
 from harness.arch import Head
 from harness.attribution import attribution_patching
 from harness.cache import ResultCache
+from harness.causal import causal_ranking
 from harness.claims import evaluate_claim, parse_claim
 from harness.cli import main
 from harness.codi import CODIModel
@@ -133,7 +134,7 @@ def test_sweep_cli_json_reports_every_head(load_model, shared_cache, capsys):
 
 def test_the_causal_ranking_is_the_discovery_sweep_and_feeds_head_claims(load_model, tmp_path):
     run = ModelRun(load_model("tiny-llama"), TEST, DISCOVERY, ResultCache(tmp_path))
-    ranked = run.causal_ranking
+    ranked = causal_ranking(run)
     on_discovery = run.on_discovery()
     spec = AblateHeads((Head(1, 3),), ("latent",), "zero")
     measured = on_discovery.measure(spec)  # the full evaluation records the same log-probabilities

@@ -5,17 +5,22 @@ p by a two-sided Wilcoxon signed-rank test."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from harness.attribution import CATEGORIES
+from harness.arch import Head
+from harness.attribution import CATEGORIES, Attributions, integrated_gradients, question_tokens
 from harness.experiments import RANKINGS, ModelRun
 from harness.kinds.base import Kind, Measured, Params, Section, choices, forbid_together
 from harness.stats import mean_with_ci
 from harness.verdicts import ClaimResult
+
+IG_PROBLEMS = 100  # problems attributed by integrated gradients (3.2)
+IG_STEPS = 32
 
 HEATMAP_PROBLEMS = 3
 
@@ -33,9 +38,27 @@ class AttributionParams(Params):
             raise ValueError("n_heads must be at least 1")
 
 
+def attributions(
+    run: ModelRun, heads: list[Head], n_problems: int = IG_PROBLEMS, n_steps: int = IG_STEPS
+) -> Attributions:
+    """Integrated gradients of each head's output at the hub thought, cached."""
+    problems, thought = run.problems[:n_problems], run.hub_thought
+
+    def compute() -> np.ndarray:
+        return integrated_gradients(run.codi, problems, heads, thought, n_steps, progress=run.progress).packed()
+
+    spec = {"kind": "integrated_gradients", "heads": list(map(str, heads)), "thought": thought, "n": n_problems}
+    packed = run.cached(run.key(**spec, n_steps=n_steps), f"integrated gradients {' '.join(spec['heads'])}", compute)
+    tokens = run.cache.get_or_compute(  # as the tokenizer spells them, kept: a warm run loads no model
+        run.key(kind="question_tokens", n=n_problems),
+        lambda: np.asarray(json.dumps(question_tokens(run.codi, problems))),
+    )
+    return Attributions.unpack(packed, json.loads(str(tokens)))
+
+
 def measure(p: AttributionParams, run: ModelRun, measure: str) -> Measured:
     heads, source = run.heads_for(p.heads, p.n_heads, p.ranking)
-    ig = run.attributions(heads)
+    ig = attributions(run, heads)
     attr, tokens = ig.shares()  # [N, H, C], [N, C]
     c = CATEGORIES.index(p.category)
     excess = 100.0 * (attr[:, :, c].mean(1) - tokens[:, c])  # [N] points
@@ -62,7 +85,7 @@ def section(results: list[ClaimResult], runs: dict[str, ModelRun]) -> Section:
             continue
         seen.add((r.model, heads))
         run = runs[r.model]
-        ig = run.attributions(run.heads_for(heads, len(heads))[0])
+        ig = attributions(run, run.heads_for(heads, len(heads))[0])
         attr, tokens = ig.shares()  # [N, H, C], [N, C]
         for j, head in enumerate(heads):
             for c, category in enumerate(CATEGORIES):

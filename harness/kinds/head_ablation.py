@@ -3,6 +3,9 @@ from baseline, against random head sets matched by layer (the control)."""
 
 from __future__ import annotations
 
+import math
+import random
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,7 +14,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from statsmodels.stats.proportion import proportion_confint
 
+from harness.arch import Head
 from harness.experiments import RANKINGS, ModelRun
+from harness.interventions import InterventionError
 from harness.kinds.base import (
     Kind,
     Measured,
@@ -51,6 +56,28 @@ class AblationParams(Params):
         check_head_mode(self.mode, self.positions)
 
 
+def random_head_sets(run: ModelRun, like: list[Head], n_sets: int = 20) -> list[list[Head]]:
+    """`n_sets` distinct random head sets matched by layer to `like`, never containing its
+    heads; fewer when fewer exist (one head of an 8-head layer has 7), so a control of
+    "20 sets" is never one set counted twice."""
+    n_heads = run.geometry.n_heads
+    per_layer = Counter(h.layer for h in like)
+    for layer, m in per_layer.items():
+        if n_heads - m < m:
+            raise InterventionError(f"no random heads matched by layer: layer {layer} has no {m} other heads")
+    possible = math.prod(math.comb(n_heads - m, m) for m in per_layer.values())
+    rng, sets, seen = random.Random(run.seed), [], set()
+    while len(sets) < min(n_sets, possible):
+        chosen: list[Head] = []
+        for h in like:
+            options = [Head(h.layer, k) for k in range(n_heads) if Head(h.layer, k) not in like + chosen]
+            chosen.append(rng.choice(options))
+        if frozenset(chosen) not in seen:
+            seen.add(frozenset(chosen))
+            sets.append(chosen)
+    return sets
+
+
 def measure(p: AblationParams, run: ModelRun, measure: str) -> Measured:
     heads, source = run.heads_for(p.heads, p.n_heads, p.ranking)
     spec = AblateHeads(tuple(heads), p.positions, p.mode)
@@ -59,7 +86,7 @@ def measure(p: AblationParams, run: ModelRun, measure: str) -> Measured:
     reference = run.baseline.values(measure)
     null = [
         mean_drop(reference, run.measure(AblateHeads(tuple(s), p.positions, p.mode)).values(measure), measure)
-        for s in run.random_head_sets(heads, p.n_random)
+        for s in random_head_sets(run, heads, p.n_random)
     ]
     details = {
         "heads": [str(h) for h in heads],

@@ -16,10 +16,13 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from harness.experiments import MAX_LENS_STEPS, ModelRun
+from harness.data import Problem, data_hash
+from harness.evaluation import evaluate
+from harness.experiments import MAX_NEW_TOKENS, ModelRun
+from harness.interchange import interchange, interchange_pairs
 from harness.kinds.base import Kind, Measured, Params, Section, choices, forbid_together, nan_effect
 from harness.kinds.logit_lens import lens_hits
-from harness.lens import position_names
+from harness.lens import MAX_LENS_STEPS, position_names
 from harness.positions import thought_number
 from harness.specs import check_thought_positions
 from harness.stats import mean_with_ci
@@ -43,6 +46,37 @@ class InterchangeParams(Params):
             )
 
 
+def pairs(run: ModelRun) -> tuple[list[int], list[Problem]]:
+    """Interchange pairs: (indices of the base test problems, their counterfactual sources)."""
+    return run.remember("interchange_pairs", lambda: interchange_pairs(run.problems, run.seed))
+
+
+def interchanged(run: ModelRun, thoughts: tuple[int, ...]) -> np.ndarray:
+    """Each pair's base run with thoughts `thoughts` from its source: [3, n_pairs] (answer
+    is the counterfactual, answer is the base's, log-prob of the counterfactual), cached."""
+    indices, sources = pairs(run)
+    bases = [run.problems[i] for i in indices]
+
+    def compute() -> np.ndarray:
+        result, stays = interchange(run.codi, bases, sources, thoughts, run.batch_size, run.progress)
+        return np.array([[r.correct for r in result.records], stays, [r.answer_logprob for r in result.records]])
+
+    key = run.key(kind="interchange", thoughts=sorted(thoughts), sources=data_hash(sources))
+    return run.cached(key, f"interchange of thoughts {', '.join(f'CT{t}' for t in sorted(thoughts))}", compute)
+
+
+def sources_correct(run: ModelRun) -> np.ndarray:
+    """Whether the model answers each pair's source right, unpatched: [n_pairs], cached."""
+    sources = pairs(run)[1]
+
+    def compute() -> np.ndarray:
+        result = evaluate(run.codi, sources, run.batch_size, max_new_tokens=MAX_NEW_TOKENS, progress=run.progress)
+        return np.array([r.correct for r in result.records])
+
+    return run.cached(run.key(kind="interchange_sources", sources=data_hash(sources)),
+                      "interchange sources (unpatched)", compute)  # fmt: skip
+
+
 def thoughts_for(p: InterchangeParams, run: ModelRun) -> tuple[int, ...]:
     """Indices of the thoughts a claim patches (none: no discovery problem has `lens_step`)."""
     if p.lens_step is not None:
@@ -60,8 +94,8 @@ def thoughts_for(p: InterchangeParams, run: ModelRun) -> tuple[int, ...]:
 def outcomes(run: ModelRun, thoughts: tuple[int, ...]) -> dict[str, np.ndarray]:
     """Per valid pair (both answered right unpatched), whether the patched answer is each
     outcome: {outcome: [n] bool}."""
-    moved, stayed, _ = run.interchange(thoughts).astype(float)
-    valid = (run.baseline.correct[run.pairs[0]] == 1) & (run.pair_sources_correct() == 1)
+    moved, stayed, _ = interchanged(run, thoughts).astype(float)
+    valid = (run.baseline.correct[pairs(run)[0]] == 1) & (sources_correct(run) == 1)
     moved, stayed = moved[valid] == 1, stayed[valid] == 1
     return {"counterfactual": moved, "base": stayed, "neither": ~moved & ~stayed}
 
@@ -70,10 +104,10 @@ def measure(p: InterchangeParams, run: ModelRun, measure: str) -> Measured:
     thoughts = thoughts_for(p, run)
     names = [f"CT{i}" for i in thoughts]
     details = {"heads": [], "positions": names, "mode": f"interchange ({p.outcome})", "outcome": p.outcome,
-               "n_pairs": len(run.pairs[0])}  # fmt: skip
+               "n_pairs": len(pairs(run)[0])}  # fmt: skip
     if not thoughts:
         return Measured(nan_effect(0), {**details, "note": f"no discovery problems with step {p.lens_step}"})
-    if not run.pairs[0]:
+    if not pairs(run)[0]:
         note = "no interchange pairs: the data are not the synthetic generator's (see docs/claims.md)"
         return Measured(nan_effect(0), {**details, "note": note})
     shares = outcomes(run, thoughts)
@@ -96,7 +130,7 @@ def interchange_table(run: ModelRun) -> pd.DataFrame:
 
 
 def section(results: list[ClaimResult], runs: dict[str, ModelRun]) -> Section:
-    models = [m for m in dict.fromkeys(r.model for r in results) if runs[m].pairs[0]]
+    models = [m for m in dict.fromkeys(r.model for r in results) if pairs(runs[m])[0]]
     tables = {m: interchange_table(runs[m]) for m in models}
     figures = {}
     if tables:

@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from harness.experiments import MAX_LENS_STEPS, ModelRun
+from harness.experiments import ModelRun
 from harness.kinds.base import Kind, Measured, Params, Section, choices, nan_effect
-from harness.lens import SOURCES, chance_targets, hits, position_names
+from harness.lens import MAX_LENS_STEPS, SOURCES, chance_targets, hits, lens_tokens, position_names, step_tokens
 from harness.stats import PairedEffect, mean_with_ci
 from harness.verdicts import ClaimResult
 
@@ -45,10 +45,28 @@ class LensParams(Params):
             raise ValueError(f"step applies to test 'decodes_step', not {self.test!r}")
 
 
+def lens(run: ModelRun, split: str = "test") -> np.ndarray:
+    """Logit lens of bot and every thought (hidden state and thought): top-5 tokens,
+    [N, 2, K + 1, 5], cached."""
+
+    def compute() -> np.ndarray:
+        return lens_tokens(run.codi, run.split(split), run.batch_size, progress=run.progress)
+
+    return run.cached(run.split_key(split, kind="logit_lens"), f"logit lens ({split} split)", compute)
+
+
+def step_targets(run: ModelRun, split: str = "test", n_steps: int = MAX_LENS_STEPS) -> np.ndarray:
+    """Each problem's intermediate results as the model's tokens: [N, n_steps], -1 where a
+    problem has fewer steps (cached: a warm run loads no tokenizer)."""
+    problems = run.split(split)
+    key = run.split_key(split, kind="step_targets", n_steps=n_steps)
+    return run.cache.get_or_compute(key, lambda: step_tokens(run.codi, problems, n_steps))
+
+
 def lens_hits(run: ModelRun, split: str, source: str, top: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """([N, P, steps] decoded, [N, P, steps] decoded against another problem's value, [N, steps]
     which problems have the step) for one source at the bot and every thought."""
-    tokens, targets = run.lens(split), run.step_targets(split)
+    tokens, targets = lens(run, split), step_targets(run, split)
     s = SOURCES.index(source)
     found = hits(tokens, targets, top)[:, s]
     chance = hits(tokens, chance_targets(targets, run.seed), top)[:, s]

@@ -19,9 +19,19 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from harness.experiments import MAX_PROBE_STEPS, RANKINGS, ModelRun
+from harness.experiments import RANKINGS, ModelRun
 from harness.kinds.base import Kind, Measured, Params, Section, choices, forbid_together, nan_effect, wilson_err
-from harness.probes import TARGETS, chance, critical_layer
+from harness.probes import (
+    MAX_PROBE_STEPS,
+    TARGETS,
+    ProbeResults,
+    all_thought_states,
+    chance,
+    critical_layer,
+    run_probes,
+    step_probes,
+    thought_states,
+)
 from harness.stats import PairedEffect, accuracy_above, mean_with_ci
 from harness.verdicts import ClaimResult
 
@@ -50,10 +60,36 @@ class ProbeParams(Params):
             raise ValueError(f"step is 1 to {MAX_PROBE_STEPS}, got {self.step}")
 
 
+def hub_probes(run: ModelRun) -> ProbeResults:
+    """Layer-wise probes at the hub thought over the test problems, cached."""
+
+    def compute() -> np.ndarray:
+        states = thought_states(run.codi, run.problems, run.hub_thought, run.batch_size, run.progress)
+        return run_probes(states, run.problems, run.seed, run.progress).packed()
+
+    def load() -> ProbeResults:
+        key = run.key(kind="probes", thought=run.hub, seed=run.seed)
+        return ProbeResults.unpack(run.cached(key, f"probes at {run.hub}", compute), run.problems)
+
+    return run.remember("hub_probes", load)
+
+
+def step_probe_results(run: ModelRun, n_steps: int = MAX_PROBE_STEPS) -> np.ndarray:
+    """Probes of each step's result at every thought and layer, with the control task:
+    [n_steps, 2, K, L + 1, N] per-problem correctness (-1: no such step), cached."""
+
+    def compute() -> np.ndarray:
+        states = all_thought_states(run.codi, run.problems, run.batch_size, run.progress)
+        return step_probes(states, run.problems, n_steps, run.seed, run.progress)
+
+    key = run.key(kind="step_probes", n_steps=n_steps, seed=run.seed)
+    return run.cached(key, "step-result probes (every thought and layer)", compute)
+
+
 def step_cell(run: ModelRun, step: int) -> tuple[int, int, np.ndarray, np.ndarray]:
     """(thought, layer) of the best selectivity for `step` on the even-numbered problems that
     have it, and the task and control correctness there of the odd-numbered ones ([n] each)."""
-    probes = run.step_probes()[step - 1]  # [2, K, L + 1, N]
+    probes = step_probe_results(run)[step - 1]  # [2, K, L + 1, N]
     have = np.flatnonzero(probes[0, 0, 0] >= 0)
     if len(have) < 4:  # no probe was fitted: too few problems have the step
         return 0, 0, np.zeros(0), np.zeros(0)
@@ -74,7 +110,7 @@ def measure(p: ProbeParams, run: ModelRun, measure: str) -> Measured:
                    "control_accuracy": float(100 * control.mean())}  # fmt: skip
         details["units"] = "points over control"
         return Measured(mean_with_ci(100.0 * (task.astype(float) - control), seed=run.seed), details)
-    probes = run.probes
+    probes = hub_probes(run)
     task, control = probes.task[p.label], probes.control[p.label]  # [L + 1, n]
     details = {"label": p.label, "hub": run.hub, "positions": [run.hub], "mode": f"probe ({p.label})",
                "critical_layer": critical_layer(task, control), "heads": []}  # fmt: skip
@@ -105,7 +141,7 @@ def measure(p: ProbeParams, run: ModelRun, measure: str) -> Measured:
 
 def step_table(run: ModelRun) -> pd.DataFrame:
     """Per step, thought and layer: task and control accuracy of the step probes (%)."""
-    probes = run.step_probes()  # [steps, 2, K, L + 1, N]
+    probes = step_probe_results(run)  # [steps, 2, K, L + 1, N]
     rows = []
     for j, thought, layer in np.ndindex(probes.shape[0], probes.shape[2], probes.shape[3]):
         task, control = probes[j, 0, thought, layer], probes[j, 1, thought, layer]
@@ -135,7 +171,7 @@ def section(results: list[ClaimResult], runs: dict[str, ModelRun]) -> Section:
     step_models = list(dict.fromkeys(r.model for r in results if "step" in r.details))
     tables, figures = {}, {}
     if hub_models:
-        frames = [runs[m].probes.table().assign(model=m, hub=runs[m].hub) for m in hub_models]
+        frames = [hub_probes(runs[m]).table().assign(model=m, hub=runs[m].hub) for m in hub_models]
         table = pd.concat(frames, ignore_index=True)[
             ["model", "hub", "target", "layer", "accuracy", "control_accuracy", "selectivity", "chance"]
         ]

@@ -18,6 +18,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from scipy.stats import spearmanr
 
+from harness.causal import attribution_patching, sweep
 from harness.experiments import ModelRun
 from harness.kinds.base import Kind, Measured, Params, Section, by_model, choices
 from harness.stats import PairedEffect
@@ -39,9 +40,9 @@ def sweep_table(run: ModelRun, mode: str) -> pd.DataFrame:
     """One row per head (L0H0, L0H1, ...): its ablation drop in accuracy (points) and answer
     log-probability (nats), attribution patching's estimate of the latter, the attention
     ranking's composite score."""
-    conditions = run.sweep(mode)
+    conditions = sweep(run, mode)
     base = run.baseline
-    estimate = run.attribution_patching()[MODES.index(mode)].mean(0)  # [L, H]
+    estimate = attribution_patching(run)[MODES.index(mode)].mean(0)  # [L, H]
     composite = run.ranking.set_index("name")["composite"]
     return pd.DataFrame(
         [
@@ -64,10 +65,10 @@ def _rho(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def measure(p: SweepParams, run: ModelRun, measure: str) -> Measured:
-    conditions = run.sweep(p.mode)
+    conditions = sweep(run, p.mode)
     drops = run.baseline.values(measure)[None] - np.stack([c.values(measure) for c in conditions])  # [heads, N]
     if p.test == "attribution":
-        scores = run.attribution_patching()[MODES.index(p.mode)]  # [N, L, H]
+        scores = attribution_patching(run)[MODES.index(p.mode)]  # [N, L, H]
         per_problem = scores.reshape(len(scores), -1).T  # [heads, N], every_head order
     else:
         composite = run.ranking.set_index("name")["composite"]

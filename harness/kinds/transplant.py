@@ -11,8 +11,11 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from harness.arch import Head
+from harness.data import data_hash
 from harness.experiments import ModelRun
 from harness.kinds.base import Kind, Measured, Params, Section, baseline_value, mean_drop, nan_effect, wilson_err
+from harness.specs import TransplantHead
+from harness.transplant import DEFAULT_RIDGE, transplant_fit
 from harness.verdicts import ClaimResult
 
 R2 = ("in", "in_heldout", "out", "out_heldout")
@@ -27,12 +30,19 @@ class TransplantParams(Params):
             raise ValueError("n_random must be at least 0")
 
 
+def transplant_spec(run: ModelRun, donor: ModelRun, donor_head: Head, head: Head) -> TransplantHead:
+    """`donor_head` of `donor` transplanted into `run`'s `head` (every position); `donor`
+    becomes one of the run's peers, where the spec's hook finds it."""
+    run.peers.setdefault(donor.name, donor)
+    return TransplantHead(donor.fingerprint, donor_head, head, DEFAULT_RIDGE, data_hash(run.discovery))
+
+
 def measure(p: TransplantParams, run: ModelRun, measure: str) -> Measured:
     if not run.peers:
         return Measured(nan_effect(len(run.problems)), {"note": "needs a second model in the run", "heads": []})
     peer_name, peer = next(iter(run.peers.items()))
-    donor_head, head = peer.critical_heads(1)[0], run.critical_heads(1)[0]
-    spec = run.transplant_spec(peer, donor_head, head)
+    donor_head, head = peer.heads_for((), 1)[0][0], run.heads_for((), 1)[0][0]
+    spec = transplant_spec(run, peer, donor_head, head)
     condition = run.measure(spec)
     geo = peer.geometry
     others = [
@@ -42,7 +52,7 @@ def measure(p: TransplantParams, run: ModelRun, measure: str) -> Measured:
     picks = sorted(rng.choice(len(others), size=min(p.n_random, len(others)), replace=False))
     reference = run.baseline.values(measure)
     null = [
-        mean_drop(reference, run.measure(run.transplant_spec(peer, others[i], head)).values(measure), measure)
+        mean_drop(reference, run.measure(transplant_spec(run, peer, others[i], head)).values(measure), measure)
         for i in picks
     ]
     details = {
@@ -53,7 +63,7 @@ def measure(p: TransplantParams, run: ModelRun, measure: str) -> Measured:
         "mode": f"transplant from {peer_name} {donor_head}",
         "accuracy": 100.0 * condition.accuracy,
         "baseline_accuracy": baseline_value(run, "accuracy"),
-        "r2": dict(zip(R2, map(float, run.transplant_fit(spec)))),
+        "r2": dict(zip(R2, map(float, transplant_fit(run, spec)))),
         "random_donors": [str(others[i]) for i in picks],
     }
     return Measured(run.effect(spec, measure), details, null or None)
