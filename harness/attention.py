@@ -18,7 +18,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from harness.arch import Head, attention
-from harness.codi import CODIModel
+from harness.codi import CODIModel, Pass
 from harness.interventions import InterventionError
 from harness.positions import PositionMap
 
@@ -51,8 +51,8 @@ def _codi_attention(module, query, key, value, attention_mask, scaling=None, dro
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     probs = _eager_probs(module, query, key, attention_mask, scaling)
     visible = _visible(attention_mask, query.shape[2], key.shape[2], query.device)
-    for plan in plans:
-        probs = plan.apply(module.layer_idx, probs, visible)
+    for plan in plans:  # each handed the pass it acts on
+        probs = plan.apply(plan.codi.current_pass(), module.layer_idx, probs, visible)
     groups = query.shape[1] // value.shape[1]
     out = torch.matmul(probs, value.repeat_interleave(groups, dim=1))  # [B, H, Tq, hd]
     return out.transpose(1, 2).contiguous(), probs
@@ -85,14 +85,13 @@ class _AttentionPlan(ABC):
                 del module.codi_plans
         self.codi.lm.set_attn_implementation(self._previous)
 
-    def _latent_queries(self, n_query: int) -> list[tuple[int, int]]:
-        """(local query index, thought index) for latent queries in the current pass."""
-        offset = self.codi.offset
-        return [(p - offset, i) for i, p in enumerate(self.pmap.latent) if 0 <= p - offset < n_query]
+    def _latent_queries(self, step: Pass) -> list[tuple[int, int]]:
+        """(local query index, thought index) for the latent queries in pass `step`."""
+        return step.local(list(self.pmap.latent))
 
     @abstractmethod
-    def apply(self, layer: int, probs: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """Probabilities [B, H, Tq, Tk] of `layer` for this pass -> the ones to use."""
+    def apply(self, step: Pass, layer: int, probs: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """Probabilities [B, H, Tq, Tk] of `layer` in pass `step` -> the ones to use."""
 
 
 def _order(name: str, n_latent: int) -> int:
@@ -134,14 +133,14 @@ class AttentionOverride(_AttentionPlan):
         self.target = pmap.index(target) if target is not None else None
         self.rewritten = set(rewritten_thoughts(pattern, hub, target, pmap.n_latent))
 
-    def apply(self, layer: int, probs: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        queries = [(q, i) for q, i in self._latent_queries(probs.shape[2]) if i in self.rewritten]
+    def apply(self, step: Pass, layer: int, probs: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        queries = [(q, i) for q, i in self._latent_queries(step) if i in self.rewritten]
         heads = [h.head for h in self.heads if h.layer == layer]
         if not queries or not heads:
             return probs
         probs = probs.clone()
         for q, _ in queries:
-            absolute = self.codi.offset + q
+            absolute = step.offset + q
             vis = visible[:, 0, q].to(probs.dtype).expand(probs.shape[0], -1)  # [B, Tk]
             for h in heads:
                 row = probs[:, h, q]  # [B, Tk]
@@ -178,9 +177,9 @@ class AttentionRecord(_AttentionPlan):
         self.bot = torch.zeros(*shape, k)
         self.question = torch.zeros(*shape, k)
 
-    def apply(self, layer: int, probs: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    def apply(self, step: Pass, layer: int, probs: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         bot, first = self.pmap.index("bot"), self.pmap.latent[0]
-        for q, i in self._latent_queries(probs.shape[2]):
+        for q, i in self._latent_queries(step):
             row = probs[:, :, q].detach().float().cpu()  # [B, H, Tk]
             self.latent[:, layer, :, i, : i + 1] = row[:, :, first : first + i + 1]
             self.bot[:, layer, :, i] = row[:, :, bot]

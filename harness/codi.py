@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,26 @@ OLD_GPT2_BUFFERS = re.compile(r"base_model\.model\.transformer\.h\.\d+\.attn\.(b
 
 class ModelLoadError(ValueError):
     """A model that cannot be loaded; the message names the path, id or key at fault."""
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One backbone pass over new tokens, handed to every hook that runs in it (`CODIModel.
+    handing`): where its tokens sit in the sequence, its 2-D mask and position ids (where the
+    backbone got None, the mask and positions it then uses)."""
+
+    offset: int  # sequence index of the first new token
+    n_new: int  # tokens in this pass
+    mask: torch.Tensor  # [B, offset + T]
+    positions: torch.Tensor  # [B, T]
+
+    def local(self, indices: list[int]) -> list[tuple[int, int]]:
+        """(index among this pass's tokens, index into `indices`) of the sequence `indices` in it."""
+        return [(p - self.offset, k) for k, p in enumerate(indices) if self.offset <= p < self.offset + self.n_new]
+
+
+class PassError(RuntimeError):
+    """A pass hook ran outside `CODIModel.step`: it has no pass to act on."""
 
 
 def make_prj(d_model: int, dropout: float = 0.0) -> nn.Sequential:
@@ -70,7 +91,7 @@ class CODIModel(nn.Module):
         self.name = name
         self.eos_id = tokenizer.eos_token_id
         self.answer_prefix = answer_prefix  # what the model writes before the number (teacher forcing)
-        self.offset = 0  # sequence index of the first token of the current pass (see `step`)
+        self._pass: Pass | None = None  # the pass `step` is running, for `handing` (None between passes)
         # the official evaluator's batching (`runtime`): set at load, results then depend on the batch
         self.reference_batching = False
         self.thought_patch = None  # set by `runtime.ThoughtPatch` while it is active
@@ -121,34 +142,43 @@ class CODIModel(nn.Module):
         output_hidden_states: bool = False,
     ):
         """One pass of the backbone over new tokens; returns its output (final-normed states).
-
-        `self.offset` is the sequence index of the first new token while the pass runs:
-        interventions map their named positions to this pass's tokens with it; `pass_mask` and
-        `pass_positions` are this pass's 2-D mask and position ids, for hooks that attend themselves
-        (where the backbone gets None, the mask and positions it then uses).
-        """
-        self.offset = cache.get_seq_length() if cache is not None else 0
+        Hooks wrapped by `handing` are handed this pass (`Pass`) while it runs, and only then."""
+        offset = cache.get_seq_length() if cache is not None else 0
         new = input_ids if input_ids is not None else inputs_embeds
         batch_size, n_new = new.shape[0], new.shape[1]
-        self.pass_mask = (  # [B, past + T]
-            attention_mask
-            if attention_mask is not None
-            else torch.ones(batch_size, self.offset + n_new, dtype=torch.long, device=new.device)
-        )
-        self.pass_positions = (  # [B, T]
-            position_ids
-            if position_ids is not None
-            else torch.arange(self.offset, self.offset + n_new, device=new.device).expand(batch_size, -1)
-        )
-        return backbone(self.lm)(
-            input_ids=input_ids,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=True,
-            output_hidden_states=output_hidden_states,
-        )
+        if attention_mask is None:
+            mask = torch.ones(batch_size, offset + n_new, dtype=torch.long, device=new.device)
+        else:
+            mask = attention_mask  # [B, past + T]
+        if position_ids is None:
+            positions = torch.arange(offset, offset + n_new, device=new.device).expand(batch_size, -1)
+        else:
+            positions = position_ids  # [B, T]
+        assert self._pass is None, "CODIModel.step does not nest"
+        self._pass = Pass(offset, n_new, mask, positions)
+        try:
+            return backbone(self.lm)(
+                input_ids=input_ids,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=True,
+                output_hidden_states=output_hidden_states,
+            )
+        finally:
+            self._pass = None
+
+    def current_pass(self) -> Pass:
+        """The pass `step` is running; a `PassError` between passes (a hook would act on none)."""
+        if self._pass is None:
+            raise PassError(f"{self.name or 'model'}: a pass hook ran outside CODIModel.step")
+        return self._pass
+
+    def handing(self, hook: Callable[..., object]) -> Callable[..., object]:
+        """A module hook that calls `hook(pass, *args)`: the hook is handed the pass it acts on,
+        never state left from an earlier one."""
+        return lambda *args, **kwargs: hook(self.current_pass(), *args, **kwargs)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm.get_output_embeddings()(hidden)  # [..., d] -> [..., V+3]

@@ -2,8 +2,8 @@
 
 A head's output is its slice of the *input* of the attention output projection (`c_proj` in
 GPT-2, `o_proj` in LLaMA): the projection mixes heads, so editing its output cannot isolate
-one. Positions are sequence indices from `harness.positions.PositionMap`; a hook finds the
-tokens of the current pass through `CODIModel.offset`.
+one. Positions are sequence indices from `harness.positions.PositionMap`; every hook is handed
+the pass it acts on (`CODIModel.handing`) and finds that pass's tokens through it.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from harness.arch import Head, attention, attn_out_proj, blocks
-from harness.codi import CODIModel
+from harness.codi import CODIModel, Pass
 
 MODES = ("zero", "mean", "resample")
 
@@ -35,7 +35,7 @@ class _HeadHooks(ABC):
     def __enter__(self):
         for layer in sorted({h.layer for h in self.heads}):
             module = attn_out_proj(self.codi.lm, layer)
-            self._handles.append(module.register_forward_pre_hook(self._make_hook(layer)))
+            self._handles.append(module.register_forward_pre_hook(self.codi.handing(self._make_hook(layer))))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -43,10 +43,9 @@ class _HeadHooks(ABC):
             handle.remove()
         self._handles.clear()
 
-    def _local(self, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _local(self, step: Pass) -> tuple[torch.Tensor, torch.Tensor]:
         """(indices into this pass's tokens, indices into self.positions) of the targets."""
-        offset = self.codi.offset
-        pairs = [(p - offset, k) for k, p in enumerate(self.positions) if offset <= p < offset + n_tokens]
+        pairs = step.local(self.positions)
         local = torch.tensor([a for a, _ in pairs], dtype=torch.long)
         which = torch.tensor([b for _, b in pairs], dtype=torch.long)
         return local, which
@@ -54,9 +53,9 @@ class _HeadHooks(ABC):
     def _make_hook(self, layer: int):
         layer_heads = [h for h in self.heads if h.layer == layer]
 
-        def hook(module, args):
+        def hook(step: Pass, module, args):
             x = args[0]  # [B, T, n_heads * head_dim]
-            local, which = self._local(x.shape[1])
+            local, which = self._local(step)
             if local.numel() == 0:
                 return None
             return self._on_heads(x, layer_heads, local.to(x.device), which.to(x.device), args)
@@ -179,10 +178,12 @@ class ActivationCapture:
         for site in self.values:
             name, layer = site
             if name == "resid_post":
-                self._handles.append(blocks(lm)[layer].register_forward_hook(self._post_hook(site)))
+                hook = self.codi.handing(self._post_hook(site))
+                self._handles.append(blocks(lm)[layer].register_forward_hook(hook))
             else:
                 module = blocks(lm)[layer] if name == "resid_pre" else attention(lm, layer)
-                self._handles.append(module.register_forward_pre_hook(self._pre_hook(site), with_kwargs=True))
+                hook = self.codi.handing(self._pre_hook(site))
+                self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -190,21 +191,19 @@ class ActivationCapture:
             handle.remove()
         self._handles.clear()
 
-    def _store(self, site: Site, x: torch.Tensor) -> None:
-        offset = self.codi.offset
-        for p in self.positions:
-            if offset <= p < offset + x.shape[1]:
-                self.values[site][p] = x[:, p - offset].detach()
+    def _store(self, site: Site, step: Pass, x: torch.Tensor) -> None:
+        for local, k in step.local(self.positions):
+            self.values[site][self.positions[k]] = x[:, local].detach()
 
     def _pre_hook(self, site: Site):
-        def hook(module, args, kwargs) -> None:
-            self._store(site, hidden_input(args, kwargs))
+        def hook(step: Pass, module, args, kwargs) -> None:
+            self._store(site, step, hidden_input(args, kwargs))
 
         return hook
 
     def _post_hook(self, site: Site):
-        def hook(module, args, output) -> None:
-            self._store(site, output[0] if isinstance(output, tuple) else output)
+        def hook(step: Pass, module, args, output) -> None:
+            self._store(site, step, output[0] if isinstance(output, tuple) else output)
 
         return hook
 

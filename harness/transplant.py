@@ -24,7 +24,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from harness.arch import Head, attention, attn_out_proj, backbone
-from harness.codi import CODIModel
+from harness.codi import CODIModel, Pass
 from harness.data import Problem
 from harness.interventions import ActivationCapture, InterventionError, hidden_input
 from harness.runtime import encode_questions, run_latents
@@ -270,7 +270,9 @@ class HeadTransplant:
         lm, layer = self.recipient.lm, self.recipient_head.layer
         out_proj = attn_out_proj(lm, layer)
         self._handles = [
-            attention(lm, layer).register_forward_pre_hook(self._on_attention, with_kwargs=True),
+            attention(lm, layer).register_forward_pre_hook(
+                self.recipient.handing(self._on_attention), with_kwargs=True
+            ),
             out_proj.register_forward_pre_hook(self._remove_own),
             out_proj.register_forward_hook(self._add_donor),
         ]
@@ -282,17 +284,16 @@ class HeadTransplant:
         self._handles.clear()
         self._keys = self._values = self._delta = self._targets = None
 
-    def _on_attention(self, module, args, kwargs) -> None:
+    def _on_attention(self, step: Pass, module, args, kwargs) -> None:
         x = hidden_input(args, kwargs)  # [B, T, d_r]
-        offset, n = self.recipient.offset, x.shape[1]
-        local = range(n) if self.positions is None else [p - offset for p in self.positions if offset <= p < offset + n]
+        local = range(x.shape[1]) if self.positions is None else [t for t, _ in step.local(self.positions)]
         self._targets = torch.tensor(local, dtype=torch.long, device=x.device)
-        self._delta = self._donor_output(x)
+        self._delta = self._donor_output(step, x)
 
-    def _donor_output(self, x: torch.Tensor) -> torch.Tensor:
+    def _donor_output(self, step: Pass, x: torch.Tensor) -> torch.Tensor:
         """The donor head on this pass's tokens, in recipient residual space: [B, T, d_r]."""
-        codi, d = self.recipient, self._donor
-        mask, offset, n = codi.pass_mask, codi.offset, x.shape[1]  # mask [B, offset + T]
+        d = self._donor
+        mask, offset, n = step.mask, step.offset, x.shape[1]  # mask [B, offset + T]
         if offset == 0:
             self._keys = self._values = None
         elif self._keys is not None and self._keys.shape[2] > offset:  # a branch from an earlier point
@@ -301,7 +302,7 @@ class HeadTransplant:
         xd = self.map_in(x)  # [B, T, d_d]
         q, k, v = ((xd @ w.to(xd) + b.to(xd))[:, None] for w, b in ((d.w_q, d.b_q), (d.w_k, d.b_k), (d.w_v, d.b_v)))
         if d.rotary is not None:  # q, k: [B, 1, T, hd]
-            cos, sin = d.rotary(xd, codi.pass_positions)  # [B, T, hd]
+            cos, sin = d.rotary(xd, step.positions)  # [B, T, hd]
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
         self._keys = k if self._keys is None else torch.cat([self._keys, k], dim=2)
         self._values = v if self._values is None else torch.cat([self._values, v], dim=2)

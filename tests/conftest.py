@@ -60,7 +60,7 @@ def _zeroing_attention(module, query, key, value, attention_mask, scaling, dropo
     module.num_key_value_groups = getattr(module, "num_key_value_groups", 1)
     out, weights = eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout)
     probs = weights.clone()
-    local = [p - codi.offset for p in positions if 0 <= p - codi.offset < query.shape[2]]
+    local = [t for t, _ in codi.current_pass().local(positions)]
     for h in heads:
         if h.layer == module.layer_idx and local:
             probs[:, h.head, local] = 0.0

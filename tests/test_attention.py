@@ -28,10 +28,10 @@ def test_rewritten_rows_are_normalised_causal_and_masked(random_codi, pattern):
     override = AttentionOverride(random_codi, [Head(1, 0), Head(1, 3)], pattern, pmap, hub="CT1", target=target)
     original_apply = override.apply
 
-    def checking_apply(layer, probs, visible):
-        out = original_apply(layer, probs, visible)
+    def checking_apply(step, layer, probs, visible):
+        out = original_apply(step, layer, probs, visible)
         seen.append((probs.clone(), out.clone(), visible.expand(probs.shape[0], 1, -1, -1)[:, 0].clone()))
-        offsets.append(random_codi.offset)
+        offsets.append(step.offset)
         return out
 
     override.apply = checking_apply

@@ -112,3 +112,26 @@ def test_activation_capture_equals_a_full_recompute_of_the_hidden_states(random_
     assert capture.stacked(("resid_post", n_layers - 1)).shape == (len(PROBLEMS), 2, random_codi.geometry.d_model)
     with pytest.raises(InterventionError, match="unknown site"):
         ActivationCapture(random_codi, [("resid_mid", 0)], positions)
+
+
+@torch.no_grad()
+def test_hooks_are_handed_their_own_pass_and_none_outside_a_step(random_codi):
+    """Each hook gets the pass it runs in (question + bot at 0, then one thought per pass), and a
+    forward that bypasses `CODIModel.step` is refused instead of reading an earlier pass's offset."""
+    from harness.codi import PassError
+
+    seen = []
+    handle = blocks(random_codi.lm)[0].register_forward_pre_hook(
+        random_codi.handing(lambda step, module, args: seen.append((step.offset, step.n_new, step.mask.shape[1])))
+    )
+    try:
+        batch = encode_questions(random_codi, [p.question for p in PROBLEMS])
+        run_latents(random_codi, batch)
+        width = batch.input_ids.shape[1]
+        assert seen == [(0, width, width)] + [(width + i, 1, width + i + 1) for i in range(random_codi.n_latent)]
+        with pytest.raises(PassError, match="outside CODIModel.step"):
+            random_codi.current_pass()
+        with HeadAblation(random_codi, [Head(0, 1)], [3]), pytest.raises(PassError):
+            random_codi.lm(batch.input_ids)  # no step: no pass to map position 3 onto
+    finally:
+        handle.remove()
