@@ -142,7 +142,9 @@ class CODIModel(nn.Module):
         output_hidden_states: bool = False,
     ):
         """One pass of the backbone over new tokens; returns its output (final-normed states).
-        Hooks wrapped by `handing` are handed this pass (`Pass`) while it runs, and only then."""
+        Hooks wrapped by `handing` are handed this pass (`Pass`) while it runs, and only then. A
+        hook may run a pass of its own through `step` (path patching re-runs a pass): that one
+        is handed its own `Pass`, and the outer pass is handed back when it ends."""
         offset = cache.get_seq_length() if cache is not None else 0
         new = input_ids if input_ids is not None else inputs_embeds
         batch_size, n_new = new.shape[0], new.shape[1]
@@ -154,8 +156,7 @@ class CODIModel(nn.Module):
             positions = torch.arange(offset, offset + n_new, device=new.device).expand(batch_size, -1)
         else:
             positions = position_ids  # [B, T]
-        assert self._pass is None, "CODIModel.step does not nest"
-        self._pass = Pass(offset, n_new, mask, positions)
+        outer, self._pass = self._pass, Pass(offset, n_new, mask, positions)
         try:
             return backbone(self.lm)(
                 input_ids=input_ids,
@@ -167,7 +168,7 @@ class CODIModel(nn.Module):
                 output_hidden_states=output_hidden_states,
             )
         finally:
-            self._pass = None
+            self._pass = outer
 
     def current_pass(self) -> Pass:
         """The pass `step` is running; a `PassError` between passes (a hook would act on none)."""

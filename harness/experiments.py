@@ -223,8 +223,9 @@ class ModelRun:
         heads += [part.head for part in spec.parts() if isinstance(part, TransplantHead)]
         for head in dict.fromkeys(heads):
             check_heads([head], self.geometry, self.name)
-        names = [n for part in spec.parts() for n in getattr(part, "positions", ())]
-        names += [n for part in spec.parts() for n in (getattr(part, "hub", None), getattr(part, "target", None)) if n]
+        names = [n for part in spec.parts() for n in (*getattr(part, "positions", ()), *getattr(part, "readers", ()))]
+        singles = ("hub", "target", "source")
+        names += [n for part in spec.parts() for n in (getattr(part, s, None) for s in singles) if n]
         for name in dict.fromkeys(names):
             try:
                 check_position(name, self.n_latent)

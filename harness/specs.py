@@ -27,6 +27,7 @@ from harness.arch import Head
 from harness.attention import PATTERNS, AttentionOverride, rewritten_thoughts
 from harness.codi import CODIModel
 from harness.interventions import HeadAblation, InterventionError
+from harness.paths import READER_SPANS, PathPatch
 from harness.positions import PositionMap, is_fixed, thought_number
 from harness.runtime import LatentPatch, ThoughtPatch, norm_matched_noise
 from harness.transplant import transplant_hook
@@ -242,6 +243,62 @@ class PatchThoughts(Spec):
 
 
 @dataclass(frozen=True)
+class PatchPath(Spec):
+    """Path patching (`harness.paths`): the thought `source` (`CT<i>`, or `latent`: every
+    thought) replaced as `PatchThoughts` would (zero, mean, resample, noise: the same values),
+    seen only by the `readers`: later thoughts (`CT<j>`, or `latent`: every thought after the
+    source; with every thought patched, each reads the patched thoughts before it), `eot`,
+    `answer` (every answer token). Every other position, the loop included, reads the clean
+    thought."""
+
+    source: str
+    readers: tuple[str, ...]
+    mode: str = "mean"
+    draw: int = 0
+
+    def __post_init__(self) -> None:
+        if self.source != "latent" and thought_number(self.source) is None:
+            raise InterventionError(f"a path patch's source is a thought (CT<i> or latent), not {self.source!r}")
+        readers = (self.readers,) if isinstance(self.readers, str) else tuple(self.readers)
+        object.__setattr__(self, "readers", tuple(sorted(set(readers))))
+        bad = [r for r in self.readers if r not in READER_SPANS and thought_number(r) is None]
+        if bad:
+            raise InterventionError(f"readers are later thoughts (CT<j>, latent), eot or answer, not {', '.join(bad)}")
+        first = thought_number(self.source) if self.source != "latent" else 0
+        early = [r for r in self.readers if (thought_number(r) if thought_number(r) is not None else 10**9) <= first]
+        if early:
+            raise InterventionError(
+                f"{', '.join(early)} cannot read {self.source}: a position reads only earlier ones (readers come after)"
+            )
+        if self.mode not in THOUGHT_MODES:
+            raise InterventionError(f"unknown thought-patch mode {self.mode!r}; choose from {', '.join(THOUGHT_MODES)}")
+        if self.draw and self.mode not in ("noise", "resample"):
+            raise InterventionError(f"mode {self.mode!r} is not random: it has no draws")
+
+    @property
+    def randomised(self) -> bool:  # type: ignore[override]
+        return self.mode in ("noise", "resample")
+
+    @property
+    def patch(self) -> PatchThoughts:
+        """The ordinary patch of the source (what every reader together sees)."""
+        return PatchThoughts((self.source,), self.mode, self.draw)
+
+    def reader_thoughts(self, n_latent: int) -> list[int]:
+        first = thought_number(self.source) if self.source != "latent" else 0
+        named = [thought_number(r) for r in self.readers if thought_number(r) is not None]
+        return list(range(first + 1, n_latent)) if "latent" in self.readers else named
+
+    def hooks(self, run: RunContext, pmap: PositionMap, indices: list[int]) -> list[AbstractContextManager]:
+        thoughts = self.patch.thought_indices(pmap.n_latent)
+        if max(thoughts) >= pmap.n_latent or max(self.reader_thoughts(pmap.n_latent), default=0) >= pmap.n_latent:
+            raise InterventionError(f"{run.codi.name} has thoughts CT0..CT{pmap.n_latent - 1}: {self.describe()}")
+        values = {i: self.patch.replacement(run, i)[indices] for i in thoughts}
+        readers = self.reader_thoughts(pmap.n_latent)
+        return [PathPatch(run.codi, pmap, values, readers, "eot" in self.readers, "answer" in self.readers)]
+
+
+@dataclass(frozen=True)
 class AttentionPattern(Spec):
     """Heads' attention at the latent queries rewritten: hub (80% on `hub`), uniform,
     sequential (all on the previous position) or reroute (the hub's mass moved to `target`)."""
@@ -313,16 +370,20 @@ def _acts_on(part: Spec) -> dict[Head, tuple[str, ...]]:
     return {}
 
 
+def _patched_thoughts(part: Spec) -> tuple[str, ...]:
+    """The thoughts a part replaces (a thought patch's positions, a path patch's source)."""
+    if isinstance(part, PatchThoughts):
+        return part.positions
+    return (part.source,) if isinstance(part, PatchPath) else ()
+
+
 def check_disjoint(parts: Sequence[Spec]) -> None:
     """Refuse a composition in which one part would override or hide another: the same head
-    acted on twice at a common position, or the same thought patched twice."""
+    acted on twice at a common position, or the same thought patched twice (by a thought
+    patch or as a path patch's source)."""
     for i, a in enumerate(parts):
         for b in parts[i + 1 :]:
-            if (
-                isinstance(a, PatchThoughts)
-                and isinstance(b, PatchThoughts)
-                and (common := _overlap(a.positions, b.positions))
-            ):
+            if common := _overlap(_patched_thoughts(a), _patched_thoughts(b)):
                 raise InterventionError(
                     f"{a.describe()} and {b.describe()} both patch {', '.join(common)}: one would override the other"
                 )
@@ -388,10 +449,13 @@ def what_runs(spec: Spec) -> dict[str, str]:
             heads.append(str(part.head))
         if isinstance(part, AblateHeads | PatchThoughts):
             positions += list(part.positions)
+        if isinstance(part, PatchPath):
+            positions.append(part.source)
         modes.append(
             {
                 AblateHeads: lambda s: f"heads {s.mode}",
                 PatchThoughts: lambda s: f"thoughts {s.mode}",
+                PatchPath: lambda s: f"path {s.mode} -> {' '.join(s.readers) or 'no reader'}",
                 AttentionPattern: lambda s: f"attention {s.pattern}",
                 TransplantHead: lambda s: "transplant",
             }.get(type(part), lambda s: type(s).__name__)(part)

@@ -12,6 +12,7 @@ from harness.kinds import (
     probes,
     reroute,
     sweep,
+    thought_flow,
     tiers,
     transplant,
 )
@@ -31,6 +32,7 @@ KINDS: dict[str, Kind] = {
         attribution,
         tiers,
         sweep,
+        thought_flow,
     )
 }
 

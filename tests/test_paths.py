@@ -1,0 +1,136 @@
+"""Path patching through the thought loop (`PatchPath`, `harness/paths.py`) against the ordinary
+patch, the unpatched run and a hand-built two-cache computation; its claims kind."""
+
+import numpy as np
+import pytest
+import torch
+
+from harness.cache import ResultCache
+from harness.claims import ClaimError, evaluate_claim, parse_claim
+from harness.data import format_number, synthetic_split
+from harness.experiments import ModelRun
+from harness.interventions import InterventionError
+from harness.kinds.thought_flow import flow_matrix
+from harness.runtime import _ones, answer_targets, encode_questions, run_latents
+from harness.specs import AblateHeads, Baseline, PatchPath, PatchThoughts
+
+TEST = synthetic_split("test")[:16]
+DISCOVERY = synthetic_split("discovery")[:8]
+
+
+@pytest.fixture(params=["tiny-gpt2", "tiny-llama"])
+def run(request, load_model):
+    return ModelRun(load_model(request.param), TEST, DISCOVERY, ResultCache(None), requested_batch_size=6)
+
+
+def _same(a, b) -> bool:
+    return a.correct.tolist() == b.correct.tolist() and a.answer_logprob.tolist() == b.answer_logprob.tolist()
+
+
+@pytest.mark.parametrize(("source", "mode"), [("CT1", "zero"), ("CT3", "mean"), ("latent", "zero")])
+def test_every_reader_is_the_ordinary_patch_and_none_is_the_baseline(run, source, mode):
+    """Per problem and bit for bit, decoding included."""
+    everyone = ("latent", "eot", "answer")
+    ordinary = run.measure(PatchThoughts((source,), mode))
+    assert _same(run.measure(PatchPath(source, everyone, mode)), ordinary)
+    assert _same(run.measure(PatchPath(source, (), mode)), run.baseline)
+    assert not _same(ordinary, run.baseline), "the patch itself changes something"
+
+
+@torch.no_grad()
+def test_the_answer_alone_reading_a_thought_equals_a_hand_built_two_cache_run(run):
+    """eot reads every clean thought; the answer tokens read CT2 as the zero-patched run made it
+    (its keys and values in every layer) and the clean rest: built by hand from two loops."""
+    codi, problems = run.codi, sorted(TEST, key=lambda p: len(p.question))  # teacher forcing's batch order
+    batch = encode_questions(codi, [p.question for p in problems])
+    clean = run_latents(codi, batch)
+    patched = run_latents(codi, batch, patch=lambda i, t: torch.zeros_like(t) if i == 2 else t)
+    source = batch.positions(codi.n_latent).index("CT2")
+    ids, scored = answer_targets(codi, [format_number(p.answer) for p in problems])
+    width = 1 + max(len(a) for a in ids)
+    tokens = torch.full((len(problems), width), codi.eos_id)
+    tokens[:, 0] = codi.eot_id
+    for row, a in enumerate(ids):
+        tokens[row, 1 : 1 + len(a)] = torch.tensor(a)
+    mask = _ones(clean.attention_mask, width)
+    positions = clean.next_position[:, None] + torch.arange(width)
+    eot = codi.step(mask[:, : mask.shape[1] - width + 1], positions[:, :1], clean.cache, input_ids=tokens[:, :1])
+    for mine, theirs in zip(clean.cache.layers, patched.cache.layers):
+        mine.keys[:, :, source], mine.values[:, :, source] = theirs.keys[:, :, source], theirs.values[:, :, source]
+    rest = codi.step(mask, positions[:, 1:], clean.cache, input_ids=tokens[:, 1:])
+    hidden = torch.cat([eot.last_hidden_state, rest.last_hidden_state], dim=1)[:, :-1]
+    logp = codi.logits(hidden).float().log_softmax(-1).gather(-1, tokens[:, 1:, None])[..., 0]
+    expected = {p.id: float(logp[r, len(a) - k : len(a)].double().sum()) for r, (p, a, k) in
+                enumerate(zip(problems, ids, scored))}  # fmt: skip
+    run.requested_batch_size = len(TEST)
+    vars(run).pop("batch_size", None)
+    got = run.answer_logprobs(PatchPath("CT2", ("answer",), "zero"))
+    np.testing.assert_allclose(got, [expected[p.id] for p in TEST], rtol=0, atol=1e-5)
+    assert np.abs(got - run.answer_logprobs(Baseline())).max() > 1e-3, "the answer reads the patch"
+
+
+def test_a_reader_before_its_source_and_overlapping_patches_are_refused():
+    with pytest.raises(InterventionError, match="CT1 cannot read CT2"):
+        PatchPath("CT2", ("CT1", "eot"), "zero")
+    with pytest.raises(InterventionError, match="CT2 cannot read CT2"):
+        PatchPath("CT2", ("CT2",), "zero")
+    with pytest.raises(InterventionError, match="CT0 cannot read latent"):
+        PatchPath("latent", ("CT0",), "zero")
+    with pytest.raises(InterventionError, match="source is a thought"):
+        PatchPath("eot", ("answer",), "zero")
+    with pytest.raises(InterventionError, match="both patch CT2"):
+        PatchPath("CT2", ("answer",)) + PatchThoughts(("CT2",), "zero")
+    with pytest.raises(InterventionError, match="both patch CT3"):
+        PatchPath("latent", ("eot",)) + PatchPath("CT3", ("answer",))
+    composed = PatchPath("CT2", ("answer",)) + AblateHeads(("L1H1",), ("CT4",))
+    assert composed.key() == (AblateHeads(("L1H1",), ("CT4",)) + PatchPath("CT2", ("answer",))).key()
+
+
+def test_a_path_patch_composes_with_a_head_ablation(run):
+    """Both act: the composed condition differs from each part alone, and with every reader it
+    equals the ordinary patch composed with the same ablation (bit for bit)."""
+    ablation = AblateHeads(("L1H1",), ("CT4",))
+    composed = run.measure(PatchPath("CT2", ("latent", "eot", "answer"), "zero") + ablation)
+    assert _same(composed, run.measure(PatchThoughts(("CT2",), "zero") + ablation))
+    assert not _same(composed, run.measure(ablation))
+
+
+@pytest.mark.parametrize(
+    ("experiment", "message"),
+    [
+        ({"test": "cell", "source": "CT2", "readers": ["CT1"]}, "CT1 cannot read CT2"),
+        ({"test": "cell", "source": "CT2"}, "test 'cell' needs readers"),
+        ({"test": "via_thoughts", "readers": ["eot"]}, "readers apply to test 'cell'"),
+        ({"test": "via_eot", "source": "CT1"}, "via_eot patches every thought"),
+        ({"test": "via_thoughts", "fraction": 0.3}, "fraction applies to test 'via_eot'"),
+        ({"test": "cell", "source": "bot", "readers": ["eot"]}, "source is a thought"),
+        ({"test": "via_thoughts", "mode": "zero", "n_draws": 3}, "n_draws applies to modes"),
+    ],
+)
+def test_flow_claims_are_checked_at_load(experiment, message):
+    entry = {"id": "f", "phase": 3, "statement": "s", "metric": "thought_flow", "threshold": 0.0,
+             "direction": "greater", "experiment": experiment}  # fmt: skip
+    with pytest.raises(ClaimError, match=message):
+        parse_claim(entry, "test")
+
+
+def test_flow_claims_measure_what_they_say(run):
+    """via_eot is drop(eot alone) - fraction * drop(everything); via_thoughts is drop(later
+    thoughts) - drop(answer alone); the flow matrix has one cell per reader after each source."""
+    entry = {"id": "f", "phase": 3, "statement": "s", "metric": "thought_flow", "threshold": 0.0,
+             "direction": "greater", "measure": "answer_logprob"}  # fmt: skip
+    run.__dict__["hub_thought"] = 1
+    via_eot = evaluate_claim(parse_claim({**entry, "experiment": {"test": "via_eot", "fraction": 0.25}}, "t"), run)
+    base = run.baseline.answer_logprob
+    eot = run.measure(PatchPath("latent", ("eot",), "mean")).answer_logprob
+    everything = run.measure(PatchThoughts(("latent",), "mean")).answer_logprob
+    assert via_eot.effect == pytest.approx(np.mean(base - eot) - 0.25 * np.mean(base - everything), abs=1e-9)
+    via_thoughts = evaluate_claim(parse_claim({**entry, "experiment": {"test": "via_thoughts"}}, "t"), run)
+    loop = run.measure(PatchPath("CT1", ("latent",), "mean")).answer_logprob
+    direct = run.measure(PatchPath("CT1", ("answer",), "mean")).answer_logprob
+    assert via_thoughts.effect == pytest.approx(np.mean(direct - loop), abs=1e-9)
+    assert via_thoughts.positions == "CT1" and via_thoughts.details["condition"].startswith("PatchPath(source=CT1")
+    cells = {(r["source"], r["reader"]) for r in flow_matrix(run, "mean", 1) if r["measure"] == "accuracy"}
+    k = run.n_latent
+    assert ("CT0", "CT1") in cells and ("CT1", "CT1") not in cells and (f"CT{k - 1}", "latent") not in cells
+    assert len(cells) == k * (k - 1) // 2 + (k - 1) + 3 * k + 4  # single thoughts, latent, eot/answer/all
