@@ -23,6 +23,7 @@ from torch.nn.utils.parametrizations import orthogonal
 from harness.codi import CODIModel
 from harness.data import Problem, format_number
 from harness.evaluation import PrefixStore
+from harness.interchange import interchange_rows
 from harness.progress import bar
 from harness.runtime import LatentPatch, answer_logprobs, encode_questions, run_latents
 
@@ -30,12 +31,6 @@ RANKS = (1, 2, 4, 8, 16)
 DAS_STEPS = 60  # optimiser steps per (thought, rank)
 DAS_BATCH = 64
 DAS_LR = 1e-2
-
-
-def interchange_rows(basis: torch.Tensor, base: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """Base thoughts with their coordinates in the row space of `basis` [r, d] (orthonormal
-    rows) taken from the sources: [B, d] -> [B, d]."""
-    return base + (source - base) @ basis.T.to(base) @ basis.to(base)
 
 
 def subspace_patch(thought: int, basis: torch.Tensor, sources: torch.Tensor) -> LatentPatch:
@@ -72,20 +67,21 @@ def fit_subspace(
     seed: int = 0,
     steps: int = DAS_STEPS,
     progress: bool = False,
+    lr: float = DAS_LR,
 ) -> torch.Tensor:
     """The rank-`rank` subspace of CT_thought whose interchange makes each base run give its
     source's answer (mean teacher-forced log-probability, Adam): [rank, d] orthonormal rows."""
     d = source_thoughts.shape[-1]
     torch.manual_seed(seed)
     rotation = orthogonal(nn.Linear(d, d, bias=False))
-    optimiser = torch.optim.Adam(rotation.parameters(), lr=DAS_LR)
+    optimiser = torch.optim.Adam(rotation.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     prefixes = PrefixStore()
     batches = [list(range(s, min(s + DAS_BATCH, len(bases)))) for s in range(0, len(bases), DAS_BATCH)]
     encoded = [encode_questions(codi, [bases[i].question for i in rows]) for rows in batches]
     answers = [[format_number(sources[i].answer) for i in rows] for rows in batches]
     with frozen(codi):
-        for step in bar(range(steps), desc=f"DAS CT{thought} rank {rank}", disable=not progress):
+        for _ in bar(range(steps), desc=f"DAS CT{thought} rank {rank}", disable=not progress):
             b = int(torch.randint(len(batches), (1,), generator=generator))
             with torch.no_grad():
                 prefix = prefixes.get(codi, encoded[b], batches[b])

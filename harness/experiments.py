@@ -224,7 +224,7 @@ class ModelRun:
         for head in dict.fromkeys(heads):
             check_heads([head], self.geometry, self.name)
         names = [n for part in spec.parts() for n in (*getattr(part, "positions", ()), *getattr(part, "readers", ()))]
-        singles = ("hub", "target", "source")
+        singles = ("hub", "target", "source", "thought")
         names += [n for part in spec.parts() for n in (getattr(part, s, None) for s in singles) if n]
         for name in dict.fromkeys(names):
             try:

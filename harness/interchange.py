@@ -74,6 +74,12 @@ def interchange_pairs(problems: list[Problem], seed: int) -> tuple[list[int], li
     return bases, sources
 
 
+def interchange_rows(basis: torch.Tensor, base: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """Base thoughts with their coordinates in the row space of `basis` [r, d] (orthonormal
+    rows) taken from the sources: [B, d] -> [B, d]."""
+    return base + (source - base) @ basis.T.to(base) @ basis.to(base)
+
+
 @torch.no_grad()
 def clean_thoughts(codi: CODIModel, problems: list[Problem], batch_size: int) -> torch.Tensor:
     """Unpatched thoughts: [N, K, d]."""
@@ -91,15 +97,22 @@ def interchange(
     thoughts: tuple[int, ...],
     batch_size: int = 128,
     progress: bool = False,
+    basis: torch.Tensor | None = None,
 ) -> tuple[EvalResult, list[bool]]:
-    """Each base run with its thoughts `thoughts` (indices) taken from its source: records
-    scored against the *source's* answer (correct = counterfactual; answer_logprob = the
-    counterfactual answer's), and whether each prediction is the base answer."""
+    """Each base run with its thoughts `thoughts` (indices) taken from its source (with a
+    `basis` [r, d] of orthonormal rows: only the thoughts' coordinates in its row space, the
+    learned-subspace interchange of `harness.das`): records scored against the *source's*
+    answer (correct = counterfactual; answer_logprob = the counterfactual answer's), and
+    whether each prediction is the base answer."""
     donor = clean_thoughts(codi, sources, batch_size)  # [N, K, d]
+
+    def swap(rows: torch.Tensor, i: int, thought: torch.Tensor) -> torch.Tensor:
+        source = rows[:, i].to(thought)  # [B, d]
+        return source if basis is None else interchange_rows(basis, thought, source)
 
     def intervene(pmap: PositionMap, indices: list[int]) -> ThoughtPatch:
         rows = donor[indices]  # [B, K, d]: the sources of this batch's bases, in its order
-        return ThoughtPatch(codi, lambda i, thought: rows[:, i].to(thought) if i in thoughts else thought)
+        return ThoughtPatch(codi, lambda i, thought: swap(rows, i, thought) if i in thoughts else thought)
 
     relabelled = [dataclasses.replace(b, answer=s.answer) for b, s in zip(bases, sources)]
     result = evaluate(codi, relabelled, batch_size, progress=progress, intervene=intervene)

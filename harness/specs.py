@@ -15,6 +15,7 @@ outputs, the peer models) it asks through `RunContext`, so this module knows not
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
@@ -26,6 +27,7 @@ import torch
 from harness.arch import Head
 from harness.attention import PATTERNS, AttentionOverride, rewritten_thoughts
 from harness.codi import CODIModel
+from harness.interchange import interchange_rows
 from harness.interventions import HeadAblation, InterventionError
 from harness.paths import READER_SPANS, PathPatch
 from harness.positions import PositionMap, is_fixed, thought_number
@@ -34,6 +36,7 @@ from harness.transplant import transplant_hook
 
 HEAD_MODES = ("zero", "mean", "resample")
 THOUGHT_MODES = ("noise", "zero", "mean", "resample")
+SUBSPACE_MODES = ("zero", "mean", "resample")
 NOISE_SEED_STRIDE = 1_000_003  # seeds of draw d: seed * 1000 + thought + d * stride (draw 0: as before)
 
 
@@ -243,6 +246,56 @@ class PatchThoughts(Spec):
 
 
 @dataclass(frozen=True)
+class PatchSubspace(Spec):
+    """A thought's coordinates in the row space of `basis` ([r, d] orthonormal rows, e.g. a
+    subspace learned by `harness.das`) replaced, the rest of the thought kept: zero (the
+    subspace projected out), mean (the discovery split's), resample (another test problem's: a
+    derangement, one per draw). The basis enters the cache key by a hash of its values."""
+
+    thought: str
+    basis: torch.Tensor = field(compare=False, repr=False)
+    mode: str = "resample"
+    draw: int = 0
+    digest: str = field(init=False, default="")
+
+    def __post_init__(self) -> None:
+        if thought_number(self.thought) is None:
+            raise InterventionError(f"a subspace patch acts on one thought (CT<i>), not {self.thought!r}")
+        if self.mode not in SUBSPACE_MODES:
+            raise InterventionError(f"unknown subspace mode {self.mode!r}; choose from {', '.join(SUBSPACE_MODES)}")
+        if self.draw and self.mode != "resample":
+            raise InterventionError(f"mode {self.mode!r} is not random: it has no draws")
+        basis = torch.as_tensor(self.basis, dtype=torch.float32)
+        if basis.ndim != 2 or not torch.allclose(basis @ basis.T, torch.eye(len(basis)), atol=1e-4):
+            raise InterventionError(f"a subspace basis is [r, d] with orthonormal rows; got shape {tuple(basis.shape)}")
+        object.__setattr__(self, "basis", basis)
+        object.__setattr__(self, "digest", hashlib.sha256(basis.numpy().tobytes()).hexdigest()[:16])
+
+    def key(self) -> dict:
+        return {"spec": "PatchSubspace", "thought": self.thought, "basis": self.digest, "rank": len(self.basis),
+                "mode": self.mode, "draw": self.draw}  # fmt: skip
+
+    @property
+    def randomised(self) -> bool:  # type: ignore[override]
+        return self.mode == "resample"
+
+    def latent_patch(self, run: RunContext, indices: list[int]) -> LatentPatch:
+        t = thought_number(self.thought)
+        if t >= run.codi.n_latent:
+            raise InterventionError(f"{run.codi.name} has thoughts CT0..CT{run.codi.n_latent - 1}, not {self.thought}")
+        thoughts = run.clean_thoughts("test")[:, t]  # [N, d]
+        if self.mode == "zero":
+            source = torch.zeros_like(thoughts)
+        elif self.mode == "mean":
+            source = run.clean_thoughts("discovery")[:, t].mean(0, keepdim=True).expand_as(thoughts)
+        else:
+            donors = torch.Generator().manual_seed(run.seed * 1000 + 900 + self.draw * NOISE_SEED_STRIDE)
+            source = thoughts[derangement(len(thoughts), donors)]
+        values = source[indices]  # [B, d]
+        return lambda i, x: interchange_rows(self.basis, x, values.to(x)) if i == t else x
+
+
+@dataclass(frozen=True)
 class PatchPath(Spec):
     """Path patching (`harness.paths`): the thought `source` (`CT<i>`, or `latent`: every
     thought) replaced as `PatchThoughts` would (zero, mean, resample, noise: the same values),
@@ -374,6 +427,8 @@ def _patched_thoughts(part: Spec) -> tuple[str, ...]:
     """The thoughts a part replaces (a thought patch's positions, a path patch's source)."""
     if isinstance(part, PatchThoughts):
         return part.positions
+    if isinstance(part, PatchSubspace):
+        return (part.thought,)
     return (part.source,) if isinstance(part, PatchPath) else ()
 
 
@@ -451,11 +506,14 @@ def what_runs(spec: Spec) -> dict[str, str]:
             positions += list(part.positions)
         if isinstance(part, PatchPath):
             positions.append(part.source)
+        if isinstance(part, PatchSubspace):
+            positions.append(part.thought)
         modes.append(
             {
                 AblateHeads: lambda s: f"heads {s.mode}",
                 PatchThoughts: lambda s: f"thoughts {s.mode}",
                 PatchPath: lambda s: f"path {s.mode} -> {' '.join(s.readers) or 'no reader'}",
+                PatchSubspace: lambda s: f"subspace {s.mode} (rank {len(s.basis)})",
                 AttentionPattern: lambda s: f"attention {s.pattern}",
                 TransplantHead: lambda s: "transplant",
             }.get(type(part), lambda s: type(s).__name__)(part)

@@ -5,6 +5,7 @@ entry here."""
 from harness.kinds import (
     attention_pattern,
     attribution,
+    das,
     head_ablation,
     interchange,
     logit_lens,
@@ -33,6 +34,7 @@ KINDS: dict[str, Kind] = {
         tiers,
         sweep,
         thought_flow,
+        das,
     )
 }
 

@@ -1,0 +1,161 @@
+"""Learned-subspace interchange (metric `das`, distributed alignment search; `harness/das.py`).
+
+For every thought and rank (1, 2, 4, 8, 16) a subspace is trained on the discovery split's
+interchange pairs (the base problem with a source that has another start value: same
+operations, other intermediate values) so that swapping it in from the source gives the
+source's answer. The claim's subspace is the thought and rank (at most `max_rank`) with the
+best interchange-intervention accuracy on the discovery pairs; the effect is its accuracy on
+the test pairs (the share of valid pairs whose answer becomes the source's, %), beside the
+whole thought's interchange and `n_random` random subspaces of the same rank (the control).
+Pairs count where the model answers both problems right unpatched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+
+from harness.das import DAS_STEPS, RANKS, fit_subspace, random_basis
+from harness.data import data_hash
+from harness.experiments import ModelRun
+from harness.interchange import clean_thoughts, interchange
+from harness.kinds.base import Kind, Measured, Params, Section, nan_effect
+from harness.kinds.interchange import interchanged, pairs, sources_correct
+from harness.positions import thought_number
+from harness.stats import mean_with_ci
+from harness.verdicts import ClaimResult
+
+
+@dataclass(frozen=True)
+class DasParams(Params):
+    thought: str = "best"  # CT<i>, or best: the thought with the best discovery accuracy
+    max_rank: int = 8  # the subspace's rank is chosen among 1, 2, 4, 8, 16 up to this
+    n_random: int = 20  # random subspaces of the same rank at the same thought (the control)
+    against_control: bool = False  # threshold: a margin above the control's 95th percentile
+
+    def validate(self, given: set[str]) -> None:
+        if self.thought != "best" and thought_number(self.thought) is None:
+            raise ValueError(f"thought is CT<i> or best, not {self.thought!r}")
+        if self.max_rank not in RANKS:
+            raise ValueError(f"max_rank is one of {', '.join(map(str, RANKS))}, got {self.max_rank}")
+        if self.n_random < 0 or (self.against_control and self.n_random < 2):
+            raise ValueError("n_random must be at least 0 (at least 2 with against_control)")
+
+    def check_model(self, geo, n_latent: int, model: str) -> None:
+        if self.thought != "best" and thought_number(self.thought) >= n_latent:
+            raise ValueError(f"{model} has thoughts CT0..CT{n_latent - 1}, not {self.thought}")
+
+
+def _discovery(run: ModelRun) -> ModelRun:
+    return run.remember("discovery_run", run.on_discovery)
+
+
+def valid_pairs(run: ModelRun) -> np.ndarray:
+    """[n_pairs] whether the model answers the base and its source right, unpatched."""
+    return (run.baseline.correct[pairs(run)[0]] == 1) & (sources_correct(run) == 1)
+
+
+def subspace(run: ModelRun, thought: int, rank: int) -> torch.Tensor:
+    """The learned rank-`rank` subspace of CT_thought, fitted on the discovery pairs: [rank, d], cached."""
+    disc = _discovery(run)
+
+    def compute() -> np.ndarray:
+        indices, sources = pairs(disc)
+        bases = [disc.problems[i] for i in indices]
+        donor = clean_thoughts(run.codi, sources, run.batch_size)
+        return fit_subspace(run.codi, bases, sources, donor, thought, rank, run.seed, progress=run.progress).numpy()
+
+    key = disc.key(kind="das_subspace", thought=thought, rank=rank, steps=DAS_STEPS, seed=run.seed)
+    return torch.from_numpy(disc.cached(key, f"DAS subspace CT{thought} rank {rank}", compute))
+
+
+def moved(run: ModelRun, thought: int, basis: torch.Tensor, what: str) -> np.ndarray:
+    """Per valid pair of `run`'s problems: whether interchanging `basis`'s subspace of
+    CT_thought from the source gives the source's answer: [n_valid] bool, cached (keyed by the
+    basis itself)."""
+    indices, sources = pairs(run)
+    bases = [run.problems[i] for i in indices]
+
+    def compute() -> np.ndarray:
+        result, _ = interchange(run.codi, bases, sources, (thought,), run.batch_size, run.progress, basis=basis)
+        return np.array([r.correct for r in result.records])
+
+    digest = hashlib.sha256(basis.numpy().astype(np.float32).tobytes()).hexdigest()[:16]
+    key = run.key(kind="das_interchange", thought=thought, basis=digest, sources=data_hash(sources))
+    return run.cached(key, f"subspace interchange CT{thought} ({what})", compute)[valid_pairs(run)] == 1
+
+
+def grid(run: ModelRun) -> list[dict]:
+    """Every thought and rank: accuracy (%) on the discovery pairs (where it was fitted) and the
+    test pairs, beside the whole thought's interchange on the test pairs."""
+    disc, rows = _discovery(run), []
+    for t in range(run.n_latent):
+        whole = interchanged(run, (t,))[0][valid_pairs(run)]
+        for rank in RANKS:
+            basis = subspace(run, t, rank)
+            rows.append({"thought": f"CT{t}", "rank": rank,
+                         "discovery": 100 * float(moved(disc, t, basis, f"rank {rank}").mean()),
+                         "test": 100 * float(moved(run, t, basis, f"rank {rank}").mean()),
+                         "whole_thought": 100 * float(whole.mean())})  # fmt: skip
+    return rows
+
+
+def measure(p: DasParams, run: ModelRun, measure: str) -> Measured:
+    details = {"heads": [], "mode": "learned-subspace interchange", "max_rank": p.max_rank}
+    if not pairs(run)[0] or not pairs(_discovery(run))[0]:
+        note = "no interchange pairs: the data are not the synthetic generator's (see docs/claims.md)"
+        return Measured(nan_effect(0), {**details, "positions": [], "note": note})
+    if not valid_pairs(run).any():
+        return Measured(nan_effect(0), {**details, "positions": [], "note": "no pair answered right on both sides"})
+    rows = grid(run)
+    eligible = [r for r in rows if r["rank"] <= p.max_rank and p.thought in ("best", r["thought"])]
+    best = max(eligible, key=lambda r: (r["discovery"], -r["rank"]))
+    t, rank = thought_number(best["thought"]), best["rank"]
+    values = moved(run, t, subspace(run, t, rank), f"rank {rank}")
+    generator = torch.Generator().manual_seed(run.seed)
+    d = subspace(run, t, rank).shape[1]
+    null = [
+        100 * float(moved(run, t, random_basis(d, rank, generator), f"random rank {rank}, draw {i}").mean())
+        for i in range(p.n_random)
+    ]
+    details.update(positions=[best["thought"]], rank=rank, grid=rows, discovery_accuracy=best["discovery"],
+                   whole_thought=best["whole_thought"], units="% of pairs")  # fmt: skip
+    return Measured(mean_with_ci(100.0 * values.astype(float), seed=run.seed), details, null or None)
+
+
+def section(results: list[ClaimResult], runs: dict[str, ModelRun]) -> Section:
+    frames = {}
+    for r in results:
+        if "grid" in r.details:
+            frames.setdefault(r.model, pd.DataFrame(r.details["grid"]))
+    if not frames:
+        return Section("Learned-subspace interchange (DAS)", {})
+    fig = Figure(figsize=(5.5 * len(frames), 3.8), layout="constrained")
+    for ax, (model, table) in zip(np.atleast_1d(fig.subplots(1, len(frames))), frames.items()):
+        for j, (thought, g) in enumerate(table.groupby("thought", sort=False)):
+            ax.plot(g["rank"], g["test"], marker="o", color=f"C{j}", label=thought)
+            ax.axhline(g["whole_thought"].iloc[0], color=f"C{j}", ls=":", lw=1)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(RANKS, [str(r) for r in RANKS])
+        ax.set(xlabel="subspace rank", ylabel="answer becomes the source's (% of test pairs)", ylim=(0, 100),
+               title=f"{model}: learned subspace (dotted: whole thought)")  # fmt: skip
+        ax.legend(fontsize=7, ncols=2)
+    table = pd.concat([t.assign(model=m) for m, t in frames.items()], ignore_index=True)
+    return Section("Learned-subspace interchange (DAS)", {"das": table}, {"das": fig})
+
+
+KIND = Kind(
+    "das",
+    DasParams,
+    measure,
+    section,
+    "a learned low-rank subspace of a thought interchanged from a counterfactual source: share of answers that follow",
+    measures=("accuracy",),
+    effect_unit="a share of pairs",
+    error_analysis=False,
+)

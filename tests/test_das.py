@@ -1,0 +1,108 @@
+"""Learned-subspace interchange (`harness/das.py`, the `das` kind, `PatchSubspace`)."""
+
+import numpy as np
+import pytest
+import torch
+
+from harness.cache import ResultCache
+from harness.claims import ClaimError, parse_claim
+from harness.das import fit_subspace, random_basis
+from harness.data import synthetic_split
+from harness.experiments import ModelRun
+from harness.interchange import clean_thoughts, interchange, interchange_pairs
+from harness.interventions import InterventionError
+from harness.kinds import das as das_kind
+from harness.runtime import answer_logprobs, encode_questions, run_latents
+from harness.specs import PatchSubspace, PatchThoughts
+
+TEST = synthetic_split("test")[:24]
+DISCOVERY = synthetic_split("discovery")[:24]
+
+
+def _pairs(problems):
+    indices, sources = interchange_pairs(problems, 0)
+    return [problems[i] for i in indices], sources
+
+
+def test_the_full_rank_subspace_is_the_whole_thought_interchange(load_model):
+    codi = load_model("tiny-gpt2")
+    bases, sources = _pairs(TEST)
+    q, _ = torch.linalg.qr(torch.randn(codi.lm.config.hidden_size, codi.lm.config.hidden_size))
+    whole, _ = interchange(codi, bases, sources, (2,), batch_size=8)
+    full, _ = interchange(codi, bases, sources, (2,), batch_size=8, basis=q.T)
+    assert [r.correct for r in full.records] == [r.correct for r in whole.records]
+    np.testing.assert_allclose([r.answer_logprob for r in full.records], [r.answer_logprob for r in whole.records],
+                               atol=1e-4)  # fmt: skip
+    half, _ = interchange(codi, bases, sources, (2,), batch_size=8, basis=q.T[:8])
+    assert [r.answer_logprob for r in half.records] != pytest.approx([r.answer_logprob for r in whole.records])
+
+
+@torch.no_grad()
+def _counterfactual_logprob(codi, bases, sources, thought, basis) -> float:
+    donor = clean_thoughts(codi, sources, 32)[:, thought]
+    batch = encode_questions(codi, [b.question for b in bases])
+    patch = lambda i, x: x + (donor.to(x) - x) @ basis.T @ basis if i == thought else x  # noqa: E731
+    state = run_latents(codi, batch, patch)
+    return float(answer_logprobs(codi, state, [str(int(s.answer)) for s in sources]).mean())
+
+
+def test_a_fitted_subspace_raises_the_counterfactual_above_a_random_one(load_model):
+    """The training objective moves: the learned rank-4 subspace gives the sources' answers a
+    higher log-probability than a random rank-4 subspace, and its rows are orthonormal."""
+    codi = load_model("tiny-llama")
+    bases, sources = _pairs(synthetic_split("discovery")[:48])
+    donor = clean_thoughts(codi, sources, 32)
+    basis = fit_subspace(codi, bases, sources, donor, thought=1, rank=4, steps=20)
+    torch.testing.assert_close(basis @ basis.T, torch.eye(4), atol=1e-5, rtol=0)
+    rand = random_basis(basis.shape[1], 4, torch.Generator().manual_seed(0))
+    learned = _counterfactual_logprob(codi, bases, sources, 1, basis)
+    assert learned > _counterfactual_logprob(codi, bases, sources, 1, rand) + 0.05
+    assert all(p.requires_grad for p in codi.parameters()), "the model's weights are handed back unfrozen"
+
+
+def test_subspaces_are_fitted_on_discovery_pairs_only(load_model, monkeypatch):
+    run = ModelRun(load_model("tiny-gpt2"), TEST, DISCOVERY, ResultCache(None), requested_batch_size=8)
+    seen = []
+
+    def spy(codi, bases, sources, donor, thought, rank, seed=0, progress=False):
+        seen.extend(p.id for p in bases)
+        return random_basis(donor.shape[-1], rank, torch.Generator().manual_seed(rank))
+
+    monkeypatch.setattr(das_kind, "fit_subspace", spy)
+    monkeypatch.setattr(das_kind, "RANKS", (1, 2))
+    claim = parse_claim({"id": "d", "phase": 3, "statement": "s", "metric": "das", "threshold": 50.0,
+                         "direction": "greater", "experiment": {"max_rank": 2, "n_random": 3}}, "t")  # fmt: skip
+    measured = das_kind.measure(claim.params, run, "accuracy")
+    assert seen and set(seen) <= {p.id for p in DISCOVERY} and not set(seen) & {p.id for p in TEST}
+    assert len(measured.null) == 3 and measured.details["rank"] in (1, 2)
+    assert {(r["thought"], r["rank"]) for r in measured.details["grid"]} == {
+        (f"CT{t}", r) for t in range(run.n_latent) for r in (1, 2)
+    }
+
+
+def test_a_subspace_spec_is_keyed_by_its_basis_and_acts_on_its_thought_only(load_model):
+    run = ModelRun(load_model("tiny-gpt2"), TEST, DISCOVERY, ResultCache(None), requested_batch_size=8)
+    d = run.codi.lm.config.hidden_size
+    a, b = (random_basis(d, 4, torch.Generator().manual_seed(s)) for s in (0, 1))
+    assert PatchSubspace("CT2", a, "zero").key() != PatchSubspace("CT2", b, "zero").key()
+    assert PatchSubspace("CT2", a.clone(), "zero") == PatchSubspace("CT2", a, "zero")
+    full = torch.eye(d)
+    zero_all = run.measure(PatchSubspace("CT2", full, "zero")).answer_logprob
+    np.testing.assert_allclose(zero_all, run.measure(PatchThoughts(("CT2",), "zero")).answer_logprob, atol=1e-4)
+    assert np.abs(run.measure(PatchSubspace("CT2", a, "mean")).answer_logprob - run.baseline.answer_logprob).max() > 0
+    with pytest.raises(InterventionError, match="orthonormal rows"):
+        PatchSubspace("CT2", torch.ones(2, d))
+    with pytest.raises(InterventionError, match="both patch CT2"):
+        PatchSubspace("CT2", a) + PatchThoughts(("CT2",), "zero")
+
+
+@pytest.mark.parametrize(
+    ("experiment", "message"),
+    [({"max_rank": 3}, "max_rank is one of 1, 2, 4, 8, 16"), ({"thought": "eot"}, "thought is CT<i> or best"),
+     ({"against_control": True, "n_random": 1}, "at least 2 with against_control")],
+)  # fmt: skip
+def test_das_claims_are_checked_at_load(experiment, message):
+    entry = {"id": "d", "phase": 3, "statement": "s", "metric": "das", "threshold": 50.0, "direction": "greater",
+             "experiment": experiment}  # fmt: skip
+    with pytest.raises(ClaimError, match=message):
+        parse_claim(entry, "t")
