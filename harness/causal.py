@@ -8,15 +8,23 @@ none of them.
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 
+from harness.arch import Head, attn_out_proj
 from harness.attribution import attribution_patching as estimate_drops
-from harness.data import data_hash
+from harness.codi import CODIModel, Pass
+from harness.data import data_hash, format_number
+from harness.evaluation import PrefixStore
+from harness.interventions import InterventionError
+from harness.positions import PositionMap
 from harness.progress import bar
+from harness.runtime import Batch, Prefix, answer_logprobs, encode_questions, run_latents
 from harness.specs import AblateHeads, Baseline
 
 if TYPE_CHECKING:
@@ -51,22 +59,243 @@ def attribution_patching(run: ModelRun) -> np.ndarray:
     return run.cached(key, "attribution patching (every head)", compute)
 
 
-def causal_ranking(run: ModelRun) -> pd.DataFrame:
+def causal_ranking(run: ModelRun, n_top: int = 3) -> pd.DataFrame:
     """Heads by their zero-ablation drop in answer log-probability at every thought on the
-    discovery split (the sweep's causal ranking, teacher-forced only), best first, with
-    `rank`, `layer`, `head`, `name`, `drop_logprob` (memoised)."""
+    discovery split, from a race (`race`) for the top `n_top`: those first, in the race's
+    order (the full sweep's top `n_top`, tested), then the rest by their drop on the problems
+    they were measured on. Columns `rank`, `layer`, `head`, `name`, `drop_logprob`, `problems`
+    (memoised)."""
 
     def compute() -> pd.DataFrame:
-        on = run.on_discovery()
-        base = on.answer_logprobs(Baseline())
-        heads = bar(on.every_head, desc=f"causal ranking {run.name}", disable=not run.progress)
-        rows = [
-            {"layer": h.layer, "head": h.head, "name": str(h),
-             "drop_logprob": float(np.mean(base - on.answer_logprobs(AblateHeads((h,), ("latent",), "zero"))))}
-            for h in heads
-        ]  # fmt: skip
-        df = pd.DataFrame(rows).sort_values(["drop_logprob", "layer", "head"], ascending=[False, True, True])
+        parts = components(run, "head")
+        n = min(n_top, len(parts) - 1)
+        result = race(run.on_discovery(), parts, n, "zero")
+        table = result.table.set_index("component")
+        order = [str(c) for c in result.top] + [c for c in table.index if c not in {str(t) for t in result.top}]
+        df = pd.DataFrame([{"layer": Head.parse(name).layer, "head": Head.parse(name).head, "name": name,
+                            "drop_logprob": table.drop_logprob[name], "problems": int(table.problems[name])}
+                           for name in order])  # fmt: skip
         df.insert(0, "rank", range(1, len(df) + 1))
-        return df.reset_index(drop=True)
+        return df
 
-    return run.remember("causal_ranking", compute)
+    return run.remember(("causal_ranking", n_top), compute)
+
+
+# --- stacked conditions: many single-component ablations in one batched pass ---------------
+
+MAX_STACKED_ROWS = 512  # problems x components per stacked pass
+
+
+@dataclass(frozen=True, order=True)
+class Component:
+    """What a sweep ablates alone: one head at every thought (`thought` None) or at one."""
+
+    head: Head
+    thought: int | None = None
+
+    def __str__(self) -> str:
+        return str(self.head) if self.thought is None else f"{self.head}@CT{self.thought}"
+
+    @property
+    def position(self) -> str:
+        return "latent" if self.thought is None else f"CT{self.thought}"
+
+    def spec(self, mode: str) -> AblateHeads:
+        """The ordinary condition this component's stacked slice equals."""
+        return AblateHeads((self.head,), (self.position,), mode)
+
+
+def components(run: ModelRun, resolution: str) -> list[Component]:
+    """Every head (`head`: ablated at every thought) or every head at every thought
+    (`head_thought`), in layer, head (, thought) order."""
+    if resolution == "head":
+        return [Component(h) for h in run.every_head]
+    if resolution == "head_thought":
+        return [Component(h, t) for h in run.every_head for t in range(run.n_latent)]
+    raise InterventionError(f"unknown resolution {resolution!r}; choose from head, head_thought")
+
+
+class StackedAblation:
+    """Context manager over a stacked batch (row r: problem r // C, component r % C): each
+    row's own component's head output replaced at its thoughts (zero, or `values[c]` [K, hd],
+    the component's mean output at each thought), through the pre-hook `HeadAblation` uses,
+    handed its pass."""
+
+    def __init__(
+        self,
+        codi: CODIModel,
+        parts: list[Component],
+        n_rows: int,
+        pmap: PositionMap,
+        values: list[torch.Tensor] | None = None,
+    ):
+        self.codi, self.pmap, self.mean = codi, pmap, values is not None
+        geo, n = codi.geometry, len(parts)
+        self.n_heads, self.head_dim = geo.n_heads, geo.head_dim
+        self.targets: dict[int, dict[int, tuple]] = {}  # layer -> thought -> (rows, heads, values [rows, hd])
+        for layer in sorted({c.head.layer for c in parts}):
+            for k in range(pmap.n_latent):
+                chosen = [i for i, c in enumerate(parts) if c.head.layer == layer and c.thought in (None, k)]
+                rows = [r for i in chosen for r in range(i, n_rows, n)]
+                if rows:
+                    heads = torch.tensor([parts[i].head.head for i in chosen for _ in range(i, n_rows, n)])
+                    vals = torch.stack([values[i][k] for i in chosen for _ in range(i, n_rows, n)]) if values else None
+                    self.targets.setdefault(layer, {})[k] = (torch.tensor(rows), heads, vals)
+        self._handles: list = []
+
+    def __enter__(self) -> StackedAblation:
+        for layer in self.targets:
+            hook = self.codi.handing(self._hook(layer))
+            self._handles.append(attn_out_proj(self.codi.lm, layer).register_forward_pre_hook(hook))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, layer: int):
+        def hook(step: Pass, module, args):
+            at = [(local, k) for local, k in step.local(self.pmap.latent) if k in self.targets[layer]]
+            if not at:
+                return None
+            x = args[0].clone()  # [B * C, T, H * hd]
+            view = x.view(x.shape[0], x.shape[1], self.n_heads, self.head_dim)
+            for local, k in at:
+                rows, heads, vals = self.targets[layer][k]
+                rows, heads = rows.to(x.device), heads.to(x.device)
+                view[rows, local, heads] = 0.0 if vals is None else vals.to(x)
+            return (x, *args[1:])
+
+        return hook
+
+
+def mean_values(run: ModelRun, part: Component) -> torch.Tensor:
+    """A component's mean output at each thought over the discovery split, [K, hd], reduced
+    exactly as its own mean-mode condition reduces it (rows of other thoughts unused)."""
+    outputs = run.head_outputs(tuple(run.every_head), ("latent",), "discovery")[part.head]  # [N, K, hd]
+    if part.thought is None:
+        return outputs.mean(0)
+    k = part.thought
+    return outputs[:, k : k + 1].contiguous().mean(0).expand(run.n_latent, -1)
+
+
+def _stack(batch: Batch, prefix: Prefix, n: int) -> tuple[Batch, Prefix]:
+    """Each row of a batch and its question pass repeated `n` times in place (row-major)."""
+    cache = copy.deepcopy(prefix.cache)
+    cache.batch_repeat_interleave(n)
+    lengths = [q for q in batch.question_lengths for _ in range(n)]
+    stacked = Batch(batch.input_ids.repeat_interleave(n, 0), batch.attention_mask.repeat_interleave(n, 0), lengths)
+    return stacked, Prefix(cache, prefix.hidden.repeat_interleave(n, 0))
+
+
+@torch.no_grad()
+def stacked_logprobs(run: ModelRun, parts: list[Component], mode: str = "zero") -> np.ndarray:
+    """Each component's ablation alone, teacher-forced over the run's problems: [C, N] gold-answer
+    log-probabilities, as `run.answer_logprobs(part.spec(mode))` gives them (the same batches;
+    equal per problem, tested). Several components share one pass: the question pass is run
+    once per batch and repeated for them."""
+    if mode not in ("zero", "mean"):
+        raise InterventionError(f"stacked ablations are zero or mean, not {mode!r}")
+    codi, problems, size = run.codi, run.problems, run.batch_size
+    values = [mean_values(run, part) for part in parts] if mode == "mean" else None
+    order = sorted(range(len(problems)), key=lambda i: len(problems[i].question))
+    out = np.zeros((len(parts), len(problems)))
+    per_stack = max(1, MAX_STACKED_ROWS // size)
+    prefixes = PrefixStore()
+    for start in range(0, len(order), size):
+        indices = order[start : start + size]
+        chunk = [problems[i] for i in indices]
+        batch = encode_questions(codi, [p.question for p in chunk])
+        prefix = prefixes.get(codi, batch, indices)
+        answers = [format_number(p.answer) for p in chunk]
+        for first in range(0, len(parts), per_stack):
+            group = parts[first : first + per_stack]
+            stacked, stacked_prefix = _stack(batch, prefix, len(group))
+            pmap = stacked.positions(codi.n_latent)
+            group_values = values[first : first + len(group)] if values else None
+            with StackedAblation(codi, group, len(stacked.question_lengths), pmap, group_values):
+                state = run_latents(codi, stacked, prefix=stacked_prefix)
+                logprobs = answer_logprobs(codi, state, [a for a in answers for _ in group])  # [B * C]
+            out[first : first + len(group), indices] = logprobs.view(len(chunk), len(group)).T.numpy()
+    return out
+
+
+def stacked(run: ModelRun, parts: list[Component], mode: str = "zero") -> np.ndarray:
+    """`stacked_logprobs` through the run's cache: [C, N]. Each component's row is stored under
+    the key of its own condition's answer log-probabilities (`run.answer_logprobs(part.spec(mode))`),
+    which it equals: the stacked sweep, a single-head claim and the unstacked sweep share entries."""
+    keys = [run.spec_key(part.spec(mode), part="answer_logprob") for part in parts]
+    missing = [part for part, key in zip(parts, keys) if key not in run.cache]
+    computed = dict(zip(missing, stacked_logprobs(run, missing, mode))) if missing else {}
+    what = f"{len(missing)} stacked ablations ({mode})"
+    rows = [run.cached(key, what, lambda part=part: computed[part]) for part, key in zip(parts, keys)]
+    return np.stack(rows)
+
+
+# --- racing: the sweep's top components at a fraction of its problem-conditions --------------
+
+RACE_FIRST = 50  # problems every component is measured on before any leaves
+RACE_Z = 3.0  # half-width of a component's interval, in standard errors of its mean drop
+
+
+@dataclass
+class Race:
+    """A racing sweep's outcome: every component's mean drop in answer log-probability on the
+    problems it was measured on (its interval, how many), the top components, whether they
+    were separated from the rest before the problems ran out, and the problem-conditions spent."""
+
+    table: pd.DataFrame  # component, head, position, drop_logprob, ci_low, ci_high, problems (best first)
+    top: list[Component]
+    separated: bool
+
+    @property
+    def problem_conditions(self) -> int:
+        return int(self.table.problems.sum())
+
+
+def race(run: ModelRun, parts: list[Component], n_top: int = 3, mode: str = "zero", first: int = RACE_FIRST) -> Race:
+    """Successive halving over `run.problems` (call it on `run.on_discovery()`): every component
+    on the first `first` problems, then twice as many each round for those still in the race.
+    A component leaves when its interval's upper end falls below the lower end of the
+    `n_top`-th best's; the race ends when the top `n_top` are separated from all others (each
+    lower end above every other upper end) or the problems run out (`separated` False: the top
+    is then the order of the means). Intervals: mean +- RACE_Z standard errors of the per-problem
+    drops, so one leaves only far from the cut."""
+    if not 1 <= n_top < len(parts):
+        raise InterventionError(f"a race needs more components ({len(parts)}) than places ({n_top})")
+    drops: dict[Component, list[np.ndarray]] = {part: [] for part in parts}
+    alive, done, size = list(parts), 0, first
+    while True:
+        chunk = run.problems[done:size]
+        sub = type(run)(run.model, chunk, run.discovery, run.cache, run.requested_batch_size, run.seed,
+                        progress=False, on_measured=run.on_measured)  # fmt: skip
+        base = sub.answer_logprobs(Baseline())
+        for part, values in zip(alive, stacked(sub, alive, mode)):
+            drops[part].append(base - values)
+        done = min(size, len(run.problems))
+        stats = _intervals({part: np.concatenate(drops[part]) for part in alive})
+        ranked = sorted(alive, key=lambda part: -stats[part][0])
+        cut = sorted((stats[part][1] for part in alive), reverse=True)[n_top - 1]  # n-th best lower end
+        alive = [part for part in ranked if stats[part][2] >= cut]
+        top, rest = ranked[:n_top], ranked[n_top:]
+        separated = all(stats[t][1] > stats[r][2] for t in top for r in rest if r in alive)
+        if separated or done >= len(run.problems):
+            break
+        size = min(2 * size, len(run.problems))
+    rows = []
+    for part in parts:
+        values = np.concatenate(drops[part])
+        mean, low, high = _intervals({part: values})[part]
+        rows.append({"component": str(part), "head": str(part.head), "position": part.position,
+                     "drop_logprob": mean, "ci_low": low, "ci_high": high, "problems": len(values)})  # fmt: skip
+    table = pd.DataFrame(rows).sort_values(["problems", "drop_logprob"], ascending=False, kind="stable")
+    return Race(table.reset_index(drop=True), top, separated)
+
+
+def _intervals(drops: dict[Component, np.ndarray]) -> dict[Component, tuple[float, float, float]]:
+    out = {}
+    for part, x in drops.items():
+        half = RACE_Z * float(x.std(ddof=1)) / np.sqrt(len(x)) if len(x) > 1 else np.inf
+        out[part] = (float(x.mean()), float(x.mean()) - half, float(x.mean()) + half)
+    return out

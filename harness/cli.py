@@ -127,7 +127,72 @@ def _sweep(args: argparse.Namespace) -> int:
     cache = ResultCache(None if args.no_cache else args.cache_dir)  # --no-cache: in memory, computed once
     model = resolve(args.model, args.base, device=args.device, cache=cache)
     run = ModelRun(model, problems, discovery, cache, args.batch_size, progress=not args.json)
+    if args.racing or args.resolution != "head":
+        return _report_components(run.on_discovery(), args)
     return _report_sweep(run, args)
+
+
+def _conditions_per_second(run: ModelRun, mode: str, sample: int = 4) -> tuple[float, float]:
+    """Teacher-forced single-head conditions per second on the run's problems: stacked (every
+    head) and one at a time (the first `sample` heads), neither read from the cache."""
+    import time
+
+    from harness.causal import components, stacked_logprobs
+    from harness.evaluation import teacher_forced
+    from harness.specs import installer
+
+    parts = components(run, "head")
+    start = time.perf_counter()
+    stacked_logprobs(run, parts, mode)
+    stacked = len(parts) / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for part in parts[:sample]:
+        teacher_forced(run.codi, run.problems, run.batch_size, installer(part.spec(mode), run))
+    return stacked, sample / (time.perf_counter() - start)
+
+
+def _report_components(run: ModelRun, args: argparse.Namespace) -> int:
+    """The discovery split's sweep at `--resolution`, all of it or raced (`--racing`): each
+    component's drop in answer log-probability, teacher-forced, stacked."""
+    import time
+
+    import pandas as pd
+
+    from harness.causal import components, race, stacked
+    from harness.specs import Baseline
+
+    parts = components(run, args.resolution)
+    start = time.perf_counter()
+    if args.racing:
+        result = race(run, parts, args.n_top, args.mode)
+        table, top, separated = result.table, result.top, result.separated
+    else:
+        drops = run.answer_logprobs(Baseline())[None] - stacked(run, parts, args.mode)  # [C, N]
+        table = pd.DataFrame({"component": [str(c) for c in parts], "head": [str(c.head) for c in parts],
+                              "position": [c.position for c in parts], "drop_logprob": drops.mean(1),
+                              "problems": drops.shape[1]})  # fmt: skip
+        table = table.sort_values("drop_logprob", ascending=False, kind="stable").reset_index(drop=True)
+        by_name = {str(c): c for c in parts}
+        top, separated = [by_name[c] for c in table.component[: args.n_top]], None
+    seconds = time.perf_counter() - start
+    rows = [
+        {"head": r.head, "position": r.position, "ablation_drop_logprob": r.drop_logprob, "problems": int(r.problems)}
+        for r in table.itertuples()
+    ]
+    out = {"model": run.name, "split": "discovery", "n_problems": len(run.problems), "mode": args.mode,
+           "resolution": args.resolution, "racing": args.racing, "rows": rows, "top": [str(c) for c in top],
+           "separated": separated, "problem_conditions": int(table.problems.sum()),
+           "seconds": round(seconds, 2)}  # fmt: skip
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    kind = "racing" if args.racing else "full"
+    print(f"model {run.name}: {len(parts)} components ({args.resolution}, {args.mode}), {kind} sweep on "
+          f"{len(run.problems)} discovery problems: {out['problem_conditions']} problem-conditions, "
+          f"{seconds:.1f} s")  # fmt: skip
+    print(table.head(args.top).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    print(f"top {args.n_top}: {', '.join(out['top'])}" + ("" if separated is None else f" (separated: {separated})"))
+    return 0
 
 
 def _report_sweep(run: ModelRun, args: argparse.Namespace) -> int:
@@ -150,12 +215,15 @@ def _report_sweep(run: ModelRun, args: argparse.Namespace) -> int:
     computed = len(run._computed) - before  # results computed while timed (0: the timings are cache reads)
     table = sweep_table(run, args.mode)
     rho = float(spearmanr(table.attribution, table.ablation_drop_logprob).statistic)
+    stacked_cps, unstacked_cps = _conditions_per_second(run, args.mode)
     if args.json:
         heads = table[["head", "ablation_drop", "ablation_drop_logprob", "attribution"]].to_dict(orient="records")
         print(json.dumps({"model": run.name, "n_problems": len(run.problems), "mode": args.mode,
                           "baseline_accuracy": baseline_accuracy, "heads": heads,
                           "spearman": rho, "seconds_ablation": round(seconds_ablation, 2),
-                          "seconds_attribution": round(seconds_attribution, 2), "computed": computed}))  # fmt: skip
+                          "seconds_attribution": round(seconds_attribution, 2), "computed": computed,
+                          "conditions_per_second": round(stacked_cps, 2),
+                          "conditions_per_second_unstacked": round(unstacked_cps, 2)}))  # fmt: skip
         return 0
     print(f"model {run.name}: {len(run.problems)} problems (baseline accuracy {baseline_accuracy:.1f}%), "
           f"every head alone {args.mode}-ablated at every thought")  # fmt: skip
@@ -165,6 +233,8 @@ def _report_sweep(run: ModelRun, args: argparse.Namespace) -> int:
     ratio = seconds_ablation / max(seconds_attribution, 1e-9)
     print(f"Spearman (attribution vs ablation log-prob drop, {len(table)} heads): {rho:.3f}")
     print(f"ablation sweep {seconds_ablation:.1f} s, attribution patching {seconds_attribution:.1f} s ({ratio:.0f}x)")
+    print(f"teacher-forced single-head conditions per second: {stacked_cps:.1f} stacked, "
+          f"{unstacked_cps:.1f} one at a time")  # fmt: skip
     if computed == 0:
         print("(every result came from the cache: the timings are reads; --no-cache times the computation)")
     return 0
@@ -251,6 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--cache-dir", default=str(DEFAULT_DIR), help="result cache directory (shared with the suite)")
     sw.add_argument("--no-cache", action="store_true", help="recompute everything (honest timings)")
     sw.add_argument("--json", action="store_true", help="print one JSON object")
+    sw.add_argument("--resolution", choices=["head", "head_thought"], default="head",
+                    help="head (ablated at every thought, default) or head_thought (one head at one thought): "
+                    "anything but head runs the teacher-forced sweep on the discovery split")  # fmt: skip
+    sw.add_argument("--racing", action="store_true", help="race the components on the discovery split (see docs)")
+    sw.add_argument("--n-top", type=int, default=3, help="components the race separates (default 3)")
     sw.set_defaults(func=_sweep)
     cl = sub.add_parser("claims", help="validate the claims registry and list every claim with its parameters")
     cl.add_argument("--registry", default=str(REGISTRY_DEFAULT), help="default hypotheses/claims.toml")

@@ -341,7 +341,7 @@ class ModelRun:
         if self.heads:
             return self.heads[:n_heads], "--heads"
         if ranking == "causal":
-            return top_heads(causal_ranking(self), n_heads), "causal ranking"
+            return top_heads(causal_ranking(self, n_heads), n_heads), "causal ranking"
         return top_heads(self.ranking, n_heads), "ranking"
 
     def on_discovery(self) -> ModelRun:

@@ -98,13 +98,15 @@ def interchange(
     batch_size: int = 128,
     progress: bool = False,
     basis: torch.Tensor | None = None,
+    donor: torch.Tensor | None = None,
 ) -> tuple[EvalResult, list[bool]]:
     """Each base run with its thoughts `thoughts` (indices) taken from its source (with a
     `basis` [r, d] of orthonormal rows: only the thoughts' coordinates in its row space, the
     learned-subspace interchange of `harness.das`): records scored against the *source's*
     answer (correct = counterfactual; answer_logprob = the counterfactual answer's), and
-    whether each prediction is the base answer."""
-    donor = clean_thoughts(codi, sources, batch_size)  # [N, K, d]
+    whether each prediction is the base answer. `donor`: the sources' clean thoughts [N, K, d],
+    when they are already computed."""
+    donor = clean_thoughts(codi, sources, batch_size) if donor is None else donor  # [N, K, d]
 
     def swap(rows: torch.Tensor, i: int, thought: torch.Tensor) -> torch.Tensor:
         source = rows[:, i].to(thought)  # [B, d]

@@ -141,8 +141,7 @@ def test_the_causal_ranking_is_the_discovery_sweep_and_feeds_head_claims(load_mo
     np.testing.assert_array_equal(on_discovery.answer_logprobs(spec), measured.answer_logprob)
     drops = {str(h): np.mean(on_discovery.baseline.answer_logprob - on_discovery.answer_logprobs(
         AblateHeads((h,), ("latent",), "zero"))) for h in run.every_head}  # fmt: skip
-    assert ranked.drop_logprob.iloc[0] == pytest.approx(max(drops.values()))
-    best = sorted(drops, key=lambda h: -drops[h])[:3]
+    best = sorted(drops, key=lambda h: -drops[h])[:3]  # the full sweep's top 3
     assert list(ranked.name[:3]) == best
     heads, source = run.heads_for((), 3, "causal")
     assert [str(h) for h in heads] == best and source == "causal ranking"

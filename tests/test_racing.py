@@ -1,0 +1,103 @@
+"""Stacked sweep conditions and the racing sweep (`harness/causal.py`)."""
+
+import numpy as np
+import pytest
+
+from harness import causal
+from harness.arch import Head
+from harness.cache import ResultCache
+from harness.causal import Component, components, race, stacked, stacked_logprobs
+from harness.data import Problem, synthetic_split
+from harness.experiments import ModelRun
+from harness.interventions import InterventionError
+
+TEST = synthetic_split("test")[:10]
+DISCOVERY = synthetic_split("discovery")[:6]
+
+
+@pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-llama"])
+@pytest.mark.parametrize("mode", ["zero", "mean"])
+def test_a_stacked_condition_equals_the_same_condition_alone(load_model, model, mode):
+    """Per problem and bit for bit: head and head-by-thought components, several batches and stacks."""
+    run = ModelRun(load_model(model), TEST, DISCOVERY, ResultCache(None), requested_batch_size=4)
+    parts = [Component(Head(0, 1)), Component(Head(3, 5)), Component(Head(1, 2), 0), Component(Head(1, 2), 4),
+             Component(Head(2, 7), 5)]  # fmt: skip
+    causal.MAX_STACKED_ROWS, previous = 8, causal.MAX_STACKED_ROWS  # two components per stack
+    try:
+        together = stacked_logprobs(run, parts, mode)
+    finally:
+        causal.MAX_STACKED_ROWS = previous
+    for part, row in zip(parts, together):
+        alone = run.answer_logprobs(part.spec(mode))
+        np.testing.assert_array_equal(row, alone, err_msg=str(part))
+    assert np.abs(together[0] - together[1]).max() > 1e-4, "each slice ablates its own head"
+
+
+def test_stacked_results_share_the_single_conditions_cache_entries(load_model):
+    run = ModelRun(load_model("tiny-gpt2"), TEST, DISCOVERY, ResultCache(None), requested_batch_size=5)
+    parts = components(run, "head_thought")[:7]
+    first = stacked(run, parts, "zero")
+    assert len(run._computed) == 7 and run._computed[0] == "7 stacked ablations (zero)"
+    np.testing.assert_array_equal(run.answer_logprobs(parts[3].spec("zero")), first[3])
+    assert len(run._computed) == 7, "the single condition is read from the stacked entry"
+    assert str(parts[0]) == "L0H0@CT0" and parts[0].position == "CT0" and len(components(run, "head")) == 32
+
+
+class FakeRun:
+    """A run whose components' drops are given per problem id: what `race` reads of a run."""
+
+    drops: dict[Component, dict[str, float]] = {}
+    seen: list[str] = []
+
+    def __init__(self, model, problems, discovery, cache, batch_size=None, seed=0, progress=False, on_measured=None):
+        self.model, self.problems, self.discovery, self.cache = model, problems, discovery, cache
+        self.requested_batch_size, self.seed, self.on_measured = batch_size, seed, on_measured
+
+    def answer_logprobs(self, spec) -> np.ndarray:
+        FakeRun.seen.extend(p.id for p in self.problems)
+        return np.zeros(len(self.problems))
+
+
+def _fake(monkeypatch, means: list[float], n: int, sd: float = 0.3):
+    rng = np.random.default_rng(0)
+    parts = [Component(Head(0, k)) for k in range(len(means))]
+    problems = [Problem(f"p{i}", "q", "", 1.0, 1) for i in range(n)]
+    FakeRun.drops = {c: {p.id: m + sd * rng.standard_normal() for p in problems} for c, m in zip(parts, means)}
+    FakeRun.seen = []
+    monkeypatch.setattr(causal, "stacked", lambda run, alive, mode: -np.array(
+        [[FakeRun.drops[c][p.id] for p in run.problems] for c in alive]))  # fmt: skip
+    return FakeRun(None, problems, [], None), parts
+
+
+def test_racing_finds_the_full_sweeps_top_on_a_separable_case_with_fewer_problems(monkeypatch):
+    run, parts = _fake(monkeypatch, [1.0, 0.8, 0.6] + [0.0] * 17, n=800)
+    result = race(run, parts, n_top=3)
+    full = sorted(parts, key=lambda c: -np.mean(list(FakeRun.drops[c].values())))[:3]
+    assert result.top == full == parts[:3] and result.separated
+    assert result.problem_conditions <= 0.4 * len(parts) * 800
+    assert (result.table.problems[3:] < 800).all() and result.table.problems.min() == 50
+
+
+def test_racing_says_so_when_the_top_cannot_be_separated(monkeypatch):
+    run, parts = _fake(monkeypatch, [1.0, 0.5, 0.5] + [0.0] * 5, n=200)
+    result = race(run, parts, n_top=2)
+    assert not result.separated
+    assert (result.table.set_index("component").problems[["L0H0", "L0H1", "L0H2"]] == 200).all()
+    with pytest.raises(InterventionError, match="more components"):
+        race(run, parts[:2], n_top=2)
+
+
+def test_the_causal_ranking_races_on_the_discovery_split_only(monkeypatch, load_model):
+    FakeRun.seen = []
+    seen = []
+    original = causal.stacked
+
+    def spy(run, alive, mode):
+        seen.extend(p.id for p in run.problems)
+        return original(run, alive, mode)
+
+    monkeypatch.setattr(causal, "stacked", spy)
+    run = ModelRun(load_model("tiny-gpt2"), TEST, DISCOVERY, ResultCache(None), requested_batch_size=8)
+    ranked = causal.causal_ranking(run, 3)
+    assert seen and set(seen) <= {p.id for p in DISCOVERY} and not set(seen) & {p.id for p in TEST}
+    assert list(ranked["rank"]) == list(range(1, 33)) and set(ranked.problems) == {len(DISCOVERY)}
