@@ -193,8 +193,8 @@ def _stack(batch: Batch, prefix: Prefix, n: int) -> tuple[Batch, Prefix]:
 def stacked_logprobs(run: ModelRun, parts: list[Component], mode: str = "zero") -> np.ndarray:
     """Each component's ablation alone, teacher-forced over the run's problems: [C, N] gold-answer
     log-probabilities, as `run.answer_logprobs(part.spec(mode))` gives them (the same batches;
-    equal per problem, tested). Several components share one pass: the question pass is run
-    once per batch and repeated for them."""
+    equal per problem to within 1e-5 nats, tested). Several components share one pass: the
+    question pass is run once per batch and repeated for them."""
     if mode not in ("zero", "mean"):
         raise InterventionError(f"stacked ablations are zero or mean, not {mode!r}")
     codi, problems, size = run.codi, run.problems, run.batch_size
@@ -222,10 +222,10 @@ def stacked_logprobs(run: ModelRun, parts: list[Component], mode: str = "zero") 
 
 
 def stacked(run: ModelRun, parts: list[Component], mode: str = "zero") -> np.ndarray:
-    """`stacked_logprobs` through the run's cache: [C, N]. Each component's row is stored under
-    the key of its own condition's answer log-probabilities (`run.answer_logprobs(part.spec(mode))`),
-    which it equals: the stacked sweep, a single-head claim and the unstacked sweep share entries."""
-    keys = [run.spec_key(part.spec(mode), part="answer_logprob") for part in parts]
+    """`stacked_logprobs` through the run's cache: [C, N], one entry per component. Not the
+    entry of the component's own condition: a stacked pass equals it to within about 1e-6
+    nats, bit for bit only at some batch shapes (matrix products round by batch size)."""
+    keys = [run.spec_key(part.spec(mode), part="answer_logprob_stacked") for part in parts]
     missing = [part for part, key in zip(parts, keys) if key not in run.cache]
     computed = dict(zip(missing, stacked_logprobs(run, missing, mode))) if missing else {}
     what = f"{len(missing)} stacked ablations ({mode})"
@@ -235,7 +235,8 @@ def stacked(run: ModelRun, parts: list[Component], mode: str = "zero") -> np.nda
 
 # --- racing: the sweep's top components at a fraction of its problem-conditions --------------
 
-RACE_FIRST = 50  # problems every component is measured on before any leaves
+RACE_FIRST = 30  # problems every component is measured on before any leaves
+RACE_GROWTH = 1.5  # each round measures the remaining components on this many times the problems so far
 RACE_Z = 3.0  # half-width of a component's interval, in standard errors of its mean drop
 
 
@@ -256,12 +257,12 @@ class Race:
 
 def race(run: ModelRun, parts: list[Component], n_top: int = 3, mode: str = "zero", first: int = RACE_FIRST) -> Race:
     """Successive halving over `run.problems` (call it on `run.on_discovery()`): every component
-    on the first `first` problems, then twice as many each round for those still in the race.
-    A component leaves when its interval's upper end falls below the lower end of the
-    `n_top`-th best's; the race ends when the top `n_top` are separated from all others (each
-    lower end above every other upper end) or the problems run out (`separated` False: the top
-    is then the order of the means). Intervals: mean +- RACE_Z standard errors of the per-problem
-    drops, so one leaves only far from the cut."""
+    on the first `first` problems, then RACE_GROWTH times as many each round for those still in the race
+    (all of them on the same problems). A component leaves when its drop is below the
+    `n_top`-th best's by more than RACE_Z standard errors of their paired per-problem
+    difference (so one leaves only far from the cut); the race ends when every component left
+    outside the top `n_top` is so (`separated`) or the problems run out (`separated` False:
+    the top is then the order of the means)."""
     if not 1 <= n_top < len(parts):
         raise InterventionError(f"a race needs more components ({len(parts)}) than places ({n_top})")
     drops: dict[Component, list[np.ndarray]] = {part: [] for part in parts}
@@ -274,28 +275,33 @@ def race(run: ModelRun, parts: list[Component], n_top: int = 3, mode: str = "zer
         for part, values in zip(alive, stacked(sub, alive, mode)):
             drops[part].append(base - values)
         done = min(size, len(run.problems))
-        stats = _intervals({part: np.concatenate(drops[part]) for part in alive})
-        ranked = sorted(alive, key=lambda part: -stats[part][0])
-        cut = sorted((stats[part][1] for part in alive), reverse=True)[n_top - 1]  # n-th best lower end
-        alive = [part for part in ranked if stats[part][2] >= cut]
-        top, rest = ranked[:n_top], ranked[n_top:]
-        separated = all(stats[t][1] > stats[r][2] for t in top for r in rest if r in alive)
+        so_far = {part: np.concatenate(drops[part]) for part in alive}
+        ranked = sorted(alive, key=lambda part: -so_far[part].mean())
+        top, cut = ranked[:n_top], so_far[ranked[n_top - 1]]
+        behind = {part: _paired_upper(so_far[part] - cut) < 0 for part in ranked[n_top:]}  # can no longer reach it
+        alive = top + [part for part in ranked[n_top:] if not behind[part]]
+        separated = all(behind.values())
         if separated or done >= len(run.problems):
             break
-        size = min(2 * size, len(run.problems))
+        size = min(int(RACE_GROWTH * size), len(run.problems))
     rows = []
     for part in parts:
         values = np.concatenate(drops[part])
-        mean, low, high = _intervals({part: values})[part]
+        mean, low, high = _interval(values)
         rows.append({"component": str(part), "head": str(part.head), "position": part.position,
                      "drop_logprob": mean, "ci_low": low, "ci_high": high, "problems": len(values)})  # fmt: skip
     table = pd.DataFrame(rows).sort_values(["problems", "drop_logprob"], ascending=False, kind="stable")
     return Race(table.reset_index(drop=True), top, separated)
 
 
-def _intervals(drops: dict[Component, np.ndarray]) -> dict[Component, tuple[float, float, float]]:
-    out = {}
-    for part, x in drops.items():
-        half = RACE_Z * float(x.std(ddof=1)) / np.sqrt(len(x)) if len(x) > 1 else np.inf
-        out[part] = (float(x.mean()), float(x.mean()) - half, float(x.mean()) + half)
-    return out
+def _paired_upper(difference: np.ndarray) -> float:
+    """The upper end of a paired per-problem difference's interval: mean + RACE_Z standard errors."""
+    if len(difference) < 2:
+        return np.inf
+    return float(difference.mean() + RACE_Z * difference.std(ddof=1) / np.sqrt(len(difference)))
+
+
+def _interval(x: np.ndarray) -> tuple[float, float, float]:
+    """A component's mean drop and its interval (mean +- RACE_Z standard errors)."""
+    half = RACE_Z * float(x.std(ddof=1)) / np.sqrt(len(x)) if len(x) > 1 else np.inf
+    return float(x.mean()), float(x.mean()) - half, float(x.mean()) + half

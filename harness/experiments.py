@@ -168,10 +168,12 @@ class ModelRun:
         return content_key(model=self.fingerprint, data=data_hash(self.split(split)), decoding=self.decoding, spec=spec)
 
     def spec_key(self, spec: Spec, **part) -> str:
-        """The cache key of one condition: its fields, and the seed when it is randomised (noise
-        and resample draws come from the seed: another `--seed` is another computation)."""
+        """The cache key of one condition: its fields; the seed when it is randomised (noise and
+        resample draws come from the seed: another `--seed` is another computation); the
+        discovery split when its values come from there (mean modes)."""
         seeded = {"seed": self.seed} if spec.randomised else {}
-        return self.key(**spec.key(), **seeded, **part)
+        means = {"discovery": data_hash(self.discovery)} if spec.reads_discovery else {}
+        return self.key(**spec.key(), **seeded, **means, **part)
 
     def cached(self, key: str, what: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
         """The cached array under `key`, else `compute()` stored; each one announced to

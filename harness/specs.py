@@ -93,6 +93,12 @@ class Spec:
 
     randomised = False  # a `draw` field picks one of several independent draws
 
+    @property
+    def reads_discovery(self) -> bool:
+        """Whether its values come from the discovery split (mean modes): the split is then
+        part of its cache key."""
+        return any(getattr(part, "mode", None) == "mean" for part in self.parts())
+
     def key(self) -> dict:
         """The cache key: the spec's type and every field (heads as names)."""
         return {

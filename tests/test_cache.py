@@ -16,6 +16,7 @@ from harness import cache as cache_module
 from harness.cache import ResultCache, content_key
 from harness.data import synthetic_split
 from harness.experiments import ModelRun
+from harness.specs import AblateHeads, PatchPath, PatchThoughts
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -204,3 +205,29 @@ def test_without_a_directory_each_key_is_computed_once_in_memory(tmp_path, monke
     assert cache.get_or_compute("k", compute).tolist() == [1.0, 1.0] and "k" in cache
     assert (len(calls), cache.misses, cache.hits) == (1, 1, 1) and "j" not in cache
     assert not list(tmp_path.iterdir()), "nothing written to disk"
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        AblateHeads(("L1H2",), ("latent",), "mean"),
+        PatchThoughts(("CT2",), "mean"),
+        PatchPath("CT1", ("answer",), "mean"),
+        AblateHeads(("L0H3",), ("CT1",), "zero") + PatchThoughts(("CT4",), "mean"),
+    ],
+    ids=["heads", "thought", "path", "composed"],
+)
+def test_a_mean_condition_is_keyed_by_the_discovery_split_it_averages(load_model, tmp_path, spec):
+    """Same test problems, another discovery split: a mean-mode condition is computed again (its
+    values differ), where a zero-mode one is read from the cache."""
+    test, cache = synthetic_split("test")[:12], ResultCache(tmp_path)
+    first, second = (ModelRun(load_model("tiny-gpt2"), test, split, cache, requested_batch_size=12)
+                     for split in (synthetic_split("discovery")[:10], synthetic_split("discovery")[10:20]))  # fmt: skip
+    a, b = first.answer_logprobs(spec), second.answer_logprobs(spec)
+    assert second._computed, "the second discovery split's means were computed, not read"
+    assert np.abs(a - b).max() > 1e-6
+    zero = AblateHeads(("L1H2",), ("latent",), "zero")
+    first.answer_logprobs(zero)
+    computed = len(second._computed)
+    second.answer_logprobs(zero)
+    assert len(second._computed) == computed, "a zero ablation reads nothing from the discovery split: shared"

@@ -18,7 +18,8 @@ DISCOVERY = synthetic_split("discovery")[:6]
 @pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-llama"])
 @pytest.mark.parametrize("mode", ["zero", "mean"])
 def test_a_stacked_condition_equals_the_same_condition_alone(load_model, model, mode):
-    """Per problem and bit for bit: head and head-by-thought components, several batches and stacks."""
+    """Per problem (to 1e-5 nats: a batched product may round differently by batch size; at the
+    default sizes it is bit for bit): head and head-by-thought components, batches and stacks."""
     run = ModelRun(load_model(model), TEST, DISCOVERY, ResultCache(None), requested_batch_size=4)
     parts = [Component(Head(0, 1)), Component(Head(3, 5)), Component(Head(1, 2), 0), Component(Head(1, 2), 4),
              Component(Head(2, 7), 5)]  # fmt: skip
@@ -29,17 +30,17 @@ def test_a_stacked_condition_equals_the_same_condition_alone(load_model, model, 
         causal.MAX_STACKED_ROWS = previous
     for part, row in zip(parts, together):
         alone = run.answer_logprobs(part.spec(mode))
-        np.testing.assert_array_equal(row, alone, err_msg=str(part))
+        np.testing.assert_allclose(row, alone, rtol=0, atol=1e-5, err_msg=str(part))
     assert np.abs(together[0] - together[1]).max() > 1e-4, "each slice ablates its own head"
 
 
-def test_stacked_results_share_the_single_conditions_cache_entries(load_model):
+def test_stacked_results_are_cached_per_component(load_model):
     run = ModelRun(load_model("tiny-gpt2"), TEST, DISCOVERY, ResultCache(None), requested_batch_size=5)
     parts = components(run, "head_thought")[:7]
     first = stacked(run, parts, "zero")
     assert len(run._computed) == 7 and run._computed[0] == "7 stacked ablations (zero)"
-    np.testing.assert_array_equal(run.answer_logprobs(parts[3].spec("zero")), first[3])
-    assert len(run._computed) == 7, "the single condition is read from the stacked entry"
+    np.testing.assert_array_equal(stacked(run, parts[2:5], "zero"), first[2:5])
+    assert len(run._computed) == 7, "read back, not recomputed"
     assert str(parts[0]) == "L0H0@CT0" and parts[0].position == "CT0" and len(components(run, "head")) == 32
 
 
@@ -75,7 +76,7 @@ def test_racing_finds_the_full_sweeps_top_on_a_separable_case_with_fewer_problem
     full = sorted(parts, key=lambda c: -np.mean(list(FakeRun.drops[c].values())))[:3]
     assert result.top == full == parts[:3] and result.separated
     assert result.problem_conditions <= 0.4 * len(parts) * 800
-    assert (result.table.problems[3:] < 800).all() and result.table.problems.min() == 50
+    assert (result.table.problems[3:] < 800).all() and result.table.problems.min() == causal.RACE_FIRST
 
 
 def test_racing_says_so_when_the_top_cannot_be_separated(monkeypatch):
