@@ -41,9 +41,9 @@ def measure(name: str, sample: int) -> dict:
         start = time.perf_counter()
         result = race(fresh, parts, 3, mode)
         seconds_race = time.perf_counter() - start
-        full_conditions = len(parts) * len(run.problems)
+        full_conditions, race_top = len(parts) * len(run.problems), [str(c) for c in result.top]
         out["modes"][mode] = {
-            "full_top": full_top, "race_top": [str(c) for c in result.top], "same_top": full_top == [str(c) for c in result.top],
+            "full_top": full_top, "race_top": race_top, "same_top": full_top == race_top,
             "separated": result.separated, "race_problem_conditions": result.problem_conditions,
             "full_problem_conditions": full_conditions, "share": round(result.problem_conditions / full_conditions, 3),
             "seconds_full": round(seconds_full, 1), "seconds_race": round(seconds_race, 1),
