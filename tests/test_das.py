@@ -64,7 +64,7 @@ def test_subspaces_are_fitted_on_discovery_pairs_only(load_model, monkeypatch):
     run = ModelRun(load_model("tiny-gpt2"), TEST, DISCOVERY, ResultCache(None), requested_batch_size=8)
     seen = []
 
-    def spy(codi, bases, sources, donor, thought, rank, seed=0, progress=False):
+    def spy(codi, bases, sources, donor, thought, rank, seed=0, steps=60, progress=False):
         seen.extend(p.id for p in bases)
         return random_basis(donor.shape[-1], rank, torch.Generator().manual_seed(rank))
 

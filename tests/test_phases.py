@@ -15,7 +15,7 @@ from harness.report import read_claims
 from harness.tiers import assign_tiers, tier_sizes
 
 ROOT = Path(__file__).resolve().parent.parent
-LATE = [c.id for c in load_registry() if c.phase > 1]
+LATE = [c.id for c in load_registry() if c.phase > 1 and c.metric != "das"]  # das: its own test (it trains)
 
 
 def test_a_probe_finds_a_planted_signal_and_the_control_task_does_not():
@@ -98,7 +98,8 @@ def test_the_gate_skips_phase2_with_the_reason_and_no_gates_runs_it(pytester, tm
 
 
 def test_late_phases_end_to_end(pytester, tmp_path, suite_args):
-    result = _late(pytester, suite_args, tmp_path, "late", "-k", "phase2 or phase3 or phase4", "--no-gates")
+    late = "(phase2 or phase3 or phase4) and not das"
+    result = _late(pytester, suite_args, tmp_path, "late", "-k", late, "--no-gates")
     assert result.ret in (0, 1)
     rows = read_claims(tmp_path / "late")["claims"]
     assert sorted((r["id"], r["model"]) for r in rows) == sorted(
@@ -123,6 +124,23 @@ def test_late_phases_end_to_end(pytester, tmp_path, suite_args):
     for title in ("(2.1)", "(2.2)", "(3.1)", "(3.2)", "(4.1)"):
         assert title in summary
 
-    warm = _late(pytester, suite_args, tmp_path, "warm", "-k", "phase2 or phase3 or phase4", "--no-gates")
+    warm = _late(pytester, suite_args, tmp_path, "warm", "-k", late, "--no-gates")
     warm.stdout.fnmatch_lines(["models loaded: none (every result was in the cache)"])
     assert read_claims(tmp_path / "warm")["claims"] == rows
+
+
+def test_a_das_claim_end_to_end(pytester, tmp_path, suite_args):
+    """A learned-subspace claim (two training steps, one thought) lands in the report with its
+    chosen rank, its control and das.csv / das.png."""
+    registry = tmp_path / "claims.toml"
+    registry.write_text(
+        '[[claim]]\nid = "d"\nphase = 3\nstatement = "s"\nmetric = "das"\nthreshold = 50.0\n'
+        'direction = "greater"\nexperiment = { thought = "CT1", steps = 2, n_random = 2 }\n'
+    )
+    result = _late(pytester, suite_args, tmp_path, "das", "--model", "tiny-gpt2", "--registry", str(registry))
+    assert result.ret in (0, 1), result.outlines[-20:]
+    (row,) = read_claims(tmp_path / "das")["claims"]
+    assert row["positions"] == "CT1" and row["details"]["rank"] in (1, 2, 4, 8) and len(row["details"]["control"]) == 2
+    table = (tmp_path / "das" / "das.csv").read_text().splitlines()
+    assert table[0].startswith("thought,rank,discovery,test,whole_thought") and len(table) == 6
+    assert (tmp_path / "das" / "das.png").stat().st_size > 0

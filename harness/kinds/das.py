@@ -37,12 +37,15 @@ class DasParams(Params):
     max_rank: int = 8  # the subspace's rank is chosen among 1, 2, 4, 8, 16 up to this
     n_random: int = 20  # random subspaces of the same rank at the same thought (the control)
     against_control: bool = False  # threshold: a margin above the control's 95th percentile
+    steps: int = DAS_STEPS  # optimiser steps per subspace (64 discovery pairs each)
 
     def validate(self, given: set[str]) -> None:
         if self.thought != "best" and thought_number(self.thought) is None:
             raise ValueError(f"thought is CT<i> or best, not {self.thought!r}")
         if self.max_rank not in RANKS:
             raise ValueError(f"max_rank is one of {', '.join(map(str, RANKS))}, got {self.max_rank}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
         if self.n_random < 0 or (self.against_control and self.n_random < 2):
             raise ValueError("n_random must be at least 0 (at least 2 with against_control)")
 
@@ -60,7 +63,7 @@ def valid_pairs(run: ModelRun) -> np.ndarray:
     return (run.baseline.correct[pairs(run)[0]] == 1) & (sources_correct(run) == 1)
 
 
-def subspace(run: ModelRun, thought: int, rank: int) -> torch.Tensor:
+def subspace(run: ModelRun, thought: int, rank: int, steps: int = DAS_STEPS) -> torch.Tensor:
     """The learned rank-`rank` subspace of CT_thought, fitted on the discovery pairs: [rank, d], cached."""
     disc = _discovery(run)
 
@@ -68,9 +71,9 @@ def subspace(run: ModelRun, thought: int, rank: int) -> torch.Tensor:
         indices, sources = pairs(disc)
         bases = [disc.problems[i] for i in indices]
         donor = clean_thoughts(run.codi, sources, run.batch_size)
-        return fit_subspace(run.codi, bases, sources, donor, thought, rank, run.seed, progress=run.progress).numpy()
+        return fit_subspace(run.codi, bases, sources, donor, thought, rank, run.seed, steps, run.progress).numpy()
 
-    key = disc.key(kind="das_subspace", thought=thought, rank=rank, steps=DAS_STEPS, seed=run.seed)
+    key = disc.key(kind="das_subspace", thought=thought, rank=rank, steps=steps, seed=run.seed)
     return torch.from_numpy(disc.cached(key, f"DAS subspace CT{thought} rank {rank}", compute))
 
 
@@ -92,12 +95,12 @@ def moved(run: ModelRun, thought: int, basis: torch.Tensor, what: str) -> np.nda
     return run.cached(key, f"subspace interchange CT{thought} ({what})", compute)[valid_pairs(run)] == 1
 
 
-def grid(run: ModelRun, thoughts: list[int]) -> list[dict]:
+def grid(run: ModelRun, thoughts: list[int], steps: int = DAS_STEPS) -> list[dict]:
     """Each thought and rank: accuracy (%) on the discovery pairs, where the subspace was fitted
     (and where the claim's thought and rank are chosen)."""
     disc = _discovery(run)
     return [{"thought": f"CT{t}", "rank": rank,
-             "discovery": 100 * float(moved(disc, t, subspace(run, t, rank), f"rank {rank}").mean())}
+             "discovery": 100 * float(moved(disc, t, subspace(run, t, rank, steps), f"rank {rank}").mean())}
             for t in thoughts for rank in RANKS]  # fmt: skip
 
 
@@ -108,17 +111,19 @@ def measure(p: DasParams, run: ModelRun, measure: str) -> Measured:
         return Measured(nan_effect(0), {**details, "positions": [], "note": note})
     if not valid_pairs(run).any():
         return Measured(nan_effect(0), {**details, "positions": [], "note": "no pair answered right on both sides"})
-    rows = grid(run, list(range(run.n_latent)) if p.thought == "best" else [thought_number(p.thought)])
+    rows = grid(run, list(range(run.n_latent)) if p.thought == "best" else [thought_number(p.thought)], p.steps)
     best = max((r for r in rows if r["rank"] <= p.max_rank), key=lambda r: (r["discovery"], -r["rank"]))
     t, rank = thought_number(best["thought"]), best["rank"]
     whole = 100 * float(interchanged(run, (t,))[0][valid_pairs(run)].mean())
     for row in rows:  # the chosen thought on the test pairs, every rank
         if row["thought"] == best["thought"]:
-            row.update(test=100 * float(moved(run, t, subspace(run, t, row["rank"]), f"rank {row['rank']}").mean()),
+            basis = subspace(run, t, row["rank"], p.steps)
+            row.update(test=100 * float(moved(run, t, basis, f"rank {row['rank']}").mean()),
                        whole_thought=whole)  # fmt: skip
-    values = moved(run, t, subspace(run, t, rank), f"rank {rank}")
+    chosen = subspace(run, t, rank, p.steps)
+    values = moved(run, t, chosen, f"rank {rank}")
     generator = torch.Generator().manual_seed(run.seed)
-    d = subspace(run, t, rank).shape[1]
+    d = chosen.shape[1]
     null = [
         100 * float(moved(run, t, random_basis(d, rank, generator), f"random rank {rank}, draw {i}").mean())
         for i in range(p.n_random)
