@@ -198,7 +198,7 @@ def evaluate_claim(claim: Claim, run: ModelRun) -> ClaimResult:
     if claim.refute_at is not None:  # a fraction of baseline accuracy like the threshold, when it is one
         refute_at = claim.refute_at * (baseline_value(run, "accuracy") if claim.threshold_of_baseline else 1.0)
     statement = claim.statement
-    if details.get("heads_from") == "--heads":
+    if str(details.get("heads_from", "")).startswith("--heads"):
         statement += f" [run on the heads named by --heads: {', '.join(details['heads'])}]"
     return ClaimResult(
         id=claim.id,

@@ -123,6 +123,15 @@ class PrefixStore:
         return self.prefixes[key]
 
 
+def _work_order(codi: CODIModel, problems: list[Problem], batch_size: int) -> tuple[list[int], int]:
+    """The problems' order of work and the batch size: by question length (batches of similar
+    length waste less compute on padding; results do not depend on the batch, tested), or under
+    `reference_batching` the official evaluator's batches, whose results do."""
+    if codi.reference_batching:
+        return list(range(len(problems))), REFERENCE_BATCH_SIZE
+    return sorted(range(len(problems)), key=lambda i: len(problems[i].question)), batch_size
+
+
 @torch.no_grad()
 def evaluate(
     codi: CODIModel,
@@ -144,12 +153,7 @@ def evaluate(
     `REFERENCE_BATCH_SIZE` problems in data set order (`batch_size` is ignored).
     """
     start = time.perf_counter()
-    if codi.reference_batching:
-        order, batch_size = list(range(len(problems))), REFERENCE_BATCH_SIZE
-    else:
-        # batches of similar question length waste less compute on padding; results do not
-        # depend on the batch (tested), so only the order of work changes
-        order = sorted(range(len(problems)), key=lambda i: len(problems[i].question))
+    order, batch_size = _work_order(codi, problems, batch_size)
     records: list[Record | None] = [None] * len(problems)
     bar = progress_bar(total=len(problems), desc=f"evaluate {codi.name}", unit="problem", disable=not progress)
     for indices in _batches(order, batch_size):
@@ -180,9 +184,10 @@ def teacher_forced(
     prefixes: PrefixStore | None = None,
 ) -> np.ndarray:
     """The gold answers' teacher-forced log-probabilities alone (no decoding): [N] nats, the
-    same numbers `evaluate` records (the same batches, in the same order), for a fraction of
-    its time when an intervention keeps the model from ending its answer."""
-    order = sorted(range(len(problems)), key=lambda i: len(problems[i].question))
+    same numbers `evaluate` records (the same batches, in the same order: under
+    `reference_batching`, the official evaluator's), for a fraction of its time when an
+    intervention keeps the model from ending its answer."""
+    order, batch_size = _work_order(codi, problems, batch_size)
     out = np.zeros(len(problems))
     for indices in _batches(order, batch_size):
         chunk = [problems[i] for i in indices]

@@ -336,12 +336,14 @@ class ModelRun:
 
     def heads_for(self, named: Sequence[str], n_heads: int, ranking: str = "attention") -> tuple[list[Head], str]:
         """The heads a claim acts on and where they come from: the claim's own `heads`, else
-        the session's `--heads`, else the top `n_heads` of the discovery split's attention
-        ranking or (`ranking="causal"`) of its causal sweep."""
+        the session's `--heads` (fewer than `n_heads` are used as they are and the source says
+        so, e.g. the seed's one GPT-2 head), else the top `n_heads` of the discovery split's
+        attention ranking or (`ranking="causal"`) of its causal sweep."""
         if named:
             return [Head.parse(h) for h in named], "claim"
         if self.heads:
-            return self.heads[:n_heads], "--heads"
+            short = f" ({len(self.heads)} of the {n_heads} asked)" if len(self.heads) < n_heads else ""
+            return self.heads[:n_heads], f"--heads{short}"
         if ranking == "causal":
             return top_heads(causal_ranking(self, n_heads), n_heads), "causal ranking"
         return top_heads(self.ranking, n_heads), "ranking"

@@ -312,3 +312,11 @@ def test_a_registry_claims_refute_at_decides_where_refuted_starts(tmp_path, monk
     assert (result.refute_at, result.verdict, result.point_verdict) == (2.0, "INCONCLUSIVE", "inconclusive")
     ci.update(low=0.5, high=1.5)
     assert claims_module.evaluate_claim(claim, run).verdict == "REFUTED"
+
+
+def test_heads_shorter_than_a_claims_n_heads_say_so(random_codi, tmp_path):
+    """--heads naming fewer heads than a claim's n_heads are used as they are, and the row's
+    source says how many of how many (they were silently fewer)."""
+    run = ModelRun(random_codi, [], synthetic_split("discovery")[:4], ResultCache(tmp_path), heads=[Head(1, 2)])
+    assert run.heads_for((), 3) == ([Head(1, 2)], "--heads (1 of the 3 asked)")
+    assert run.heads_for((), 1) == ([Head(1, 2)], "--heads")

@@ -14,7 +14,7 @@ from test_scale import _script
 from harness import models
 from harness.cli import USAGE_ERROR, main
 from harness.data import synthetic_split
-from harness.evaluation import REFERENCE_BATCH_SIZE, evaluate
+from harness.evaluation import REFERENCE_BATCH_SIZE, evaluate, teacher_forced
 from harness.runtime import decode_ids, encode_questions, generate, run_latents
 
 MAX_NEW_TOKENS = 6
@@ -108,6 +108,8 @@ def test_reference_batching_reproduces_the_official_loop_token_for_token(hub_che
     assert _ours(reference, questions) == official
     result = evaluate(reference, problems, batch_size=7, max_new_tokens=MAX_NEW_TOKENS, progress=False)
     assert [r.text for r in result.records] == [decode_ids(reference, t) for t in official]
+    forced = teacher_forced(reference, problems, batch_size=7)  # the same official batches, not sorted ones
+    assert forced.tolist() == [r.answer_logprob for r in result.records]
     # not trivially so: the batch-invariant default reads other tokens for padded rows
     invariant = models.load(str(root / "ckpt"), base=str(root / "base"))
     assert sum(a != b for a, b in zip(_ours(invariant, questions), official)) > 0
