@@ -61,6 +61,16 @@ class FlowParams(Params):
         if "n_draws" in given and self.mode not in ("noise", "resample"):
             raise ValueError(f"n_draws applies to modes 'noise' and 'resample'; mode {self.mode!r} is deterministic")
 
+    def unused(self) -> set[str]:
+        out = super().unused()
+        if self.test != "cell":
+            out.add("readers")
+        if self.test != "via_eot":
+            out.add("fraction")
+        else:
+            out.add("source")
+        return out
+
     def check_model(self, geo, n_latent: int, model: str) -> None:
         names = [self.source, *self.readers]
         late = [n for n in names if (thought_number(n) if thought_number(n) is not None else -1) >= n_latent]
