@@ -49,7 +49,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     problems = load_problems(args.data, args.n)
-    codi = load(args.model, args.base, dtype=args.dtype, device=args.device, reference_batching=args.reference_batching)
+    codi = load(args.model, args.base, args.n_latent, args.dtype, args.device, args.reference_batching)
     batch_size = REFERENCE_BATCH_SIZE if args.reference_batching else args.batch_size or default_batch_size(codi)
     patch = mean_patch(thought_means(codi, problems, batch_size)) if args.latent_patch == "mean" else None
     result = evaluate(codi, problems, batch_size, patch, args.max_new_tokens, progress=not args.json)
@@ -87,7 +87,7 @@ def _rank_heads(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     _, discovery = held_out_splits(args.data, 1)
-    codi = load(args.model, args.base)
+    codi = load(args.model, args.base, args.n_latent)
     attention = record_latent_attention(codi, discovery, args.batch_size, progress=not args.json)
     ranked = head_metrics(attention)
     out = Path(args.out or f"ranked_heads_{codi.name}.csv")
@@ -125,7 +125,7 @@ def _sweep(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     problems, discovery = held_out_splits(args.data, args.n_problems)
     cache = ResultCache(None if args.no_cache else args.cache_dir)  # --no-cache: in memory, computed once
-    model = resolve(args.model, args.base, device=args.device, cache=cache)
+    model = resolve(args.model, args.base, args.n_latent, device=args.device, cache=cache)
     run = ModelRun(model, problems, discovery, cache, args.batch_size, progress=not args.json)
     if args.racing or args.resolution != "head":
         return _report_components(run.on_discovery(), args)
@@ -247,7 +247,7 @@ def _claims(args: argparse.Namespace) -> int:
     try:
         claims = load_registry(Path(args.registry))
         for name in args.model or []:
-            facts = resolve(name, args.base).facts  # geometry from the cache, else by loading it
+            facts = resolve(name, args.base, args.n_latent).facts  # geometry from the cache, else by loading it
             check_against_model(claims, facts.geometry, facts.n_latent, name)
     except ClaimError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -257,6 +257,9 @@ def _claims(args: argparse.Namespace) -> int:
     checked = f"; checked against {', '.join(args.model)}" if args.model else ""
     print(f"{len(claims)} claims in {args.registry}{checked}")
     return 0
+
+
+N_LATENT_HELP = "thoughts of a hub-format checkpoint (default 6; refused where the checkpoint records another)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -281,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="latent-mode accuracy of a CODI model")
     ev.add_argument("--model", default="tiny-gpt2", help="tiny-gpt2, tiny-llama, codi-gpt2, codi-llama or a path")
     ev.add_argument("--base", help="base model (HF id or directory) for hub-format checkpoints")
+    ev.add_argument("--n-latent", type=int, help=N_LATENT_HELP)
     ev.add_argument("--data", help=DATA_HELP + ", a GSM8K-format .jsonl or a datasets id")
     ev.add_argument("--n", type=int, help="first N problems (default: all)")
     ev.add_argument("--latent-patch", choices=["none", "mean"], default="none")
@@ -301,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     rk = sub.add_parser("rank-heads", help="rank attention heads by flow/hub/skip among the thoughts")
     rk.add_argument("--model", default="tiny-gpt2", help="tiny-gpt2, tiny-llama, codi-gpt2, codi-llama or a path")
     rk.add_argument("--base", help="base model (HF id or directory) for hub-format checkpoints")
+    rk.add_argument("--n-latent", type=int, help=N_LATENT_HELP)
     rk.add_argument("--data", help="whose discovery split: " + DATA_HELP + " or a .jsonl")
     rk.add_argument("--top", type=int, default=10, help="how many heads to print")
     rk.add_argument("--out", help="CSV of every head (default ranked_heads_<model>.csv)")
@@ -311,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="every head alone ablated at the thoughts, and attribution patching's estimate")
     sw.add_argument("--model", default="tiny-gpt2", help="tiny-gpt2, tiny-llama, codi-gpt2, codi-llama or a path")
     sw.add_argument("--base", help="base model (HF id or directory) for hub-format checkpoints")
+    sw.add_argument("--n-latent", type=int, help=N_LATENT_HELP)
     sw.add_argument("--data", help=DATA_HELP + " or a .jsonl (its discovery split: see docs)")
     sw.add_argument("--n-problems", type=int, default=1000, help="problems from the test split (default 1000)")
     sw.add_argument("--mode", choices=["zero", "mean"], default="zero", help="ablation mode (default zero)")
@@ -331,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--registry", default=str(REGISTRY_DEFAULT), help="default hypotheses/claims.toml")
     cl.add_argument("--model", action="append", help="also check named heads and thoughts against this model")
     cl.add_argument("--base", help="base model (HF id or directory) for hub-format checkpoints")
+    cl.add_argument("--n-latent", type=int, help=N_LATENT_HELP)
     cl.set_defaults(func=_claims)
     return parser
 

@@ -257,10 +257,18 @@ def _source(model: str, base: str | None, n_latent: int | None) -> Source:
     spec = MODEL_SPECS.get(model)
     source = spec.checkpoint if spec else model
     base = base or (spec.base if spec else None)
+    if n_latent is not None and n_latent < 1:
+        raise ModelLoadError(f"--n-latent must be at least 1, got {n_latent}")
     k = n_latent or (spec.n_latent if spec else DEFAULT_N_LATENT)
     name = spec.name if spec else Path(model).name
     path = Path(source)
     if path.is_dir() and (path / OWN_META).is_file():
+        recorded = json.loads((path / OWN_META).read_text()).get("n_latent")
+        if n_latent is not None and n_latent != recorded:
+            raise ModelLoadError(
+                f"{name} was trained with {recorded} thoughts ({path / OWN_META}); --n-latent {n_latent} contradicts "
+                "it (--n-latent is for hub-format checkpoints, which do not record it)"
+            )
         return Source(name, path)
     if path.is_dir() and (path / HUB_WEIGHTS).is_file():
         path = path / HUB_WEIGHTS

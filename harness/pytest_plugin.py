@@ -63,6 +63,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption("--base", help="base model (HF id or directory) for hub-format checkpoints")
     group.addoption(
+        "--n-latent",
+        type=int,
+        help="continuous thoughts of a hub-format checkpoint (default 6; the format does not record it; "
+        "refused where the checkpoint records another)",
+    )
+    group.addoption(
         "--data", default=None, help="synthetic, gsm8k or a .jsonl path (default: ours synthetic, hub-format gsm8k)"
     )
     group.addoption("--n-problems", type=int, default=1000, help="problems from the test split (default 1000)")
@@ -206,8 +212,9 @@ def _load_runs(config: pytest.Config) -> dict[str, ModelRun]:
     for name in names:
         heads = config.getoption("heads")
         heads = seed_heads(name) if heads == "seed" else heads
+        n_latent = config.getoption("n_latent")
         model = resolve(
-            name, config.getoption("base"), None, config.getoption("dtype"), device, cache, serial, reference
+            name, config.getoption("base"), n_latent, config.getoption("dtype"), device, cache, serial, reference
         )
         if model.name in runs:  # e.g. runs/seed0/final and runs/seed1/final: one would replace the other
             raise ModelLoadError(

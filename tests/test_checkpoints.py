@@ -247,3 +247,19 @@ def test_a_tokenizer_mismatch_is_a_one_line_usage_error(hub_checkpoint, tmp_path
     errors = [line for line in captured.err.splitlines() if "error" in line.lower()]  # not transformers' bars
     assert status == USAGE_ERROR and "Traceback" not in captured.err
     assert len(errors) == 1 and errors[0].startswith("error: ") and "eos is 5" in errors[0], captured.err
+
+
+def test_a_hub_checkpoint_runs_with_the_thoughts_it_is_given(hub_checkpoint, tmp_path):
+    """The hub format does not record K: --n-latent sets it (and is part of the facts' key);
+    a checkpoint of ours that records another K refuses it with one line."""
+    root, _, _ = hub_checkpoint
+    cache = ResultCache(tmp_path)
+    four = models.resolve(str(root / "ckpt"), base=str(root / "base"), n_latent=4, cache=cache)
+    assert four.facts.n_latent == 4 and four.codi.n_latent == 4
+    batch = encode_questions(four.codi, [p.question for p in synthetic_split("test")[:2]])
+    assert run_latents(four.codi, batch).thoughts.shape[1] == 4
+    assert models.resolve(str(root / "ckpt"), base=str(root / "base"), cache=cache).facts.n_latent == 6
+    with pytest.raises(ModelLoadError, match=r"tiny-gpt2 was trained with 6 thoughts .*--n-latent 4 contradicts it"):
+        models.resolve("tiny-gpt2", n_latent=4)
+    assert models.resolve("tiny-gpt2", n_latent=6).name == "tiny-gpt2"
+    assert main(["evaluate", "--model", "tiny-gpt2", "--n-latent", "4", "--n", "2"]) == USAGE_ERROR

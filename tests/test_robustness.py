@@ -130,6 +130,8 @@ def _assert_usage_error(result: pytest.RunResult, message: str, tmp_path: Path) 
         (["--model", "tiny-gpt2", "--heads", "seed"], "no seed head list for 'tiny-gpt2'"),
         (["--model", "tiny-gpt2", "--compare-to", "/no/such/report"], "--compare-to /no/such/report: no readable"),
         (["--model", "tiny-gpt2", "--keep-reports", "0"], "--keep-reports must be at least 1, got 0"),
+        (["--model", "tiny-gpt2", "--n-latent", "4"], "tiny-gpt2 was trained with 6 thoughts"),
+        (["--model", "tiny-gpt2", "--n-latent", "0"], "--n-latent must be at least 1, got 0"),
         (["--model", "tiny-gpt2", "--keep-reports", "5"], "--keep-reports prunes reports/; a --report-dir folder"),
         (
             ["--model", "tiny-gpt2", "--reference-batching", "--batch-size", "64"],
