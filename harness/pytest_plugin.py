@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import io
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -112,21 +113,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_cmdline_main(config: pytest.Config) -> int | None:
-    if not config.getoption("list_claims"):
-        return None
-    try:
-        claims = load_registry(Path(config.getoption("registry")))
-    except ClaimError as e:
-        sys.stderr.write(f"ERROR: {e}\n")
-        return pytest.ExitCode.USAGE_ERROR
-    for c in claims:
-        sys.stdout.write(c.describe() + "\n")
-    sys.stdout.write(f"{len(claims)} claims in {config.getoption('registry')}\n")
-    return pytest.ExitCode.OK
-
-
 def _runs_claims(config: pytest.Config) -> bool:
     hypotheses = (Path(__file__).resolve().parent.parent / "hypotheses").resolve()
     args = [Path(a.split("::")[0]).resolve() for a in config.args]
@@ -141,6 +127,14 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(state["collector"], "codi-claims-collector")
     config.pluginmanager.register(HtmlBridge(state), "codi-claims-html")
     config.stash[_STATE] = state
+    if config.getoption("list_claims"):  # collect (so -k / -m select) and list; load no model
+        state["listing"] = state["enabled"] = True
+        try:
+            _REGISTRY.clear()
+            _REGISTRY.update({c.id: c for c in load_registry(Path(config.getoption("registry")))})
+        except ClaimError as e:
+            raise pytest.UsageError(str(e)) from None
+        return
     if not state["enabled"]:
         return
     # torch and transformers leave ~10^6 long-lived objects; pytest garbage-collects 5 times at
@@ -186,8 +180,6 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def _load_runs(config: pytest.Config) -> dict[str, ModelRun]:
     """Every selected model, its problems and the user's heads: checked before any model runs."""
-    import os
-
     from harness.models import session_device
 
     n = config.getoption("n_problems")
@@ -398,6 +390,33 @@ def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config):
     if getattr(report, "inconclusive", None) and report.when == "call":
         return "inconclusive", "I", "INCONCLUSIVE"
     return None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session: pytest.Session) -> bool | None:
+    """--list-claims: the claims the selection (-k, -m, paths) keeps, registry claims with every
+    parameter and Python claims by test id, each with its models; nothing runs."""
+    if not session.config.stash.get(_STATE, {}).get("listing"):
+        return None
+    registry, python = {}, {}
+    for item in session.items:
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        model = params.get("model_name", "")
+        if isinstance(params.get("claim"), Claim):
+            registry.setdefault(params["claim"].id, (params["claim"], []))[1].append(model)
+        else:
+            where = f"{os.path.relpath(item.path)}::{getattr(item, 'originalname', item.name)}"
+            python.setdefault(where, []).append(model)
+    reporter = session.config.pluginmanager.getplugin("terminalreporter")
+    for claim, models in registry.values():
+        reporter.write_line(f"{claim.describe()}\n    models: {', '.join(dict.fromkeys(models))}")
+    for nodeid, models in python.items():
+        reporter.write_line(f"{nodeid}  Python claim  models: {', '.join(dict.fromkeys(m for m in models if m))}")
+    path, total = session.config.getoption("registry"), len(_REGISTRY)
+    count = f"{len(registry)}" if len(registry) == total else f"{len(registry)} of {total}"
+    shown = f"{count} claims in {path}"
+    reporter.write_line(shown + (f"; {len(python)} Python claim tests" if python else ""))
+    return True
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -323,3 +323,25 @@ def test_list_claims_shows_every_parameter_and_loads_no_model(pytester, tmp_path
     registry.write_text("[[claim]]\nid = 'x'\n")
     broken = pytester.runpytest_inprocess(str(ROOT / "hypotheses"), "--list-claims", "--registry", str(registry))
     assert broken.ret == 4 and any("missing key 'phase'" in line for line in broken.errlines)
+
+
+def test_list_claims_honours_the_selection_and_lists_python_claims(pytester, tmp_path, monkeypatch):
+    def must_not_run(*_args, **_kwargs):
+        raise AssertionError("--list-claims loaded a model")
+
+    monkeypatch.setattr("harness.pytest_plugin.resolve", must_not_run)
+    mine = tmp_path / "test_mine.py"
+    mine.write_text("import pytest\n\n\n@pytest.mark.phase1\ndef test_my_python_claim(model_run, assert_claim):\n"
+                    "    raise AssertionError('listing runs nothing')\n")  # fmt: skip
+    args = ("--list-claims", "-p", "no:cacheprovider", "--report-dir", str(tmp_path / "r"))
+    result = pytester.runpytest_inprocess(str(ROOT / "hypotheses"), str(mine), *args, "-k", "1.2-hub-drop or my_python")
+    assert result.ret == 0
+    out = "\n".join(result.outlines)
+    assert "1.2-hub-drop  phase 1  position_drop(" in out and "1.1-top3-causal" not in out
+    python = "test_mine.py::test_my_python_claim  Python claim  models: tiny-gpt2, tiny-llama"
+    assert any(line.endswith(python) for line in result.outlines)
+    assert f"1 of {len(load_registry())} claims in" in out and "1 Python claim tests" in out
+    phase2 = pytester.runpytest_inprocess(str(ROOT / "hypotheses"), *args, "-m", "phase2", "--model", "tiny-llama")
+    listed = [line.split()[0] for line in phase2.outlines if "  phase 2  " in line]
+    assert listed == [c.id for c in load_registry() if c.phase == 2]
+    assert "    models: tiny-llama" in phase2.outlines
