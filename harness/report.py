@@ -235,7 +235,7 @@ def _summary_md(df, run: dict, flips: list[str], said: str, sections: dict[str, 
             + ", ".join(f"{(df[df.model == name].verdict == v).sum()} {v.lower()}" for v in VERDICTS)
             + ".",
             "",
-            "| claim | measure | what was run | effect | 95% CI | threshold | verdict | seed criterion |",
+            "| claim | measure | what was run | effect | 95% CI | threshold | verdict | point estimate alone |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for r in df[df.model == name].itertuples():

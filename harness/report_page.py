@@ -69,6 +69,12 @@ def _img(name: str, data: bytes, alt: str) -> str:
     )
 
 
+def _point(point_verdict: str) -> str:
+    """The seed's criterion on the point estimate alone, named as such (under INCONCLUSIVE a bare
+    "supported" read as a second verdict)."""
+    return f"<br><small>point estimate alone: {html.escape(str(point_verdict))}</small>" if point_verdict else ""
+
+
 def claims_table(df: pd.DataFrame) -> str:
     """One row per claim x model; numbers never wrap, the statement is a second line."""
     head = ["claim", "model", "verdict", "effect", "95% CI", "threshold", "p (test)", "p (Holm)", "n"]
@@ -83,7 +89,7 @@ def claims_table(df: pd.DataFrame) -> str:
         rows.append(
             f"<tr class='{r.verdict.lower()}' title='{html.escape(r.statement)}'>"
             f"<td class='nw'><b>{html.escape(r.id)}</b></td><td class='nw'>{html.escape(r.model)}</td>"
-            f"<td class='nw'><b>{r.verdict}</b><br><small>{html.escape(str(r.point_verdict))}</small></td>"
+            f"<td class='nw'><b>{r.verdict}</b>{_point(r.point_verdict)}</td>"
             f"<td class='nw num'>{_num(r.effect, d)} <small>{unit}</small></td>"
             f"<td class='nw num'>[{_num(r.ci_low, d)}, {_num(r.ci_high, d)}]</td>"
             f"<td class='nw num'>{r.direction} {r.threshold:.{d}f}{beyond}</td>"

@@ -185,3 +185,17 @@ def test_holm_adjusts_within_each_model_and_phase(tmp_path):
     report.write_report(tmp_path / "r", rows, {}, run)
     p_holm = {c["id"]: c["p_holm"] for c in report.read_claims(tmp_path / "r")["claims"]}
     assert p_holm == pytest.approx({"a": 0.03, "b": 0.06, "c": 0.06, "d": 0.02, "e": 0.01})
+
+
+def test_the_point_estimate_line_is_named_as_such():
+    """Under INCONCLUSIVE the seed's criterion on the point estimate ("supported") is labelled,
+    not a bare second verdict."""
+    from harness.report_page import claims_table
+    from harness.stats import PairedEffect
+    from harness.verdicts import claim_result
+
+    row = claim_result(PairedEffect(12.0, 8.0, 16.0, 0.01, 100, "McNemar exact"), id="c", statement="s", model="m",
+                       threshold=10.0, direction="greater")  # fmt: skip
+    df = pd.DataFrame([row.as_row()]).assign(p_holm=0.01)
+    page = claims_table(df)
+    assert row.verdict == "INCONCLUSIVE" and "point estimate alone: supported" in page
