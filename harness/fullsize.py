@@ -311,5 +311,34 @@ def smoke(
             out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         if on_update is not None:
             on_update(out)
+    out.update(head_condition_seconds(codi, problems, batch_size))
+    if on_update is not None:
+        on_update(out)
     out["hooks_left"] = leftover_hooks(codi)
     return out
+
+
+HEADS_TIMED = 4  # single-head conditions timed one at a time, and stacked together
+
+
+def head_condition_seconds(codi: CODIModel, problems: list[Problem], batch_size: int) -> dict:
+    """Seconds of one teacher-forced single-head zero-ablation condition (a sweep's unit) over
+    the problems, run alone and stacked with `HEADS_TIMED - 1` others (per condition), and how
+    many heads a full sweep has: what a sweep at this size costs."""
+    from harness.cache import ResultCache
+    from harness.causal import components, stacked_logprobs
+    from harness.evaluation import teacher_forced
+    from harness.experiments import ModelRun
+    from harness.specs import installer
+
+    run = ModelRun(codi, problems, [], ResultCache(None), batch_size)
+    parts = components(run, "head")[:HEADS_TIMED]
+    start = time.perf_counter()
+    for part in parts:
+        teacher_forced(codi, problems, batch_size, installer(part.spec("zero"), run))
+    alone = (time.perf_counter() - start) / len(parts)
+    start = time.perf_counter()
+    stacked_logprobs(run, parts, "zero")
+    stacked = (time.perf_counter() - start) / len(parts)
+    return {"n_heads": len(run.every_head), "seconds_head_condition": round(alone, 3),
+            "seconds_head_condition_stacked": round(stacked, 3)}  # fmt: skip

@@ -74,6 +74,9 @@ def test_the_smoke_run_at_toy_sizes(arch, tmp_path, monkeypatch, capsys):
     assert {"prj.1.weight", "prj.3.weight", "prj.ln.weight"} <= set(keys)
     assert result["noop_equals_baseline"] and result["hooks_left"] == [] and result["batch_size"] == 3
     assert result["params"] > 0 and result["load_seconds"] > 0 and result["peak_rss_mb"] > 0
+    assert (
+        result["n_heads"] > 0 and result["seconds_head_condition"] > 0 and result["seconds_head_condition_stacked"] > 0
+    )
     conditions = result["conditions"]
     assert list(conditions) == ["baseline", "noop", "ablate_seed_heads", f"noise_{result['hub']}", "hub_pattern"]
     assert conditions["noop"]["changed_vs_baseline"] == 0
