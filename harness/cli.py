@@ -121,13 +121,21 @@ def _sweep(args: argparse.Namespace) -> int:
     from harness.experiments import ModelRun
     from harness.models import resolve
 
+    on_discovery = args.racing or args.resolution != "head"
+    ignored = "--n-problems" if on_discovery and args.n_problems is not None else None
+    if not on_discovery and args.n_top is not None:
+        ignored = "--n-top"
+    if ignored:  # a setting the chosen sweep would not read
+        why = "the discovery split is fixed" if ignored == "--n-problems" else "it is for --racing or --resolution"
+        print(f"error: {ignored} does not apply to this sweep ({why}); drop it", file=sys.stderr)
+        return USAGE_ERROR
     if args.threads:
         torch.set_num_threads(args.threads)
-    problems, discovery = held_out_splits(args.data, args.n_problems)
+    problems, discovery = held_out_splits(args.data, None if on_discovery else args.n_problems or 1000)
     cache = ResultCache(None if args.no_cache else args.cache_dir)  # --no-cache: in memory, computed once
     model = resolve(args.model, args.base, args.n_latent, device=args.device, cache=cache)
     run = ModelRun(model, problems, discovery, cache, args.batch_size, progress=not args.json)
-    if args.racing or args.resolution != "head":
+    if on_discovery:
         return _report_components(run.on_discovery(), args)
     return _report_sweep(run, args)
 
@@ -161,10 +169,10 @@ def _report_components(run: ModelRun, args: argparse.Namespace) -> int:
     from harness.causal import components, race, stacked
     from harness.specs import Baseline
 
-    parts = components(run, args.resolution)
+    parts, n_top = components(run, args.resolution), args.n_top or 3
     start = time.perf_counter()
     if args.racing:
-        result = race(run, parts, args.n_top, args.mode)
+        result = race(run, parts, n_top, args.mode)
         table, top, separated = result.table, result.top, result.separated
     else:
         drops = run.answer_logprobs(Baseline())[None] - stacked(run, parts, args.mode)  # [C, N]
@@ -173,7 +181,7 @@ def _report_components(run: ModelRun, args: argparse.Namespace) -> int:
                               "problems": drops.shape[1]})  # fmt: skip
         table = table.sort_values("drop_logprob", ascending=False, kind="stable").reset_index(drop=True)
         by_name = {str(c): c for c in parts}
-        top, separated = [by_name[c] for c in table.component[: args.n_top]], None
+        top, separated = [by_name[c] for c in table.component[:n_top]], None
     seconds = time.perf_counter() - start
     rows = [
         {"head": r.head, "position": r.position, "ablation_drop_logprob": r.drop_logprob, "problems": int(r.problems)}
@@ -191,7 +199,7 @@ def _report_components(run: ModelRun, args: argparse.Namespace) -> int:
           f"{len(run.problems)} discovery problems: {out['problem_conditions']} problem-conditions, "
           f"{seconds:.1f} s")  # fmt: skip
     print(table.head(args.top).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
-    print(f"top {args.n_top}: {', '.join(out['top'])}" + ("" if separated is None else f" (separated: {separated})"))
+    print(f"top {n_top}: {', '.join(out['top'])}" + ("" if separated is None else f" (separated: {separated})"))
     return 0
 
 
@@ -318,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--base", help="base model (HF id or directory) for hub-format checkpoints")
     sw.add_argument("--n-latent", type=int, help=N_LATENT_HELP)
     sw.add_argument("--data", help=DATA_HELP + " or a .jsonl (its discovery split: see docs)")
-    sw.add_argument("--n-problems", type=int, default=1000, help="problems from the test split (default 1000)")
+    sw.add_argument("--n-problems", type=int, help="problems from the test split (default 1000; plain sweep only)")
     sw.add_argument("--mode", choices=["zero", "mean"], default="zero", help="ablation mode (default zero)")
     sw.add_argument("--batch-size", type=int, help="default 128 on CPU; on CUDA, what memory holds (at most 512)")
     sw.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1")
@@ -331,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="head (ablated at every thought, default) or head_thought (one head at one thought): "
                     "anything but head runs the teacher-forced sweep on the discovery split")  # fmt: skip
     sw.add_argument("--racing", action="store_true", help="race the components on the discovery split (see docs)")
-    sw.add_argument("--n-top", type=int, default=3, help="components the race separates (default 3)")
+    sw.add_argument("--n-top", type=int, help="top components (default 3; --racing or --resolution only)")
     sw.set_defaults(func=_sweep)
     cl = sub.add_parser("claims", help="validate the claims registry and list every claim with its parameters")
     cl.add_argument("--registry", default=str(REGISTRY_DEFAULT), help="default hypotheses/claims.toml")
@@ -359,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         return USAGE_ERROR if e.code else 0
     _log_to_stderr()
-    for option in ("batch_size", "max_new_tokens", "threads", "top", "n_latent", "n_problems"):
+    for option in ("batch_size", "max_new_tokens", "threads", "top", "n_latent", "n_problems", "n_top"):
         value = getattr(args, option, None)
         if value is not None and value <= 0:
             print(f"error: --{option.replace('_', '-')} must be positive, got {value}", file=sys.stderr)

@@ -1,5 +1,7 @@
 """Stacked sweep conditions and the racing sweep (`harness/causal.py`)."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -102,3 +104,17 @@ def test_the_causal_ranking_races_on_the_discovery_split_only(monkeypatch, load_
     ranked = causal.causal_ranking(run, 3)
     assert seen and set(seen) <= {p.id for p in DISCOVERY} and not set(seen) & {p.id for p in TEST}
     assert list(ranked["rank"]) == list(range(1, 33)) and set(ranked.problems) == {len(DISCOVERY)}
+
+
+def test_the_sweep_command_races_and_refuses_what_a_sweep_would_not_read(capsys):
+    from harness.cli import USAGE_ERROR, main
+
+    assert main(["sweep", "--racing", "--n-problems", "50"]) == USAGE_ERROR
+    assert "--n-problems does not apply to this sweep (the discovery split is fixed)" in capsys.readouterr().err
+    assert main(["sweep", "--n-top", "5"]) == USAGE_ERROR
+    assert "--n-top does not apply to this sweep" in capsys.readouterr().err
+    assert main(["sweep", "--racing", "--n-top", "2", "--model", "tiny-gpt2", "--no-cache", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["split"] == "discovery" and out["n_problems"] == 300 and len(out["top"]) == 2
+    assert len(out["rows"]) == 32 and out["problem_conditions"] == sum(r["problems"] for r in out["rows"])
+    assert {r["position"] for r in out["rows"]} == {"latent"} and out["top"][0] == out["rows"][0]["head"]
