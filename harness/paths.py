@@ -17,13 +17,16 @@ it is the unpatched run, bit for bit (both tested).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
 
 from harness.arch import backbone
 from harness.codi import CODIModel, Pass
-from harness.positions import PositionMap
+from harness.interventions import InterventionError
+from harness.positions import PositionMap, thought_number
+from harness.specs import THOUGHT_MODES, PatchThoughts, RunContext, Spec
 
 READER_SPANS = ("latent", "eot", "answer")  # reader names besides CT<i> (`latent`: every later thought)
 
@@ -158,3 +161,65 @@ class PathPatch:
         last = outputs[-1]
         last["last_hidden_state"] = torch.cat([o.last_hidden_state for o in outputs], dim=1)
         return last
+
+
+@dataclass(frozen=True)
+class PatchPath(Spec):
+    """Path patching (`harness.paths`): the thought `source` (`CT<i>`, or `latent`: every
+    thought) replaced as `PatchThoughts` would (zero, mean, resample, noise: the same values),
+    seen only by the `readers`: later thoughts (`CT<j>`, or `latent`: every thought after the
+    source; with every thought patched, each reads the patched thoughts before it), `eot`,
+    `answer` (every answer token). Every other position, the loop included, reads the clean
+    thought."""
+
+    source: str
+    readers: tuple[str, ...]
+    mode: str = "mean"
+    draw: int = 0
+
+    def __post_init__(self) -> None:
+        if self.source != "latent" and thought_number(self.source) is None:
+            raise InterventionError(f"a path patch's source is a thought (CT<i> or latent), not {self.source!r}")
+        readers = (self.readers,) if isinstance(self.readers, str) else tuple(self.readers)
+        object.__setattr__(self, "readers", tuple(sorted(set(readers))))
+        bad = [r for r in self.readers if r not in READER_SPANS and thought_number(r) is None]
+        if bad:
+            raise InterventionError(f"readers are later thoughts (CT<j>, latent), eot or answer, not {', '.join(bad)}")
+        first = thought_number(self.source) if self.source != "latent" else 0
+        early = [r for r in self.readers if (thought_number(r) if thought_number(r) is not None else 10**9) <= first]
+        if early:
+            raise InterventionError(
+                f"{', '.join(early)} cannot read {self.source}: a position reads only earlier ones (readers come after)"
+            )
+        if self.mode not in THOUGHT_MODES:
+            raise InterventionError(f"unknown thought-patch mode {self.mode!r}; choose from {', '.join(THOUGHT_MODES)}")
+        if self.draw and self.mode not in ("noise", "resample"):
+            raise InterventionError(f"mode {self.mode!r} is not random: it has no draws")
+
+    @property
+    def randomised(self) -> bool:  # type: ignore[override]
+        return self.mode in ("noise", "resample")
+
+    @property
+    def patch(self) -> PatchThoughts:
+        """The ordinary patch of the source (what every reader together sees)."""
+        return PatchThoughts((self.source,), self.mode, self.draw)
+
+    def patched_thoughts(self) -> tuple[str, ...]:
+        return (self.source,)
+
+    def label(self) -> str:
+        return f"path {self.mode} -> {' '.join(self.readers) or 'no reader'}"
+
+    def reader_thoughts(self, n_latent: int) -> list[int]:
+        first = thought_number(self.source) if self.source != "latent" else 0
+        named = [thought_number(r) for r in self.readers if thought_number(r) is not None]
+        return list(range(first + 1, n_latent)) if "latent" in self.readers else named
+
+    def hooks(self, run: RunContext, pmap: PositionMap, indices: list[int]) -> list[AbstractContextManager]:
+        thoughts = self.patch.thought_indices(pmap.n_latent)
+        if max(thoughts) >= pmap.n_latent or max(self.reader_thoughts(pmap.n_latent), default=0) >= pmap.n_latent:
+            raise InterventionError(f"{run.codi.name} has thoughts CT0..CT{pmap.n_latent - 1}: {self.describe()}")
+        values = {i: self.patch.replacement(run, i)[indices] for i in thoughts}
+        readers = self.reader_thoughts(pmap.n_latent)
+        return [PathPatch(run.codi, pmap, values, readers, "eot" in self.readers, "answer" in self.readers)]

@@ -15,7 +15,6 @@ outputs, the peer models) it asks through `RunContext`, so this module knows not
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
@@ -27,16 +26,13 @@ import torch
 from harness.arch import Head
 from harness.attention import PATTERNS, AttentionOverride, rewritten_thoughts
 from harness.codi import CODIModel
-from harness.interchange import interchange_rows
 from harness.interventions import HeadAblation, InterventionError
-from harness.paths import READER_SPANS, PathPatch
 from harness.positions import PositionMap, is_fixed, thought_number
 from harness.runtime import LatentPatch, ThoughtPatch, norm_matched_noise
 from harness.transplant import transplant_hook
 
 HEAD_MODES = ("zero", "mean", "resample")
 THOUGHT_MODES = ("noise", "zero", "mean", "resample")
-SUBSPACE_MODES = ("zero", "mean", "resample")
 NOISE_SEED_STRIDE = 1_000_003  # seeds of draw d: seed * 1000 + thought + d * stride (draw 0: as before)
 
 
@@ -108,6 +104,14 @@ class Spec:
 
     def parts(self) -> tuple[Spec, ...]:
         return (self,)
+
+    def patched_thoughts(self) -> tuple[str, ...]:
+        """The thoughts whose values this part replaces (two parts may not replace the same)."""
+        return ()
+
+    def label(self) -> str:
+        """What it does, in the claims table's mode column."""
+        return type(self).__name__
 
     def latent_only(self, n_latent: int) -> bool:
         """Acts from CT0 on: every batch's question pass (question + bot) can be shared."""
@@ -225,6 +229,9 @@ class PatchThoughts(Spec):
     def randomised(self) -> bool:  # type: ignore[override]
         return self.mode in ("noise", "resample")
 
+    def patched_thoughts(self) -> tuple[str, ...]:
+        return self.positions
+
     def thought_indices(self, n_latent: int) -> list[int]:
         if "latent" in self.positions:
             return list(range(n_latent))
@@ -249,112 +256,6 @@ class PatchThoughts(Spec):
             raise InterventionError(f"{run.codi.name} has thoughts CT0..CT{run.codi.n_latent - 1}, not CT{max(chosen)}")
         values = {i: self.replacement(run, i)[indices] for i in chosen}
         return lambda i, thought: values[i].to(thought) if i in values else thought
-
-
-@dataclass(frozen=True)
-class PatchSubspace(Spec):
-    """A thought's coordinates in the row space of `basis` ([r, d] orthonormal rows, e.g. a
-    subspace learned by `harness.das`) replaced, the rest of the thought kept: zero (the
-    subspace projected out), mean (the discovery split's), resample (another test problem's: a
-    derangement, one per draw). The basis enters the cache key by a hash of its values."""
-
-    thought: str
-    basis: torch.Tensor = field(compare=False, repr=False)
-    mode: str = "resample"
-    draw: int = 0
-    digest: str = field(init=False, default="")
-
-    def __post_init__(self) -> None:
-        if thought_number(self.thought) is None:
-            raise InterventionError(f"a subspace patch acts on one thought (CT<i>), not {self.thought!r}")
-        if self.mode not in SUBSPACE_MODES:
-            raise InterventionError(f"unknown subspace mode {self.mode!r}; choose from {', '.join(SUBSPACE_MODES)}")
-        if self.draw and self.mode != "resample":
-            raise InterventionError(f"mode {self.mode!r} is not random: it has no draws")
-        basis = torch.as_tensor(self.basis, dtype=torch.float32)
-        if basis.ndim != 2 or not torch.allclose(basis @ basis.T, torch.eye(len(basis)), atol=1e-4):
-            raise InterventionError(f"a subspace basis is [r, d] with orthonormal rows; got shape {tuple(basis.shape)}")
-        object.__setattr__(self, "basis", basis)
-        object.__setattr__(self, "digest", hashlib.sha256(basis.numpy().tobytes()).hexdigest()[:16])
-
-    def key(self) -> dict:
-        return {"spec": "PatchSubspace", "thought": self.thought, "basis": self.digest, "rank": len(self.basis),
-                "mode": self.mode, "draw": self.draw}  # fmt: skip
-
-    @property
-    def randomised(self) -> bool:  # type: ignore[override]
-        return self.mode == "resample"
-
-    def latent_patch(self, run: RunContext, indices: list[int]) -> LatentPatch:
-        t = thought_number(self.thought)
-        if t >= run.codi.n_latent:
-            raise InterventionError(f"{run.codi.name} has thoughts CT0..CT{run.codi.n_latent - 1}, not {self.thought}")
-        thoughts = run.clean_thoughts("test")[:, t]  # [N, d]
-        if self.mode == "zero":
-            source = torch.zeros_like(thoughts)
-        elif self.mode == "mean":
-            source = run.clean_thoughts("discovery")[:, t].mean(0, keepdim=True).expand_as(thoughts)
-        else:
-            donors = torch.Generator().manual_seed(run.seed * 1000 + 900 + self.draw * NOISE_SEED_STRIDE)
-            source = thoughts[derangement(len(thoughts), donors)]
-        values = source[indices]  # [B, d]
-        return lambda i, x: interchange_rows(self.basis, x, values.to(x)) if i == t else x
-
-
-@dataclass(frozen=True)
-class PatchPath(Spec):
-    """Path patching (`harness.paths`): the thought `source` (`CT<i>`, or `latent`: every
-    thought) replaced as `PatchThoughts` would (zero, mean, resample, noise: the same values),
-    seen only by the `readers`: later thoughts (`CT<j>`, or `latent`: every thought after the
-    source; with every thought patched, each reads the patched thoughts before it), `eot`,
-    `answer` (every answer token). Every other position, the loop included, reads the clean
-    thought."""
-
-    source: str
-    readers: tuple[str, ...]
-    mode: str = "mean"
-    draw: int = 0
-
-    def __post_init__(self) -> None:
-        if self.source != "latent" and thought_number(self.source) is None:
-            raise InterventionError(f"a path patch's source is a thought (CT<i> or latent), not {self.source!r}")
-        readers = (self.readers,) if isinstance(self.readers, str) else tuple(self.readers)
-        object.__setattr__(self, "readers", tuple(sorted(set(readers))))
-        bad = [r for r in self.readers if r not in READER_SPANS and thought_number(r) is None]
-        if bad:
-            raise InterventionError(f"readers are later thoughts (CT<j>, latent), eot or answer, not {', '.join(bad)}")
-        first = thought_number(self.source) if self.source != "latent" else 0
-        early = [r for r in self.readers if (thought_number(r) if thought_number(r) is not None else 10**9) <= first]
-        if early:
-            raise InterventionError(
-                f"{', '.join(early)} cannot read {self.source}: a position reads only earlier ones (readers come after)"
-            )
-        if self.mode not in THOUGHT_MODES:
-            raise InterventionError(f"unknown thought-patch mode {self.mode!r}; choose from {', '.join(THOUGHT_MODES)}")
-        if self.draw and self.mode not in ("noise", "resample"):
-            raise InterventionError(f"mode {self.mode!r} is not random: it has no draws")
-
-    @property
-    def randomised(self) -> bool:  # type: ignore[override]
-        return self.mode in ("noise", "resample")
-
-    @property
-    def patch(self) -> PatchThoughts:
-        """The ordinary patch of the source (what every reader together sees)."""
-        return PatchThoughts((self.source,), self.mode, self.draw)
-
-    def reader_thoughts(self, n_latent: int) -> list[int]:
-        first = thought_number(self.source) if self.source != "latent" else 0
-        named = [thought_number(r) for r in self.readers if thought_number(r) is not None]
-        return list(range(first + 1, n_latent)) if "latent" in self.readers else named
-
-    def hooks(self, run: RunContext, pmap: PositionMap, indices: list[int]) -> list[AbstractContextManager]:
-        thoughts = self.patch.thought_indices(pmap.n_latent)
-        if max(thoughts) >= pmap.n_latent or max(self.reader_thoughts(pmap.n_latent), default=0) >= pmap.n_latent:
-            raise InterventionError(f"{run.codi.name} has thoughts CT0..CT{pmap.n_latent - 1}: {self.describe()}")
-        values = {i: self.patch.replacement(run, i)[indices] for i in thoughts}
-        readers = self.reader_thoughts(pmap.n_latent)
-        return [PathPatch(run.codi, pmap, values, readers, "eot" in self.readers, "answer" in self.readers)]
 
 
 @dataclass(frozen=True)
@@ -429,22 +330,13 @@ def _acts_on(part: Spec) -> dict[Head, tuple[str, ...]]:
     return {}
 
 
-def _patched_thoughts(part: Spec) -> tuple[str, ...]:
-    """The thoughts a part replaces (a thought patch's positions, a path patch's source)."""
-    if isinstance(part, PatchThoughts):
-        return part.positions
-    if isinstance(part, PatchSubspace):
-        return (part.thought,)
-    return (part.source,) if isinstance(part, PatchPath) else ()
-
-
 def check_disjoint(parts: Sequence[Spec]) -> None:
     """Refuse a composition in which one part would override or hide another: the same head
     acted on twice at a common position, or the same thought patched twice (by a thought
     patch or as a path patch's source)."""
     for i, a in enumerate(parts):
         for b in parts[i + 1 :]:
-            if common := _overlap(_patched_thoughts(a), _patched_thoughts(b)):
+            if common := _overlap(a.patched_thoughts(), b.patched_thoughts()):
                 raise InterventionError(
                     f"{a.describe()} and {b.describe()} both patch {', '.join(common)}: one would override the other"
                 )
@@ -508,21 +400,14 @@ def what_runs(spec: Spec) -> dict[str, str]:
             heads += [str(h) for h in part.heads]
         if isinstance(part, TransplantHead):
             heads.append(str(part.head))
-        if isinstance(part, AblateHeads | PatchThoughts):
-            positions += list(part.positions)
-        if isinstance(part, PatchPath):
-            positions.append(part.source)
-        if isinstance(part, PatchSubspace):
-            positions.append(part.thought)
+        positions += list(part.positions if isinstance(part, AblateHeads) else part.patched_thoughts())
         modes.append(
             {
                 AblateHeads: lambda s: f"heads {s.mode}",
                 PatchThoughts: lambda s: f"thoughts {s.mode}",
-                PatchPath: lambda s: f"path {s.mode} -> {' '.join(s.readers) or 'no reader'}",
-                PatchSubspace: lambda s: f"subspace {s.mode} (rank {len(s.basis)})",
                 AttentionPattern: lambda s: f"attention {s.pattern}",
                 TransplantHead: lambda s: "transplant",
-            }.get(type(part), lambda s: type(s).__name__)(part)
+            }.get(type(part), lambda s: s.label())(part)
         )
     return {"heads": " ".join(heads), "positions": " ".join(dict.fromkeys(positions)), "mode": " + ".join(modes)}
 

@@ -16,7 +16,8 @@ from harness import cache as cache_module
 from harness.cache import ResultCache, content_key
 from harness.data import synthetic_split
 from harness.experiments import ModelRun
-from harness.specs import AblateHeads, PatchPath, PatchThoughts
+from harness.paths import PatchPath
+from harness.specs import AblateHeads, PatchThoughts
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,14 +6,14 @@ import torch
 
 from harness.cache import ResultCache
 from harness.claims import ClaimError, parse_claim
-from harness.das import fit_subspace, random_basis
+from harness.das import PatchSubspace, fit_subspace, random_basis
 from harness.data import synthetic_split
 from harness.experiments import ModelRun
 from harness.interchange import clean_thoughts, interchange, interchange_pairs
 from harness.interventions import InterventionError
 from harness.kinds import das as das_kind
 from harness.runtime import answer_logprobs, encode_questions, run_latents
-from harness.specs import PatchSubspace, PatchThoughts
+from harness.specs import PatchThoughts
 
 TEST = synthetic_split("test")[:24]
 DISCOVERY = synthetic_split("discovery")[:24]

@@ -11,8 +11,9 @@ from harness.data import format_number, synthetic_split
 from harness.experiments import ModelRun
 from harness.interventions import InterventionError
 from harness.kinds.thought_flow import flow_matrix
+from harness.paths import PatchPath
 from harness.runtime import _ones, answer_targets, encode_questions, run_latents
-from harness.specs import AblateHeads, Baseline, PatchPath, PatchThoughts
+from harness.specs import AblateHeads, Baseline, PatchThoughts
 
 TEST = synthetic_split("test")[:16]
 DISCOVERY = synthetic_split("discovery")[:8]

@@ -19,8 +19,9 @@ from matplotlib.figure import Figure
 
 from harness.experiments import Condition, ModelRun
 from harness.kinds.base import Kind, Measured, Params, Section, choices
+from harness.paths import PatchPath
 from harness.positions import thought_number
-from harness.specs import THOUGHT_MODES, PatchPath, PatchThoughts, Spec
+from harness.specs import THOUGHT_MODES, PatchThoughts, Spec
 from harness.stats import MEASURES, difference_of_draws
 from harness.verdicts import ClaimResult
 
