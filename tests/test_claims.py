@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from harness.arch import Head
 from harness.cache import ResultCache
-from harness.claims import REGISTRY, ClaimError, check_against_model, load_registry
+from harness.claims import REGISTRY, ClaimError, check_against_model, evaluate_claim, load_registry
 from harness.codi import ModelLoadError
 from harness.data import synthetic_split
 from harness.experiments import ModelRun
@@ -150,7 +150,7 @@ def test_defaults_are_written_once_and_shown_filled_in(tmp_path):
     (claim,) = load_registry(_registry(tmp_path, ENTRY + "experiment = { heads = ['L2H3'], positions = ['CT2'] }"))
     params = claim.params.describe()
     assert params["heads"] == ["L2H3"] and params["positions"] == ["CT2"]
-    assert params["mode"] == "zero" and params["n_random"] == 20 and claim.measure == "accuracy"
+    assert params["mode"] == "zero" and params["n_random"] == 0 and claim.measure == "accuracy"
     assert "heads=['L2H3']" in claim.describe() and "positions=['CT2']" in claim.describe()
     # what does not act is not listed: named heads need no ranking, mode zero has no draws
     assert not {"n_heads", "ranking", "n_draws"} & set(params)
@@ -320,3 +320,20 @@ def test_heads_shorter_than_a_claims_n_heads_say_so(random_codi, tmp_path):
     run = ModelRun(random_codi, [], synthetic_split("discovery")[:4], ResultCache(tmp_path), heads=[Head(1, 2)])
     assert run.heads_for((), 3) == ([Head(1, 2)], "--heads (1 of the 3 asked)")
     assert run.heads_for((), 1) == ([Head(1, 2)], "--heads")
+
+
+def test_the_random_control_runs_only_where_a_verdict_reads_it(random_codi, tmp_path, monkeypatch):
+    """A claim neither judged against the control nor asking for one measures no random head
+    sets (they were 20 by default, most of a named-heads claim's run); judged against it, 20."""
+    import harness.kinds.head_ablation as ablation
+
+    asked = []
+    monkeypatch.setattr(ablation, "random_head_sets", lambda run, like, n: asked.append(n) or [])
+    plain, judged, given = load_registry(_registry(tmp_path, "".join(
+        ENTRY.replace('"x.1"', f'"x.{i}"') + f"experiment = {{ heads = ['L1H2'], {extra} }}\n"
+        for i, extra in enumerate(["mode = 'zero'", "against_control = true", "n_random = 3"]))))  # fmt: skip
+    assert [c.params.describe()["n_random"] for c in (plain, judged, given)] == [0, 20, 3]
+    run = ModelRun(random_codi, synthetic_split("test")[:4], synthetic_split("discovery")[:4], ResultCache(tmp_path))
+    for claim in (plain, judged, given):
+        evaluate_claim(claim, run)
+    assert asked == [0, 20, 3]

@@ -31,6 +31,7 @@ from harness.kinds.base import (
 from harness.specs import HEAD_MODES, AblateHeads, check_head_mode
 from harness.verdicts import ClaimResult
 
+DEFAULT_CONTROLS = 20  # random head sets of a claim judged against them, unless n_random says
 MAX_INCREMENTAL = 5  # top-k curves only for short ranked lists (each k is a condition)
 
 
@@ -41,19 +42,30 @@ class AblationParams(Params):
     ranking: str = choices(*RANKINGS, default="attention")  # the top heads of which ranking
     positions: tuple[str, ...] = ("latent",)  # CT<i>, bot, eot, question, answer, latent
     mode: str = choices(*HEAD_MODES, default="zero")
-    n_random: int = 20  # random head sets matched by layer (the control); 0: none
+    n_random: int | None = None  # random head sets matched by layer (the control); default 20 if judged on it, else 0
     against_control: bool = False  # threshold: the claim's threshold above the control's 95th percentile
     n_draws: int = 5  # independent derangements (mode "resample")
 
     def validate(self, given: set[str]) -> None:
         forbid_together(given, ("heads", "n_heads"), ("heads", "ranking"))
-        if self.n_heads < 1 or self.n_random < 0 or self.n_draws < 1:
+        if self.n_heads < 1 or self.n_controls < 0 or self.n_draws < 1:
             raise ValueError("n_heads and n_draws must be at least 1, n_random at least 0")
         if "n_draws" in given and self.mode != "resample":
             raise ValueError(f"n_draws applies to mode 'resample'; mode {self.mode!r} is deterministic")
-        if self.against_control and self.n_random < 2:
+        if self.against_control and self.n_controls < 2:
             raise ValueError("against_control needs n_random of at least 2")
         check_head_mode(self.mode, self.positions)
+
+    @property
+    def n_controls(self) -> int:
+        """Random head sets measured: `n_random` where given, else 20 for a claim judged
+        against them and none otherwise (a control no verdict reads is not computed)."""
+        if self.n_random is not None:
+            return self.n_random
+        return DEFAULT_CONTROLS if self.against_control else 0
+
+    def describe(self) -> dict:
+        return {**super().describe(), "n_random": self.n_controls}  # what runs, not None
 
 
 def random_head_sets(run: ModelRun, like: list[Head], n_sets: int = 20) -> list[list[Head]]:
@@ -86,7 +98,7 @@ def measure(p: AblationParams, run: ModelRun, measure: str) -> Measured:
     reference = run.baseline.values(measure)
     null = [
         mean_drop(reference, run.measure(AblateHeads(tuple(s), p.positions, p.mode)).values(measure), measure)
-        for s in random_head_sets(run, heads, p.n_random)
+        for s in random_head_sets(run, heads, p.n_controls)
     ]
     details = {
         "heads": [str(h) for h in heads],
