@@ -8,9 +8,13 @@ import random
 import numpy as np
 import torch
 
+from harness.cache import ResultCache
+from harness.claims import evaluate_claim, parse_claim
 from harness.data import load_gsm8k, synthetic_split
 from harness.evaluation import evaluate
+from harness.experiments import ModelRun
 from harness.interchange import _STEP, clean_thoughts, counterfactual, interchange, interchange_pairs
+from harness.kinds import logit_lens
 from harness.lens import SOURCES, chance_targets, hits, lens_tokens, step_results, step_tokens
 from harness.probes import chance, step_probes
 from harness.runtime import ThoughtPatch
@@ -98,3 +102,24 @@ def test_step_probes_find_a_planted_step_result_at_its_thought_and_layer():
     assert task[1, 1].mean() < chance(digit) + 0.1 and task[2, 0].mean() < chance(digit) + 0.1
     has_two = np.array([p.n_steps >= 2 for p in problems])
     assert (out[1, 0, 0, 0][~has_two] == -1).all() and (out[1, 0, 0, 0][has_two] >= 0).all()
+
+
+def test_the_lens_heat_map_is_drawn_at_the_top_k_its_claim_is_judged_on(load_model, tmp_path):
+    """A claim judged on top-5 decoding gets a top-5 heat map (it showed top-1 rates beside a
+    top-5 verdict)."""
+    run = ModelRun(load_model("tiny-gpt2"), synthetic_split("test")[:40], synthetic_split("discovery")[:40],
+                   ResultCache(tmp_path))  # fmt: skip
+    experiment = {"test": "decodes_step", "step": 1, "top": 5}
+    claim = parse_claim({"id": "c", "phase": 3, "statement": "s", "metric": "logit_lens", "threshold": 10.0,
+                         "direction": "greater", "experiment": experiment}, "t")  # fmt: skip
+    section = logit_lens.section([evaluate_claim(claim, run)], {"tiny-gpt2": run})
+    (fig,) = section.figures.values()
+    table = section.tables["lens"]
+    panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert len(panels) == 2
+    for ax in panels:
+        source = ax.get_title().split(":")[0]
+        assert "top-5" in ax.get_title()
+        part = table[table.source == source]
+        shown = np.asarray(ax.get_images()[0].get_array())
+        assert np.isclose(np.nansum(shown), part.top5.sum()) and not np.isclose(part.top5.sum(), part.top1.sum())

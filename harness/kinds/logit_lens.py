@@ -135,24 +135,29 @@ def lens_table(run: ModelRun) -> pd.DataFrame:
 
 
 def section(results: list[ClaimResult], runs: dict[str, ModelRun]) -> Section:
+    """Per model, a heat map of each source's decode rate by position and step, at the `top`
+    its claims are judged on (one row of panels per top-k the model's claims use)."""
     models = list(dict.fromkeys(r.model for r in results))
     tables = {m: lens_table(runs[m]) for m in models}
     figures = {}
     for model, table in tables.items():
-        fig = Figure(figsize=(9, 3.4), layout="constrained")
-        for ax, source in zip(fig.subplots(1, len(SOURCES)), SOURCES):
-            part = table[table.source == source]
-            grid = part.pivot(index="position", columns="step", values="top1").reindex(
-                [p for p in position_names(runs[model].n_latent) if p in set(part.position)]
-            )
-            image = ax.imshow(grid.to_numpy(), cmap="viridis", vmin=0, vmax=100, aspect="auto")
-            ax.set_xticks(range(grid.shape[1]), [f"step {s}" for s in grid.columns])
-            ax.set_yticks(range(grid.shape[0]), grid.index)
-            for (i, j), value in np.ndenumerate(grid.to_numpy()):
-                ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7, color="white")
-            ax.set_title(f"{source}: top-1 decode of each step's result (%)")
-            fig.colorbar(image, ax=ax, shrink=0.8)
-        fig.suptitle(f"{model}: logit lens of bot and the thoughts (test split)")
+        tops = sorted({r.details["top"] for r in results if r.model == model})
+        fig = Figure(figsize=(9, 3.4 * len(tops)), layout="constrained")
+        axes = fig.subplots(len(tops), len(SOURCES), squeeze=False)
+        for row, top in zip(axes, tops):
+            for ax, source in zip(row, SOURCES):
+                part = table[table.source == source]
+                grid = part.pivot(index="position", columns="step", values=f"top{top}").reindex(
+                    [p for p in position_names(runs[model].n_latent) if p in set(part.position)]
+                )
+                image = ax.imshow(grid.to_numpy(), cmap="viridis", vmin=0, vmax=100, aspect="auto")
+                ax.set_xticks(range(grid.shape[1]), [f"step {s}" for s in grid.columns])
+                ax.set_yticks(range(grid.shape[0]), grid.index)
+                for (i, j), value in np.ndenumerate(grid.to_numpy()):
+                    ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7, color="white")
+                ax.set_title(f"{source}: top-{top} decode of each step's result (%)")
+                fig.colorbar(image, ax=ax, shrink=0.8)
+        fig.suptitle(f"{model}: logit lens of bot and the thoughts (test split; top-k as the claims judge it)")
         figures[f"lens_{model}"] = fig
     table = pd.concat([t.assign(model=m) for m, t in tables.items()], ignore_index=True)
     return Section("Logit lens of the thoughts", {"lens": table}, figures)
