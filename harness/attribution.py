@@ -1,11 +1,13 @@
-"""Gradient attributions: attribution patching of every head (the causal sweep's fast screen),
-and integrated gradients from a critical head's output at the hub thought back to the question
-tokens (experiment 3.2), with captum's LayerIntegratedGradients on the token embeddings.
+"""Gradient attributions: the causal sweep's screens (attribution patching and integrated
+gradients of every head along the path from ablated to clean), and integrated gradients from
+a critical head's output at the hub thought back to the question tokens (experiment 3.2), with
+captum's LayerIntegratedGradients on the token embeddings.
 
 Attribution patching (Nanda 2023; Syed et al. 2023) estimates each head's ablation effect on
-the gold answer's teacher-forced log-probability to first order: grad . (ablated - clean) of
-the head's output at the thought positions, summed over them; one forward and one backward
-pass per batch give every head at once.
+the gold answer's teacher-forced log-probability to first order: grad . (clean - ablated) of
+the head's output at each thought; one forward and one backward pass per batch give every head
+at once. Integrated gradients (EAP-IG, Hanna et al. 2024) averages that gradient over k points
+of the straight path on which every head moves from ablated to clean together.
 
 The attributed scalar is the head's output at the hub CT (its slice of the output-projection
 input) projected on that head's mean output direction over the attributed problems: a linear
@@ -16,6 +18,7 @@ convergence delta. The baseline replaces every question token by the pad token (
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +27,7 @@ import torch
 from harness.arch import Head
 from harness.codi import CODIModel
 from harness.data import NAMES, Problem, format_number
-from harness.interventions import HeadCapture, HeadGradients
+from harness.interventions import HeadCapture, HeadInterpolation
 from harness.progress import bar
 from harness.runtime import Batch, answer_logprobs, encode_questions, question_pass, run_latents
 
@@ -177,39 +180,44 @@ def _mean_directions(codi: CODIModel, batches: list[Batch], heads: list[Head], t
     return [s / s.norm().clamp_min(1e-12) for s in sums]
 
 
-def attribution_patching(
+def path_attributions(
     codi: CODIModel,
     problems: list[Problem],
-    means: torch.Tensor,
+    targets: torch.Tensor | None,
+    alphas: Sequence[float],
     batch_size: int = 128,
     progress: bool = False,
 ) -> np.ndarray:
-    """First-order estimate of each head's ablation drop in answer log-probability (nats), per
-    problem, for zero and mean ablation at every thought: [2 (zero, mean), N, L, H].
+    """Each head's estimated drop in answer log-probability (nats) when ablated at each thought,
+    per problem: [N, L, H, K], the mean over `alphas` of d(log p)/d(alpha) on the path where every
+    head's output at every thought is t + alpha (x - t) (`HeadInterpolation`; t zero, or
+    `targets` [L, H, K, hd], the heads' mean outputs).
 
-    `means` [L, H, K, hd] are the heads' mean outputs at the thoughts (mean ablation's values).
-    A drop is clean minus ablated log-probability, so the estimate is -grad . (ablated - clean).
+    `alphas = (1.0,)` is attribution patching: the first-order term at the clean model, one
+    forward and backward pass. The midpoints of k equal steps are integrated gradients along
+    the path from every head ablated to clean (EAP-IG): k passes, and the estimates of all
+    heads at all thoughts add up to the drop when all are ablated at once (completeness, up to
+    the Riemann sum's error). A head's drop at every thought is the sum over K.
     """
     geo = codi.geometry
-    out = np.zeros((2, len(problems), geo.n_layers, geo.n_heads))
-    progress_bar = bar(total=len(problems), desc=f"attribution patching {codi.name}", disable=not progress)
+    out = np.zeros((len(problems), geo.n_layers, geo.n_heads, codi.n_latent))
+    progress_bar = bar(total=len(problems) * len(alphas), desc=f"path attributions {codi.name}", disable=not progress)
     for start in range(0, len(problems), batch_size):
         chunk = problems[start : start + batch_size]
         batch = encode_questions(codi, [p.question for p in chunk])
+        answers = [format_number(p.answer) for p in chunk]
         with torch.no_grad():  # the question pass precedes every thought: no gradient needed there
             prefix = question_pass(codi, batch)
-        with torch.enable_grad(), HeadGradients(codi, batch.positions(codi.n_latent).latent) as hook:
-            state = run_latents(codi, batch, prefix=prefix)
-            logprob = answer_logprobs(codi, state, [format_number(p.answer) for p in chunk], copy_cache=False)
-            layers = sorted(hook.deltas)
-            grads = torch.autograd.grad(logprob.sum(), [hook.deltas[layer] for layer in layers], allow_unused=True)
-        for layer, grad in zip(layers, grads):  # grad, clean: [B, K, H, hd]
-            clean = hook.clean[layer]
-            grad = torch.zeros_like(clean) if grad is None else grad  # a layer the answer does not read
-            zero = (grad * clean).sum((1, 3))  # -grad . (0 - clean), summed over thoughts: [B, H]
-            mean = -(grad * (means[layer].transpose(0, 1).to(clean) - clean)).sum((1, 3))  # means: [K, H, hd]
-            out[0, start : start + len(chunk), layer] = zero.double().cpu().numpy()
-            out[1, start : start + len(chunk), layer] = mean.double().cpu().numpy()
-        progress_bar.update(len(chunk))
+        for alpha in alphas:
+            positions = batch.positions(codi.n_latent).latent
+            with torch.enable_grad(), HeadInterpolation(codi, positions, alpha, targets) as path:
+                state = run_latents(codi, batch, prefix=prefix)
+                logprob = answer_logprobs(codi, state, answers, copy_cache=False)
+                layers = sorted(path.alphas)
+                grads = torch.autograd.grad(logprob.sum(), [path.alphas[layer] for layer in layers], allow_unused=True)
+            for layer, grad in zip(layers, grads):  # [B, K, H]; None: a layer the answer does not read
+                if grad is not None:
+                    out[start : start + len(chunk), layer] += grad.transpose(1, 2).double().cpu().numpy() / len(alphas)
+            progress_bar.update(len(chunk))
     progress_bar.close()
     return out

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock
 
-from harness.data import PROJECT_ROOT
+from harness.data import WORK_ROOT
 
 CACHE_VERSION = 1
-DEFAULT_DIR = PROJECT_ROOT / ".cache" / "results"
+DEFAULT_DIR = WORK_ROOT / ".cache" / "results"
 log = logging.getLogger(__name__)
 
 

@@ -1,5 +1,5 @@
-"""Causal head discovery: every head alone ablated at every thought (the sweep), attribution
-patching's first-order estimate of the same drops, and the causal ranking claims take their
+"""Causal head discovery: every head alone ablated at every thought (the sweep), the gradient
+screens' estimates of the same drops, and the causal ranking claims take their
 heads from with `ranking = "causal"` (the sweep on the discovery split).
 
 Each is a computation of a `ModelRun`, cached by it under a content key; the run itself knows
@@ -9,6 +9,7 @@ none of them.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -17,12 +18,12 @@ import pandas as pd
 import torch
 
 from harness.arch import Head, attn_out_proj
-from harness.attribution import attribution_patching as estimate_drops
+from harness.attribution import path_attributions
 from harness.codi import CODIModel, Pass
 from harness.data import data_hash, format_number
 from harness.evaluation import PrefixStore
 from harness.interventions import InterventionError
-from harness.positions import PositionMap
+from harness.positions import PositionMap, thought_number
 from harness.progress import bar
 from harness.runtime import Batch, Prefix, answer_logprobs, encode_questions, run_latents
 from harness.specs import AblateHeads, Baseline
@@ -48,37 +49,74 @@ def head_means(run: ModelRun) -> torch.Tensor:
     return means.view(geo.n_layers, geo.n_heads, *means.shape[1:])
 
 
-def attribution_patching(run: ModelRun) -> np.ndarray:
-    """Attribution patching's estimate of every head's ablation drop in answer
-    log-probability, per problem: [2 (zero, mean), N, L, H] nats, cached."""
+SCREENS = ("atp", "ig")  # attribution patching; integrated gradients along the all-heads path (EAP-IG)
+SCREEN_STEPS = 16  # integrated gradients' steps (midpoints of equal steps from ablated to clean)
+
+
+def screen_estimates(run: ModelRun, screen: str, mode: str = "zero", steps: int = SCREEN_STEPS) -> np.ndarray:
+    """A gradient screen's estimate of every head's ablation drop in answer log-probability at
+    each thought, per problem: [N, L, H, K] nats (a head at every thought: the sum over K),
+    cached. `atp`: attribution patching (first order at the clean model; `steps` unused);
+    `ig`: integrated gradients over `steps` points of the path from every head ablated to clean."""
+    if screen not in SCREENS:
+        raise InterventionError(f"unknown screen {screen!r}; choose from {', '.join(SCREENS)}")
+    if mode not in ("zero", "mean"):
+        raise InterventionError(f"a screen estimates zero or mean ablation, not {mode!r}")
+    if steps < 1:
+        raise InterventionError(f"a screen takes at least 1 step, not {steps}")
+    alphas = (1.0,) if screen == "atp" else tuple((j + 0.5) / steps for j in range(steps))
 
     def compute() -> np.ndarray:
-        return estimate_drops(run.codi, run.problems, head_means(run), run.batch_size, run.progress)
+        targets = head_means(run) if mode == "mean" else None
+        return path_attributions(run.codi, run.problems, targets, alphas, run.batch_size, run.progress)
 
-    key = run.key(kind="attribution_patching", means=data_hash(run.discovery))
-    return run.cached(key, "attribution patching (every head)", compute)
+    reads = {"means": data_hash(run.discovery)} if mode == "mean" else {}
+    key = run.key(kind="head_screen", screen=screen, mode=mode, steps=len(alphas), **reads)
+    what = "attribution patching" if screen == "atp" else f"integrated gradients ({steps} steps)"
+    return run.cached(key, f"{what} of every head ({mode})", compute)
 
 
-def causal_ranking(run: ModelRun, n_top: int = 3) -> pd.DataFrame:
-    """Heads by their zero-ablation drop in answer log-probability at every thought on the
-    discovery split, from a race (`race`) for the top `n_top`: those first, in the race's
-    order (the full sweep's top `n_top`, tested), then the rest by their drop on the problems
-    they were measured on. Columns `rank`, `layer`, `head`, `name`, `drop_logprob`, `problems`
-    (memoised)."""
+def screened(estimates: np.ndarray, parts: list[Component]) -> np.ndarray:
+    """A screen's per-problem estimate [N, L, H, K] of each component: [C, N]."""
+    per_thought = [estimates[:, c.head.layer, c.head.head] for c in parts]  # [N, K] each
+    return np.stack([e.sum(-1) if c.thought is None else e[:, c.thought] for c, e in zip(parts, per_thought)])
+
+
+def causal_ranking(run: ModelRun, n_top: int = 3, thought: int | None = None) -> pd.DataFrame:
+    """Heads by their zero-ablation drop in answer log-probability on the discovery split,
+    ablated at every thought (`thought` None) or at that thought alone, from a race (`race`) for
+    the top `n_top`: those first, in the race's order (the full sweep's top `n_top`, tested),
+    then the rest by their drop on the problems they were measured on. Columns `rank`,
+    `layer`, `head`, `name`, `drop_logprob`, `problems` (memoised)."""
 
     def compute() -> pd.DataFrame:
-        parts = components(run, "head")
+        parts = [Component(head, thought) for head in run.every_head]
         n = min(n_top, len(parts) - 1)
         result = race(run.on_discovery(), parts, n, "zero")
         table = result.table.set_index("component")
         order = [str(c) for c in result.top] + [c for c in table.index if c not in {str(t) for t in result.top}]
-        df = pd.DataFrame([{"layer": Head.parse(name).layer, "head": Head.parse(name).head, "name": name,
+        heads = [Head.parse(name.split("@")[0]) for name in order]
+        df = pd.DataFrame([{"layer": head.layer, "head": head.head, "name": str(head),
                             "drop_logprob": table.drop_logprob[name], "problems": int(table.problems[name])}
-                           for name in order])  # fmt: skip
+                           for head, name in zip(heads, order)])  # fmt: skip
         df.insert(0, "rank", range(1, len(df) + 1))
         return df
 
-    return run.remember(("causal_ranking", n_top), compute)
+    return run.remember(("causal_ranking", n_top, thought), compute)
+
+
+def ranking_thought(positions: Sequence[str]) -> int | None:
+    """The thought a causal ranking ablates its heads at for a claim acting at `positions`:
+    None (every thought) for `latent`, i for `CT<i>` alone; anything else is a ValueError (the
+    sweep ablates a head at every thought or at one)."""
+    if tuple(positions) == ("latent",):
+        return None
+    if len(positions) == 1 and (number := thought_number(positions[0])) is not None:
+        return number
+    raise ValueError(
+        f"ranking 'causal' ranks heads ablated at every thought (positions ['latent']) or at one (['CT<i>']), "
+        f"not at {list(positions)}: name the heads, or use the attention ranking"
+    )
 
 
 # --- stacked conditions: many single-component ablations in one batched pass ---------------

@@ -17,7 +17,7 @@ import numpy as np
 import tomllib
 
 from harness.arch import HeadGeometry
-from harness.data import PROJECT_ROOT
+from harness.data import WORK_ROOT
 from harness.error_analysis import by_type, group_draws
 from harness.experiments import ModelRun
 from harness.kinds import KINDS, ClaimError, Params
@@ -26,7 +26,7 @@ from harness.specs import with_draw
 from harness.stats import MEASURES, percentile_of
 from harness.verdicts import DIRECTIONS, ClaimResult, check_criteria, judge, point_judge
 
-REGISTRY = PROJECT_ROOT / "hypotheses" / "claims.toml"
+REGISTRY = WORK_ROOT / "hypotheses" / "claims.toml"
 PHASES = (1, 2, 3, 4)
 
 
@@ -113,6 +113,7 @@ def parse_claim(entry: dict, where: str) -> Claim:
     try:  # the criteria make sense together, and the kind can judge the direction
         check_criteria(values["threshold"], values["direction"], values.get("refute_at"), labels)
         params.check_direction(values["direction"])
+        params.check_measure(measure)
     except ValueError as e:
         raise ClaimError(f"{where}: {e}") from None
     if getattr(params, "against_control", False):

@@ -1,4 +1,4 @@
-"""`python -m harness train|evaluate|rank-heads|sweep|claims`: argument parsing and one-line usage errors (exit 4)."""
+"""`python -m harness train|evaluate|rank-heads|sweep|claims|init`: argument parsing, one-line usage errors (exit 4)."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from harness.codi import ModelLoadError
 
 if TYPE_CHECKING:
     from harness.experiments import ModelRun
-from harness.data import PROJECT_ROOT, DataError
+from harness.data import WORK_ROOT, DataError
 
 USAGE_ERROR = 4
-REGISTRY_DEFAULT = PROJECT_ROOT / "hypotheses" / "claims.toml"
+REGISTRY_DEFAULT = WORK_ROOT / "hypotheses" / "claims.toml"
 DATA_HELP = "synthetic, gsm8k (default: the model's own data, as in the claims suite)"
 
 
@@ -117,18 +117,22 @@ def _sweep(args: argparse.Namespace) -> int:
     import torch
 
     from harness.cache import ResultCache
+    from harness.causal import SCREEN_STEPS
     from harness.data import held_out_splits
     from harness.experiments import ModelRun
     from harness.models import resolve
 
     on_discovery = args.racing or args.resolution != "head"
-    ignored = "--n-problems" if on_discovery and args.n_problems is not None else None
-    if not on_discovery and args.n_top is not None:
-        ignored = "--n-top"
+    ignored = {"--n-problems": "the discovery split is fixed"} if on_discovery and args.n_problems is not None else {}
+    if args.steps is not None and args.screen != "ig":
+        ignored["--steps"] = "it is integrated gradients' (--screen ig)"
     if ignored:  # a setting the chosen sweep would not read
-        why = "the discovery split is fixed" if ignored == "--n-problems" else "it is for --racing or --resolution"
-        print(f"error: {ignored} does not apply to this sweep ({why}); drop it", file=sys.stderr)
+        option, why = next(iter(ignored.items()))
+        print(f"error: {option} does not apply to this sweep ({why}); drop it", file=sys.stderr)
         return USAGE_ERROR
+    args.steps = args.steps or SCREEN_STEPS
+    if not on_discovery:
+        args.screen = args.screen or "atp"  # the plain sweep always shows a screen beside it
     if args.threads:
         torch.set_num_threads(args.threads)
     problems, discovery = held_out_splits(args.data, None if on_discovery else args.n_problems or 1000)
@@ -165,8 +169,10 @@ def _report_components(run: ModelRun, args: argparse.Namespace) -> int:
     import time
 
     import pandas as pd
+    from scipy.stats import spearmanr
 
-    from harness.causal import components, race, stacked
+    from harness.causal import components, race, screen_estimates, screened, stacked
+    from harness.kinds.sweep import screen_label
     from harness.specs import Baseline
 
     parts, n_top = components(run, args.resolution), args.n_top or 3
@@ -191,6 +197,18 @@ def _report_components(run: ModelRun, args: argparse.Namespace) -> int:
            "resolution": args.resolution, "racing": args.racing, "rows": rows, "top": [str(c) for c in top],
            "separated": separated, "problem_conditions": int(table.problems.sum()),
            "seconds": round(seconds, 2)}  # fmt: skip
+    if args.screen:  # its estimate of every component on every discovery problem, beside the sweep's
+        start = time.perf_counter()
+        by_name = dict(zip(map(str, parts), screened(screen_estimates(run, args.screen, args.mode, args.steps),
+                                                     parts).mean(1)))  # fmt: skip
+        table["screen_estimate"] = table.component.map(by_name)
+        for row, estimate in zip(rows, table.screen_estimate):
+            row["screen_estimate"] = float(estimate)
+        screen_top = sorted(by_name, key=lambda c: -by_name[c])[:n_top]
+        out["screen"] = {"screen": args.screen, "steps": args.steps if args.screen == "ig" else None,
+                         "spearman": float(spearmanr(table.screen_estimate, table.drop_logprob).statistic),
+                         "top": screen_top, "top_k_overlap": len(set(screen_top) & set(out["top"])) / n_top,
+                         "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
     if args.json:
         print(json.dumps(out))
         return 0
@@ -200,6 +218,11 @@ def _report_components(run: ModelRun, args: argparse.Namespace) -> int:
           f"{seconds:.1f} s")  # fmt: skip
     print(table.head(args.top).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     print(f"top {n_top}: {', '.join(out['top'])}" + ("" if separated is None else f" (separated: {separated})"))
+    if args.screen:
+        said = out["screen"]
+        print(f"{screen_label(args.screen, args.steps)}: Spearman {said['spearman']:.3f} with the sweep's drops; "
+              f"its top {n_top} {', '.join(said['top'])} ({said['top_k_overlap']:.0%} shared), "
+              f"{said['seconds']:.1f} s")  # fmt: skip
     return 0
 
 
@@ -209,8 +232,8 @@ def _report_sweep(run: ModelRun, args: argparse.Namespace) -> int:
 
     from scipy.stats import spearmanr
 
-    from harness.causal import attribution_patching, sweep
-    from harness.kinds.sweep import sweep_table
+    from harness.causal import screen_estimates, sweep
+    from harness.kinds.sweep import screen_label, sweep_table, top_overlap
 
     baseline_accuracy = run.baseline.mean("accuracy")  # shared by both: not timed
     before = len(run._computed)
@@ -218,17 +241,19 @@ def _report_sweep(run: ModelRun, args: argparse.Namespace) -> int:
     sweep(run, args.mode)
     seconds_ablation = time.perf_counter() - start
     start = time.perf_counter()
-    attribution_patching(run)
+    screen_estimates(run, args.screen, args.mode, args.steps)
     seconds_attribution = time.perf_counter() - start
     computed = len(run._computed) - before  # results computed while timed (0: the timings are cache reads)
-    table = sweep_table(run, args.mode)
+    table = sweep_table(run, args.mode, args.screen, args.steps)
     rho = float(spearmanr(table.attribution, table.ablation_drop_logprob).statistic)
+    overlap = top_overlap(table.attribution.to_numpy(), table.ablation_drop_logprob.to_numpy(), args.n_top or 3)
     stacked_cps, unstacked_cps = _conditions_per_second(run, args.mode)
     if args.json:
         heads = table[["head", "ablation_drop", "ablation_drop_logprob", "attribution"]].to_dict(orient="records")
         print(json.dumps({"model": run.name, "n_problems": len(run.problems), "mode": args.mode,
                           "baseline_accuracy": baseline_accuracy, "heads": heads,
-                          "spearman": rho, "seconds_ablation": round(seconds_ablation, 2),
+                          "screen": args.screen, "steps": args.steps if args.screen == "ig" else None,
+                          "spearman": rho, "top_k_overlap": overlap, "seconds_ablation": round(seconds_ablation, 2),
                           "seconds_attribution": round(seconds_attribution, 2), "computed": computed,
                           "conditions_per_second": round(stacked_cps, 2),
                           "conditions_per_second_unstacked": round(unstacked_cps, 2)}))  # fmt: skip
@@ -239,8 +264,10 @@ def _report_sweep(run: ModelRun, args: argparse.Namespace) -> int:
     columns = ["head", "ablation_drop", "ablation_drop_logprob", "attribution", "composite"]
     print(top[columns].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     ratio = seconds_ablation / max(seconds_attribution, 1e-9)
-    print(f"Spearman (attribution vs ablation log-prob drop, {len(table)} heads): {rho:.3f}")
-    print(f"ablation sweep {seconds_ablation:.1f} s, attribution patching {seconds_attribution:.1f} s ({ratio:.0f}x)")
+    label = screen_label(args.screen, args.steps)
+    print(f"Spearman ({label} vs ablation log-prob drop, {len(table)} heads): {rho:.3f}; "
+          f"top {args.n_top or 3} shared: {overlap:.0%}")  # fmt: skip
+    print(f"ablation sweep {seconds_ablation:.1f} s, {label} {seconds_attribution:.1f} s ({ratio:.0f}x)")
     print(f"teacher-forced single-head conditions per second: {stacked_cps:.1f} stacked, "
           f"{unstacked_cps:.1f} one at a time")  # fmt: skip
     if computed == 0:
@@ -264,6 +291,19 @@ def _claims(args: argparse.Namespace) -> int:
         print(claim.describe())
     checked = f"; checked against {', '.join(args.model)}" if args.model else ""
     print(f"{len(claims)} claims in {args.registry}{checked}")
+    return 0
+
+
+def _init(args: argparse.Namespace) -> int:
+    from harness.starter import StarterError, write
+
+    try:
+        written = write(Path(args.dir))
+    except StarterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return USAGE_ERROR
+    print(f"wrote {', '.join(str(p) for p in written)}")
+    print(f"run the claims: cd {shlex.quote(args.dir)} && pytest   (pytest --list-claims lists them)")
     return 0
 
 
@@ -339,7 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="head (ablated at every thought, default) or head_thought (one head at one thought): "
                     "anything but head runs the teacher-forced sweep on the discovery split")  # fmt: skip
     sw.add_argument("--racing", action="store_true", help="race the components on the discovery split (see docs)")
-    sw.add_argument("--n-top", type=int, help="top components (default 3; --racing or --resolution only)")
+    sw.add_argument("--n-top", type=int, help="top components (default 3): the race's places, the screen's top-k")
+    sw.add_argument("--screen", choices=["atp", "ig"],
+                    help="a gradient screen's estimate beside the sweep, with Spearman's rho and top-k overlap: atp "
+                    "(attribution patching; the plain sweep's default) or ig (integrated gradients)")  # fmt: skip
+    sw.add_argument("--steps", type=int, help="--screen ig: points on the path from ablated to clean (default 16)")
     sw.set_defaults(func=_sweep)
     cl = sub.add_parser("claims", help="validate the claims registry and list every claim with its parameters")
     cl.add_argument("--registry", default=str(REGISTRY_DEFAULT), help="default hypotheses/claims.toml")
@@ -347,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--base", help="base model (HF id or directory) for hub-format checkpoints")
     cl.add_argument("--n-latent", type=int, help=N_LATENT_HELP)
     cl.set_defaults(func=_claims)
+    it = sub.add_parser("init", help="write a starter claims.toml, test file and pytest.ini into a folder of yours")
+    it.add_argument("dir", help="the folder (created if needed); files already there are never overwritten")
+    it.set_defaults(func=_init)
     return parser
 
 

@@ -14,7 +14,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parent.parent  # holds harness/ and the shipped fixtures/
+# Where generated files (reports/, .cache/results/) and the default registry live: the checkout
+# itself when run from one (pyproject.toml beside harness/); for an installed package, the
+# researcher's project, the working directory, never site-packages.
+WORK_ROOT = PROJECT_ROOT if (PROJECT_ROOT / "pyproject.toml").is_file() else Path.cwd()
 GSM8K_PATH = PROJECT_ROOT / "fixtures" / "data" / "gsm8k" / "test.jsonl"
 
 ANSWER_PREFIX = "answer is :"

@@ -20,7 +20,7 @@ import torch
 
 from harness.arch import Head, check_heads
 from harness.cache import ResultCache, content_key
-from harness.causal import causal_ranking
+from harness.causal import causal_ranking, ranking_thought
 from harness.codi import CODIModel
 from harness.data import Problem, data_hash
 from harness.discovery import LatentAttention, head_metrics, model_hub_thought, record_latent_attention, top_heads
@@ -334,18 +334,23 @@ class ModelRun:
         geo = self.geometry
         return [Head(layer, head) for layer in range(geo.n_layers) for head in range(geo.n_heads)]
 
-    def heads_for(self, named: Sequence[str], n_heads: int, ranking: str = "attention") -> tuple[list[Head], str]:
+    def heads_for(
+        self, named: Sequence[str], n_heads: int, ranking: str = "attention", positions: Sequence[str] = ("latent",)
+    ) -> tuple[list[Head], str]:
         """The heads a claim acts on and where they come from: the claim's own `heads`, else
         the session's `--heads` (fewer than `n_heads` are used as they are and the source says
         so, e.g. the seed's one GPT-2 head), else the top `n_heads` of the discovery split's
-        attention ranking or (`ranking="causal"`) of its causal sweep."""
+        attention ranking or (`ranking="causal"`) of its causal sweep, the heads ablated where
+        the claim ablates them (`positions`: every thought, or one `CT<i>`)."""
         if named:
             return [Head.parse(h) for h in named], "claim"
         if self.heads:
             short = f" ({len(self.heads)} of the {n_heads} asked)" if len(self.heads) < n_heads else ""
             return self.heads[:n_heads], f"--heads{short}"
         if ranking == "causal":
-            return top_heads(causal_ranking(self, n_heads), n_heads), "causal ranking"
+            thought = ranking_thought(positions)
+            where = "" if thought is None else f" at CT{thought}"
+            return top_heads(causal_ranking(self, n_heads, thought), n_heads), f"causal ranking{where}"
         return top_heads(self.ranking, n_heads), "ranking"
 
     def on_discovery(self) -> ModelRun:

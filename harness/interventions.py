@@ -120,29 +120,35 @@ class HeadCapture(_HeadHooks):
         return None
 
 
-class HeadGradients(_HeadHooks):
-    """Attribution patching's hook: every head's output at `positions` gets a zero tensor added
-    that requires grad, so one backward pass gives d(metric)/d(head output) there for every
-    head at once. `.deltas[layer].grad` and `.clean[layer]` are [B, n_positions, n_heads, hd]
-    after the backward pass and the forward pass."""
+class HeadInterpolation(_HeadHooks):
+    """The path of attribution patching and integrated gradients: every head's output x at
+    `positions` replaced by t + alpha (x - t), t its ablated value (zero, or `targets`
+    [L, H, n_positions, hd]), alpha a leaf filled with `alpha` that requires grad, so one
+    backward pass gives d(metric)/d(alpha) for every head at every position at once
+    (`.alphas[layer]` [B, n_positions, n_heads]). alpha 1 is the clean model, 0 every head ablated."""
 
-    def __init__(self, codi: CODIModel, positions: Sequence[int]):
+    def __init__(
+        self, codi: CODIModel, positions: Sequence[int], alpha: float = 1.0, targets: torch.Tensor | None = None
+    ):
         geo = codi.geometry
         every = [Head(layer, head) for layer in range(geo.n_layers) for head in range(geo.n_heads)]
         super().__init__(codi, every, positions)
-        self.deltas: dict[int, torch.Tensor] = {}
-        self.clean: dict[int, torch.Tensor] = {}
+        self.alpha, self.targets = alpha, targets
+        self.alphas: dict[int, torch.Tensor] = {}
 
     def _on_heads(self, x, heads, local, which, args):
         layer = heads[0].layer
-        if layer not in self.deltas:
-            shape = (x.shape[0], len(self.positions), self.n_heads, self.head_dim)
-            self.deltas[layer] = x.new_zeros(shape, requires_grad=True)
-            self.clean[layer] = x.new_zeros(shape)
+        if layer not in self.alphas:
+            shape = (x.shape[0], len(self.positions), self.n_heads)
+            self.alphas[layer] = x.new_full(shape, self.alpha, requires_grad=True)
         view = self._view(x)  # [B, T, H, hd]
-        self.clean[layer][:, which] = view[:, local].detach()
+        clean = view[:, local]  # [B, n, H, hd]
+        if self.targets is None:
+            target = 0.0
+        else:
+            target = self.targets[layer][:, which.cpu()].transpose(0, 1).to(x)  # [n, H, hd]
         x = x.clone()
-        self._view(x)[:, local] = view[:, local] + self.deltas[layer][:, which]
+        self._view(x)[:, local] = target + self.alphas[layer][:, which, :, None] * (clean - target)
         return (x, *args[1:])
 
 

@@ -9,6 +9,10 @@ Fixtures for claim tests (registry rows and researchers' own Python claims alike
 `model_run` (the `ModelRun` of the test's `model_name`), `run_claim(claim)` (a registry claim
 measured, phase gates applied) and `assert_claim(result)` (records the row for the report,
 then passes, fails or reports INCONCLUSIVE).
+
+This checkout's conftest.py loads it (or `-p harness.pytest_plugin`); an installed package's
+`pytest11` entry point (`harness.pytest_entry`) loads it only for a run that names a registry
+or a report folder.
 """
 
 from __future__ import annotations
@@ -35,17 +39,23 @@ from harness.interventions import InterventionError, leftover_hooks
 from harness.models import SHIPPED, default_data, resolve, seed_heads
 from harness.positions import PositionError
 from harness.progress import show_on
+from harness.pytest_entry import INI, INI_HELP
 from harness.report import KEEP_REPORTS, REPORTS_DIR, new_run_dir, prune_reports, read_claims, write_report
 from harness.runinfo import run_info
 from harness.verdicts import ClaimResult
 
 _REGISTRY: dict[str, Claim] = {}  # the session's claims by id, loaded in `pytest_configure`
+FLIPPED = 6  # the exit status of --fail-on-flip
 
 
-def claim_params(phase: int) -> list:
-    """The registry's claims of one phase as pytest parameters: id = claim id, marker = phase."""
+def claim_params(phase: int | None = None) -> list:
+    """The registry's claims of one phase (default: every phase) as pytest parameters: id =
+    claim id, marker = phase. One test over every phase keeps a researcher's new claim from
+    going unrun because no test file asks for its phase."""
     return [
-        pytest.param(c, id=c.id, marks=getattr(pytest.mark, c.marker)) for c in _REGISTRY.values() if c.phase == phase
+        pytest.param(c, id=c.id, marks=getattr(pytest.mark, c.marker))
+        for c in _REGISTRY.values()
+        if phase is None or c.phase == phase
     ]
 
 
@@ -87,6 +97,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption("--report-dir", help="where the report goes (default reports/<run-id>/)")
     group.addoption(
+        "--fail-on-flip",
+        action="store_true",
+        help=f"exit status {FLIPPED} when a verdict changed against the baseline (in place of 0 or 1; a usage "
+        "error or an interrupted run keeps its own status)",
+    )
+    group.addoption(
         "--compare-to",
         help="an earlier report folder to compare verdicts with (default: the newest earlier run of the same "
         "configuration that measured each claim)",
@@ -105,7 +121,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="the official evaluator's batching (128 in data order; results depend on the batch), cached apart "
         "from default runs",
     )
-    group.addoption("--registry", default=str(REGISTRY), help="the claims registry (default hypotheses/claims.toml)")
+    group.addoption(
+        "--registry",
+        help=f"the claims registry (default: {INI} in the pytest configuration, else hypotheses/claims.toml); "
+        "naming one turns the plugin on",
+    )
+    parser.addini(INI, INI_HELP)  # also here: the plugin runs without its entry point too (conftest.py, -p)
     group.addoption(
         "--list-claims",
         action="store_true",
@@ -113,10 +134,24 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def _registry(config: pytest.Config) -> Path:
+    """The run's registry: --registry, else codi_registry (relative to the file that sets it),
+    else hypotheses/claims.toml."""
+    if config.getoption("registry"):
+        return Path(config.getoption("registry"))
+    if config.getini(INI):
+        return (config.inipath.parent if config.inipath else config.rootpath) / config.getini(INI)
+    return REGISTRY
+
+
 def _runs_claims(config: pytest.Config) -> bool:
+    """On for a run that names its claims (--registry, codi_registry) or a report folder, and for
+    tests under this checkout's hypotheses/."""
+    if config.getoption("report_dir") or config.getoption("registry") or config.getini(INI):
+        return True
     hypotheses = (Path(__file__).resolve().parent.parent / "hypotheses").resolve()
     args = [Path(a.split("::")[0]).resolve() for a in config.args]
-    return bool(config.getoption("report_dir")) or any(a == hypotheses or hypotheses in a.parents for a in args)
+    return any(a == hypotheses or hypotheses in a.parents for a in args)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -131,7 +166,7 @@ def pytest_configure(config: pytest.Config) -> None:
         state["listing"] = state["enabled"] = True
         try:
             _REGISTRY.clear()
-            _REGISTRY.update({c.id: c for c in load_registry(Path(config.getoption("registry")))})
+            _REGISTRY.update({c.id: c for c in load_registry(_registry(config))})
         except ClaimError as e:
             raise pytest.UsageError(str(e)) from None
         return
@@ -141,7 +176,7 @@ def pytest_configure(config: pytest.Config) -> None:
     # the end (its unraisable-exception check), 1.5 s on a warm 10 s run: exempt what exists now
     gc.freeze()
     try:
-        claims = load_registry(Path(config.getoption("registry")))
+        claims = load_registry(_registry(config))
         _REGISTRY.clear()
         _REGISTRY.update({c.id: c for c in claims})
         state["runs"] = _load_runs(config)
@@ -275,8 +310,8 @@ def model_run(request: pytest.FixtureRequest, model_name: str) -> ModelRun:
     state = request.config.stash[_STATE]
     if not state["enabled"]:
         _refuse(
-            "the claims plugin is off for this run (it turns on for tests under hypotheses/ or with "
-            "--report-dir DIR): pass --report-dir to run claims kept elsewhere"
+            f"the claims plugin is off for this run (it turns on for tests under hypotheses/, with --registry "
+            f"FILE, {INI} in the pytest configuration or --report-dir DIR): name your registry or a report folder"
         )
     return state["runs"][model_name]
 
@@ -412,7 +447,7 @@ def pytest_runtestloop(session: pytest.Session) -> bool | None:
         reporter.write_line(f"{claim.describe()}\n    models: {', '.join(dict.fromkeys(models))}")
     for nodeid, models in python.items():
         reporter.write_line(f"{nodeid}  Python claim  models: {', '.join(dict.fromkeys(m for m in models if m))}")
-    path, total = session.config.getoption("registry"), len(_REGISTRY)
+    path, total = _registry(session.config), len(_REGISTRY)
     count = f"{len(registry)}" if len(registry) == total else f"{len(registry)} of {total}"
     shown = f"{count} claims in {path}"
     reporter.write_line(shown + (f"; {len(python)} Python claim tests" if python else ""))
@@ -431,7 +466,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             device=config.getoption("device"),
             dtype=config.getoption("dtype"),
             reference_batching=config.getoption("reference_batching"),
-            registry=Path(config.getoption("registry")),
+            registry=_registry(config),
             claim_files=[Path(a.split("::")[0]) for a in config.args],
             data=state["data"],
             runs=state["runs"],
@@ -440,6 +475,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         state["written"] = write_report(
             state["report_dir"], results, state["runs"], run, Path(compare_to) if compare_to else None
         )
+        usual = session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED)
+        if config.getoption("fail_on_flip") and state["written"].flips and usual:
+            session.exitstatus = state["flipped"] = FLIPPED  # what pytest exits with: a flip pages someone
         if not config.getoption("report_dir"):
             keep = config.getoption("keep_reports") or KEEP_REPORTS
             state["pruned"] = prune_reports(REPORTS_DIR, keep, state["report_dir"])
@@ -463,3 +501,5 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         loaded = [name for name, run in state["runs"].items() if run.model.loaded]
         terminalreporter.write_line(f"models loaded: {', '.join(loaded) or 'none (every result was in the cache)'}")
     terminalreporter.write_line(f"report: {written.directory}")
+    if state.get("flipped"):
+        terminalreporter.write_line(f"exit status {FLIPPED} (--fail-on-flip): {len(written.flips)} verdict(s) changed")

@@ -19,7 +19,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from harness import error_analysis
-from harness.data import PROJECT_ROOT
+from harness.data import WORK_ROOT
 from harness.kinds import KINDS, Section
 from harness.kinds.base import claims_figure
 from harness.report_page import forest_plot, page
@@ -27,7 +27,7 @@ from harness.runinfo import COMPARABLE, MODEL_COMPARABLE, same_configuration
 from harness.stats import UNITS, holm
 from harness.verdicts import VERDICTS, ClaimResult, criterion, what_ran
 
-REPORTS_DIR = PROJECT_ROOT / "reports"
+REPORTS_DIR = WORK_ROOT / "reports"
 KEEP_REPORTS = 20
 COLUMNS = ["id", "phase", "model", "statement", "metric", "measure", "heads", "positions", "mode", "n", "baseline",
            "effect", "ci_low", "ci_high", "threshold", "refute_at", "direction", "p_value", "p_test", "p_holm",
@@ -170,6 +170,7 @@ class Written:
     directory: Path
     html: str
     lines: list[str]
+    flips: list[str]  # verdicts changed against the baseline (`--fail-on-flip` reads them)
 
 
 def _note(r) -> str:
@@ -324,4 +325,4 @@ def write_report(
     lines += [f"  {r.id} on {r.model}: {_note(r)}" for r in df.itertuples() if _note(r)]
     lines.append(said)
     lines += [f"verdict changed: {f}" for f in flips]
-    return Written(directory, page(df, run, images, flips, said), lines)
+    return Written(directory, page(df, run, images, flips, said), lines, flips)

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from scipy.stats import spearmanr
 
 from harness import causal
 from harness.arch import Head
@@ -111,10 +112,21 @@ def test_the_sweep_command_races_and_refuses_what_a_sweep_would_not_read(capsys)
 
     assert main(["sweep", "--racing", "--n-problems", "50"]) == USAGE_ERROR
     assert "--n-problems does not apply to this sweep (the discovery split is fixed)" in capsys.readouterr().err
-    assert main(["sweep", "--n-top", "5"]) == USAGE_ERROR
-    assert "--n-top does not apply to this sweep" in capsys.readouterr().err
-    assert main(["sweep", "--racing", "--n-top", "2", "--model", "tiny-gpt2", "--no-cache", "--json"]) == 0
+    for screen in ([], ["--screen", "atp"]):
+        assert main(["sweep", *screen, "--steps", "4"]) == USAGE_ERROR
+        assert "--steps does not apply to this sweep (it is integrated gradients' (--screen ig))" in (
+            capsys.readouterr().err
+        )
+    argv = ["sweep", "--racing", "--n-top", "2", "--model", "tiny-gpt2", "--no-cache", "--json", "--screen", "ig"]
+    assert main([*argv, "--steps", "2"]) == 0
     out = json.loads(capsys.readouterr().out)
+    screen = out["screen"]  # the screen's estimate of every component beside the race's drops
+    assert (screen["screen"], screen["steps"], len(screen["top"])) == ("ig", 2, 2)
+    estimates = {r["head"]: r["screen_estimate"] for r in out["rows"]}
+    assert screen["top"] == sorted(estimates, key=lambda h: -estimates[h])[:2]
+    assert screen["top_k_overlap"] == len(set(screen["top"]) & set(out["top"])) / 2
+    drops = [r["ablation_drop_logprob"] for r in out["rows"]]
+    assert screen["spearman"] == pytest.approx(spearmanr(list(estimates.values()), drops).statistic)
     assert out["split"] == "discovery" and out["n_problems"] == 300 and len(out["top"]) == 2
     assert len(out["rows"]) == 32 and out["problem_conditions"] == sum(r["problems"] for r in out["rows"])
     assert {r["position"] for r in out["rows"]} == {"latent"} and out["top"][0] == out["rows"][0]["head"]

@@ -134,6 +134,10 @@ class Params:
     def check_direction(self, direction: str) -> None:
         """Refuse (ValueError) a claim direction these parameters cannot judge."""
 
+    def check_measure(self, measure: str) -> None:
+        """Refuse (ValueError) a measure these parameters cannot take (the kind's own list is
+        checked before)."""
+
     def check_model(self, geo: HeadGeometry, n_latent: int, model: str) -> None:
         """Named heads and positions exist in `model` (raise ValueError)."""
         heads = [Head.parse(h) for h in getattr(self, "heads", ())]

@@ -15,6 +15,7 @@ from matplotlib.ticker import MaxNLocator
 from statsmodels.stats.proportion import proportion_confint
 
 from harness.arch import Head
+from harness.causal import ranking_thought
 from harness.experiments import RANKINGS, ModelRun
 from harness.interventions import InterventionError
 from harness.kinds.base import (
@@ -55,6 +56,8 @@ class AblationParams(Params):
         if self.against_control and self.n_controls < 2:
             raise ValueError("against_control needs n_random of at least 2")
         check_head_mode(self.mode, self.positions)
+        if self.ranking == "causal" and not self.heads:
+            ranking_thought(self.positions)
 
     @property
     def n_controls(self) -> int:
@@ -91,7 +94,7 @@ def random_head_sets(run: ModelRun, like: list[Head], n_sets: int = 20) -> list[
 
 
 def measure(p: AblationParams, run: ModelRun, measure: str) -> Measured:
-    heads, source = run.heads_for(p.heads, p.n_heads, p.ranking)
+    heads, source = run.heads_for(p.heads, p.n_heads, p.ranking, p.positions)
     spec = AblateHeads(tuple(heads), p.positions, p.mode)
     draws = run.measure_draws(spec, p.n_draws)
     effect = run.effect(draws, measure)
