@@ -1,4 +1,4 @@
-"""Command line: `python -m harness {train,evaluate} ...`."""
+"""Command line: `python -m harness {train,evaluate,rank-heads,sweep,claims,init} ...` (see harness/cli.py)."""
 
 from harness.cli import main
 

@@ -31,7 +31,7 @@ from harness.arch import SiteError, parse_heads
 from harness.cache import DEFAULT_DIR, ResultCache
 from harness.claims import PHASES, REGISTRY, Claim, ClaimError, check_against_model, evaluate_claim, load_registry
 from harness.codi import ModelLoadError
-from harness.data import DataError, held_out_splits
+from harness.data import WORK_ROOT, DataError, held_out_splits
 from harness.evaluation import REFERENCE_BATCH_SIZE
 from harness.experiments import ModelRun
 from harness.html_report import HtmlBridge
@@ -113,7 +113,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help=f"run folders kept under reports/ (default {KEEP_REPORTS}; older ones are deleted)",
     )
     group.addoption("--no-cache", action="store_true", help="recompute every result")
-    group.addoption("--cache-dir", default=str(DEFAULT_DIR), help="result cache directory")
+    group.addoption(
+        "--cache-dir", help="result cache directory (default .cache/results beside the registry's pytest configuration)"
+    )
     group.addoption("--no-gates", action="store_true", help="run phase-2 claims even when phase 1's gate is not met")
     group.addoption(
         "--reference-batching",
@@ -142,6 +144,19 @@ def _registry(config: pytest.Config) -> Path:
     if config.getini(INI):
         return (config.inipath.parent if config.inipath else config.rootpath) / config.getini(INI)
     return REGISTRY
+
+
+def _work_root(config: pytest.Config) -> Path:
+    """Where reports/ and .cache/results/ go by default: beside the configuration that sets
+    codi_registry (a researcher's project, even with this checkout installed editable), else
+    this checkout, or the working directory of an installed package (`WORK_ROOT`)."""
+    if config.getini(INI):
+        return config.inipath.parent if config.inipath else config.rootpath
+    return WORK_ROOT
+
+
+def _reports_dir(config: pytest.Config) -> Path:
+    return REPORTS_DIR if _work_root(config) == WORK_ROOT else _work_root(config) / "reports"
 
 
 def _runs_claims(config: pytest.Config) -> bool:
@@ -205,7 +220,7 @@ def pytest_configure(config: pytest.Config) -> None:
     chosen = config.getoption("report_dir")
     if chosen and (Path(chosen) / "claims.json").exists():
         raise pytest.UsageError(f"--report-dir {chosen} already holds a report; choose a new folder")
-    report_dir = Path(chosen or new_run_dir(REPORTS_DIR))
+    report_dir = Path(chosen or new_run_dir(_reports_dir(config)))
     state["report_dir"] = report_dir
     report_dir.mkdir(parents=True, exist_ok=True)
     if config.pluginmanager.hasplugin("html") and not config.getoption("htmlpath"):
@@ -226,7 +241,8 @@ def _load_runs(config: pytest.Config) -> dict[str, ModelRun]:
     reference = config.getoption("reference_batching")
     if reference and batch_size not in (None, REFERENCE_BATCH_SIZE):
         raise DataError(f"--reference-batching runs the official batches of {REFERENCE_BATCH_SIZE}; drop --batch-size")
-    cache = ResultCache(None if config.getoption("no_cache") else config.getoption("cache_dir"))
+    cache_dir = config.getoption("cache_dir") or _work_root(config) / DEFAULT_DIR.relative_to(WORK_ROOT)
+    cache = ResultCache(None if config.getoption("no_cache") else cache_dir)
     runs = {}
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     device = session_device(config.getoption("device"), worker)
@@ -480,7 +496,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             session.exitstatus = state["flipped"] = FLIPPED  # what pytest exits with: a flip pages someone
         if not config.getoption("report_dir"):
             keep = config.getoption("keep_reports") or KEEP_REPORTS
-            state["pruned"] = prune_reports(REPORTS_DIR, keep, state["report_dir"])
+            state["pruned"] = prune_reports(_reports_dir(config), keep, state["report_dir"])
 
 
 def pytest_html_results_summary(prefix: list, summary: list, postfix: list, session: pytest.Session) -> None:

@@ -181,6 +181,23 @@ def test_codi_registry_turns_the_plugin_on_and_is_read_relative_to_its_file(pyte
     assert sum("test_starter.py" not in line and "  phase 1  " in line for line in result.outlines) == 2
 
 
+def test_a_project_using_this_checkout_keeps_its_report_and_cache_in_itself(pytester):
+    """With this checkout installed editable (harness importable from here), a researcher's
+    folder that sets codi_registry gets reports/ and .cache/results/ in that folder, not in the
+    checkout (they went to the checkout's reports/)."""
+    assert main(["init", str(pytester.path)]) == 0
+    (pytester.path / "test_claims.py").rename(pytester.path / "test_starter.py")  # tests/test_claims.py is imported
+    before = set((ROOT / "reports").glob("*")) if (ROOT / "reports").exists() else set()
+    args = ("-p", "harness.pytest_plugin", "--model", "tiny-gpt2", "--n-problems", "12", "-k", "thoughts-carry")
+    result = pytester.runpytest_inprocess(*args)
+    assert result.ret in (0, 1), result.outlines[-10:]
+    (folder,) = [d for d in (pytester.path / "reports").iterdir() if d.is_dir() and not d.is_symlink()]
+    assert [r["id"] for r in read_claims(folder)["claims"]] == ["my-thoughts-carry-the-answer"]
+    assert any((pytester.path / ".cache" / "results").iterdir())
+    after = set((ROOT / "reports").glob("*")) if (ROOT / "reports").exists() else set()
+    assert after == before, "nothing written to the checkout's reports/"
+
+
 def test_init_refuses_a_folder_whose_pytest_settings_a_new_pytest_ini_would_replace(tmp_path, capsys):
     (tmp_path / "pyproject.toml").write_text("[tool.pytest.ini_options]\naddopts = '-q'\n")
     assert main(["init", str(tmp_path)]) == USAGE_ERROR
