@@ -64,17 +64,20 @@ def test_subspaces_are_fitted_on_discovery_pairs_only(load_model, monkeypatch):
     run = ModelRun(load_model("tiny-gpt2"), TEST, DISCOVERY, ResultCache(None), requested_batch_size=8)
     seen = []
 
+    ranks = set()
+
     def spy(codi, bases, sources, donor, thought, rank, seed=0, steps=60, progress=False):
         seen.extend(p.id for p in bases)
+        ranks.add(rank)
         return random_basis(donor.shape[-1], rank, torch.Generator().manual_seed(rank))
 
     monkeypatch.setattr(das_kind, "fit_subspace", spy)
-    monkeypatch.setattr(das_kind, "RANKS", (1, 2))
+    monkeypatch.setattr(das_kind, "RANKS", (1, 2, 4))  # 4: above the claim's max_rank, never fitted
     claim = parse_claim({"id": "d", "phase": 3, "statement": "s", "metric": "das", "threshold": 50.0,
                          "direction": "greater", "experiment": {"max_rank": 2, "n_random": 3}}, "t")  # fmt: skip
     measured = das_kind.measure(claim.params, run, "accuracy")
     assert seen and set(seen) <= {p.id for p in DISCOVERY} and not set(seen) & {p.id for p in TEST}
-    assert len(measured.null) == 3 and measured.details["rank"] in (1, 2)
+    assert len(measured.null) == 3 and measured.details["rank"] in (1, 2) and ranks == {1, 2}
     assert {(r["thought"], r["rank"]) for r in measured.details["grid"]} == {
         (f"CT{t}", r) for t in range(run.n_latent) for r in (1, 2)
     }

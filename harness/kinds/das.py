@@ -1,6 +1,6 @@
 """Learned-subspace interchange (metric `das`, distributed alignment search; `harness/das.py`).
 
-For every thought and rank (1, 2, 4, 8, 16) a subspace is trained on the discovery split's
+For every thought and rank (1, 2, 4, 8, 16, up to the claim's `max_rank`) a subspace is trained on the discovery split's
 interchange pairs (the base problem with a source that has another start value: same
 operations, other intermediate values) so that swapping it in from the source gives the
 source's answer. The claim's subspace is the thought and rank (at most `max_rank`) with the
@@ -95,13 +95,14 @@ def moved(run: ModelRun, thought: int, basis: torch.Tensor, what: str) -> np.nda
     return run.cached(key, f"subspace interchange CT{thought} ({what})", compute)[valid_pairs(run)] == 1
 
 
-def grid(run: ModelRun, thoughts: list[int], steps: int = DAS_STEPS) -> list[dict]:
-    """Each thought and rank: accuracy (%) on the discovery pairs, where the subspace was fitted
-    (and where the claim's thought and rank are chosen)."""
+def grid(run: ModelRun, thoughts: list[int], steps: int = DAS_STEPS, max_rank: int = RANKS[-1]) -> list[dict]:
+    """Each thought and rank up to `max_rank` (no subspace the claim could not choose is
+    fitted): accuracy (%) on the discovery pairs, where the subspace was fitted (and where the
+    claim's thought and rank are chosen)."""
     disc = _discovery(run)
     return [{"thought": f"CT{t}", "rank": rank,
              "discovery": 100 * float(moved(disc, t, subspace(run, t, rank, steps), f"rank {rank}").mean())}
-            for t in thoughts for rank in RANKS]  # fmt: skip
+            for t in thoughts for rank in RANKS if rank <= max_rank]  # fmt: skip
 
 
 def measure(p: DasParams, run: ModelRun, measure: str) -> Measured:
@@ -111,8 +112,9 @@ def measure(p: DasParams, run: ModelRun, measure: str) -> Measured:
         return Measured(nan_effect(0), {**details, "positions": [], "note": note})
     if not valid_pairs(run).any():
         return Measured(nan_effect(0), {**details, "positions": [], "note": "no pair answered right on both sides"})
-    rows = grid(run, list(range(run.n_latent)) if p.thought == "best" else [thought_number(p.thought)], p.steps)
-    best = max((r for r in rows if r["rank"] <= p.max_rank), key=lambda r: (r["discovery"], -r["rank"]))
+    thoughts = list(range(run.n_latent)) if p.thought == "best" else [thought_number(p.thought)]
+    rows = grid(run, thoughts, p.steps, p.max_rank)
+    best = max(rows, key=lambda r: (r["discovery"], -r["rank"]))
     t, rank = thought_number(best["thought"]), best["rank"]
     whole = 100 * float(interchanged(run, (t,))[0][valid_pairs(run)].mean())
     for row in rows:  # the chosen thought on the test pairs, every rank
@@ -150,7 +152,8 @@ def section(results: list[ClaimResult], runs: dict[str, ModelRun]) -> Section:
             ax.plot(chosen["rank"], chosen["test"], "ko-", lw=2, label=f"{name} (test pairs)")
             ax.axhline(chosen["whole_thought"].iloc[0], color="black", ls=":", lw=1, label=f"{name} whole thought")
         ax.set_xscale("log", base=2)
-        ax.set_xticks(RANKS, [str(r) for r in RANKS])
+        ranks = sorted(table["rank"].unique())
+        ax.set_xticks(ranks, [str(r) for r in ranks])
         ax.set(xlabel="subspace rank", ylabel="answer becomes the source's (% of pairs)", ylim=(0, None),
                title=f"{model}: learned-subspace interchange")  # fmt: skip
         ax.legend(fontsize=7, ncols=2)

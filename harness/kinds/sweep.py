@@ -82,10 +82,10 @@ def sweep_drops(run: ModelRun, mode: str, measure: str, resolution: str = "head"
 def sweep_table(
     run: ModelRun, mode: str, screen: str = "atp", steps: int = SCREEN_STEPS, resolution: str = "head"
 ) -> pd.DataFrame:
-    """One row per component (L0H0, L0H1, ...; at head x thought L0H0@CT0, ...): its ablation
-    drop in accuracy (points; head resolution only) and answer log-probability (nats), the
-    screen's estimate of the latter (`attribution`), the attention ranking's composite score
-    of its head."""
+    """One row per component (`head` L0H0 at `position` latent, ...; at head x thought CT0,
+    CT1, ...): its ablation drop in accuracy (points; head resolution only) and answer
+    log-probability (nats), the screen's estimate of the latter (`attribution`), the attention
+    ranking's composite score of its head."""
     parts, drops = sweep_drops(run, mode, "answer_logprob", resolution)
     points = (sweep_drops(run, mode, "accuracy")[1].mean(1) * 100.0) if resolution == "head" else [np.nan] * len(parts)
     estimate = screened(screen_estimates(run, screen, mode, steps), parts).mean(1)  # [C]
@@ -93,7 +93,7 @@ def sweep_table(
     return pd.DataFrame(
         [
             {
-                "head": str(c) if resolution == "head" else str(c.head),
+                "head": str(c.head),
                 "position": c.position,
                 "layer": c.head.layer,
                 "head_index": c.head.head,
