@@ -18,29 +18,26 @@ or a report folder.
 from __future__ import annotations
 
 import gc
-import io
 import json
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from harness.arch import SiteError, parse_heads
-from harness.cache import DEFAULT_DIR, ResultCache
-from harness.claims import PHASES, REGISTRY, Claim, ClaimError, check_against_model, evaluate_claim, load_registry
+from harness.arch import SiteError
+from harness.claims import PHASES, Claim, ClaimError, check_against_model, evaluate_claim, load_registry
 from harness.codi import ModelLoadError
-from harness.data import WORK_ROOT, DataError, held_out_splits
-from harness.evaluation import REFERENCE_BATCH_SIZE
+from harness.data import DataError
 from harness.experiments import ModelRun
 from harness.html_report import HtmlBridge
 from harness.interventions import InterventionError, leftover_hooks
-from harness.models import SHIPPED, default_data, resolve, seed_heads
+from harness.models import SHIPPED
+from harness.plugin_session import Progress, Uncaptured, load_runs, registry_path, reports_dir, runs_claims
 from harness.positions import PositionError
 from harness.progress import show_on
 from harness.pytest_entry import INI, INI_HELP
-from harness.report import KEEP_REPORTS, REPORTS_DIR, new_run_dir, prune_reports, read_claims, write_report
+from harness.report import KEEP_REPORTS, new_run_dir, prune_reports, read_claims, write_report
 from harness.runinfo import run_info
 from harness.verdicts import ClaimResult
 
@@ -136,44 +133,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
-def _registry(config: pytest.Config) -> Path:
-    """The run's registry: --registry, else codi_registry (relative to the file that sets it),
-    else hypotheses/claims.toml."""
-    if config.getoption("registry"):
-        return Path(config.getoption("registry"))
-    if config.getini(INI):
-        return (config.inipath.parent if config.inipath else config.rootpath) / config.getini(INI)
-    return REGISTRY
-
-
-def _work_root(config: pytest.Config) -> Path:
-    """Where reports/ and .cache/results/ go by default: beside the configuration that sets
-    codi_registry (a researcher's project, even with this checkout installed editable), else
-    this checkout, or the working directory of an installed package (`WORK_ROOT`)."""
-    if config.getini(INI):
-        return config.inipath.parent if config.inipath else config.rootpath
-    return WORK_ROOT
-
-
-def _reports_dir(config: pytest.Config) -> Path:
-    return REPORTS_DIR if _work_root(config) == WORK_ROOT else _work_root(config) / "reports"
-
-
-def _runs_claims(config: pytest.Config) -> bool:
-    """On for a run that names its claims (--registry, codi_registry) or a report folder, and for
-    tests under this checkout's hypotheses/."""
-    if config.getoption("report_dir") or config.getoption("registry") or config.getini(INI):
-        return True
-    hypotheses = (Path(__file__).resolve().parent.parent / "hypotheses").resolve()
-    args = [Path(a.split("::")[0]).resolve() for a in config.args]
-    return any(a == hypotheses or hypotheses in a.parents for a in args)
-
-
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     for phase in PHASES:
         config.addinivalue_line("markers", f"phase{phase}: claims of phase {phase} of the seed plan")
-    state = {"enabled": _runs_claims(config), "runs": {}, "collector": _Collector(), "recorded": set()}
+    state = {"enabled": runs_claims(config), "runs": {}, "collector": _Collector(), "recorded": set()}
     config.pluginmanager.register(state["collector"], "codi-claims-collector")
     config.pluginmanager.register(HtmlBridge(state), "codi-claims-html")
     config.stash[_STATE] = state
@@ -181,7 +145,7 @@ def pytest_configure(config: pytest.Config) -> None:
         state["listing"] = state["enabled"] = True
         try:
             _REGISTRY.clear()
-            _REGISTRY.update({c.id: c for c in load_registry(_registry(config))})
+            _REGISTRY.update({c.id: c for c in load_registry(registry_path(config))})
         except ClaimError as e:
             raise pytest.UsageError(str(e)) from None
         return
@@ -191,14 +155,14 @@ def pytest_configure(config: pytest.Config) -> None:
     # the end (its unraisable-exception check), 1.5 s on a warm 10 s run: exempt what exists now
     gc.freeze()
     try:
-        claims = load_registry(_registry(config))
+        claims = load_registry(registry_path(config))
         _REGISTRY.clear()
         _REGISTRY.update({c.id: c for c in claims})
-        state["runs"] = _load_runs(config)
+        state["runs"], state["data"] = load_runs(config)
         for name, run in state["runs"].items():
             run.peers = {other: r for other, r in state["runs"].items() if other != name}
             if not hasattr(config, "workerinput"):  # an xdist worker's output reaches no terminal
-                run.on_measured = _Progress(config)
+                run.on_measured = Progress(config)
             check_against_model(claims, run.geometry, run.n_latent, name)
     except (ClaimError, ModelLoadError, DataError, InterventionError, SiteError) as e:
         raise pytest.UsageError(str(e)) from None
@@ -220,94 +184,12 @@ def pytest_configure(config: pytest.Config) -> None:
     chosen = config.getoption("report_dir")
     if chosen and (Path(chosen) / "claims.json").exists():
         raise pytest.UsageError(f"--report-dir {chosen} already holds a report; choose a new folder")
-    report_dir = Path(chosen or new_run_dir(_reports_dir(config)))
+    report_dir = Path(chosen or new_run_dir(reports_dir(config)))
     state["report_dir"] = report_dir
     report_dir.mkdir(parents=True, exist_ok=True)
     if config.pluginmanager.hasplugin("html") and not config.getoption("htmlpath"):
         config.option.htmlpath = str(report_dir / "report.html")
         config.option.self_contained_html = True
-
-
-def _load_runs(config: pytest.Config) -> dict[str, ModelRun]:
-    """Every selected model, its problems and the user's heads: checked before any model runs."""
-    from harness.models import session_device
-
-    n = config.getoption("n_problems")
-    if n <= 0:
-        raise DataError(f"--n-problems must be positive, got {n}")
-    batch_size = config.getoption("batch_size")
-    if batch_size is not None and batch_size <= 0:
-        raise DataError(f"--batch-size must be positive, got {batch_size}")
-    reference = config.getoption("reference_batching")
-    if reference and batch_size not in (None, REFERENCE_BATCH_SIZE):
-        raise DataError(f"--reference-batching runs the official batches of {REFERENCE_BATCH_SIZE}; drop --batch-size")
-    cache_dir = config.getoption("cache_dir") or _work_root(config) / DEFAULT_DIR.relative_to(WORK_ROOT)
-    cache = ResultCache(None if config.getoption("no_cache") else cache_dir)
-    runs = {}
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
-    device = session_device(config.getoption("device"), worker)
-    serial = worker is None and not config.getoption("numprocesses", None)  # else each process runs some models
-    names = config.getoption("model") or list(SHIPPED)
-    data = {name: config.getoption("data") or default_data(name) for name in names}
-    splits = {source: held_out_splits(source, n) for source in set(data.values())}  # before any model loads
-    config.stash[_STATE]["data"] = {}
-    given: dict[str, str] = {}  # model name -> the --model value it came from
-    for name in names:
-        heads = config.getoption("heads")
-        heads = seed_heads(name) if heads == "seed" else heads
-        n_latent = config.getoption("n_latent")
-        model = resolve(
-            name, config.getoption("base"), n_latent, config.getoption("dtype"), device, cache, serial, reference
-        )
-        if model.name in runs:  # e.g. runs/seed0/final and runs/seed1/final: one would replace the other
-            raise ModelLoadError(
-                f"two --model values are both named {model.name!r} ({given[model.name]} and {name}): "
-                "rename one folder, or run them separately"
-            )
-        given[model.name] = name
-        geometry = model.facts.geometry  # from the cache, or by loading it: a broken checkpoint stops here
-        problems, discovery = splits[data[name]]
-        heads = parse_heads(heads, geometry, model.name) if heads is not None else None
-        runs[model.name] = ModelRun(
-            model, problems, discovery, cache, batch_size, config.getoption("seed"), heads, progress=serial
-        )
-        config.stash[_STATE]["data"][model.name] = data[name]
-    return runs
-
-
-class _Uncaptured(io.TextIOBase):
-    """The terminal's stderr past pytest's output capture (progress bars inside evaluations)."""
-
-    def __init__(self, config: pytest.Config) -> None:
-        self.capture = config.pluginmanager.getplugin("capturemanager")
-
-    def write(self, text: str) -> int:
-        with self.capture.global_and_fixture_disabled():
-            sys.stderr.write(text)
-            sys.stderr.flush()
-        return len(text)
-
-    def isatty(self) -> bool:
-        with self.capture.global_and_fixture_disabled():
-            return sys.stderr.isatty()
-
-
-class _Progress:
-    """A line per finished measurement, as it happens: model, what, seconds, computed or read
-    from the cache (cached ones only with -v); written past pytest's output capture."""
-
-    def __init__(self, config: pytest.Config) -> None:
-        self.config = config
-
-    def __call__(self, model: str, what: str, seconds: float, computed: bool) -> None:
-        reporter = self.config.pluginmanager.getplugin("terminalreporter")
-        verbose = self.config.get_verbosity()
-        if reporter is None or verbose < -1 or (not computed and verbose < 1):
-            return
-        capture = self.config.pluginmanager.getplugin("capturemanager")
-        with capture.global_and_fixture_disabled():
-            reporter.ensure_newline()
-            reporter.write_line(f"  {model}: {what}: {seconds:.1f} s, {'computed' if computed else 'cached'}")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -421,7 +303,7 @@ def pytest_runtest_call(item: pytest.Item):
     try:
         if item.config.get_verbosity() < -1:
             return (yield)
-        with show_on(_Uncaptured(item.config)):
+        with show_on(Uncaptured(item.config)):
             return (yield)
     except (InterventionError, SiteError, PositionError) as e:
         _refuse(f"{item.nodeid}: {e}")
@@ -463,7 +345,7 @@ def pytest_runtestloop(session: pytest.Session) -> bool | None:
         reporter.write_line(f"{claim.describe()}\n    models: {', '.join(dict.fromkeys(models))}")
     for nodeid, models in python.items():
         reporter.write_line(f"{nodeid}  Python claim  models: {', '.join(dict.fromkeys(m for m in models if m))}")
-    path, total = _registry(session.config), len(_REGISTRY)
+    path, total = registry_path(session.config), len(_REGISTRY)
     count = f"{len(registry)}" if len(registry) == total else f"{len(registry)} of {total}"
     shown = f"{count} claims in {path}"
     reporter.write_line(shown + (f"; {len(python)} Python claim tests" if python else ""))
@@ -482,7 +364,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             device=config.getoption("device"),
             dtype=config.getoption("dtype"),
             reference_batching=config.getoption("reference_batching"),
-            registry=_registry(config),
+            registry=registry_path(config),
             claim_files=[Path(a.split("::")[0]) for a in config.args],
             data=state["data"],
             runs=state["runs"],
@@ -496,7 +378,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             session.exitstatus = state["flipped"] = FLIPPED  # what pytest exits with: a flip pages someone
         if not config.getoption("report_dir"):
             keep = config.getoption("keep_reports") or KEEP_REPORTS
-            state["pruned"] = prune_reports(_reports_dir(config), keep, state["report_dir"])
+            state["pruned"] = prune_reports(reports_dir(config), keep, state["report_dir"])
 
 
 def pytest_html_results_summary(prefix: list, summary: list, postfix: list, session: pytest.Session) -> None:

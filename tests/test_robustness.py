@@ -311,7 +311,7 @@ def test_list_claims_shows_every_parameter_and_loads_no_model(pytester, tmp_path
         raise AssertionError("--list-claims loaded a model")
 
     monkeypatch.setattr("harness.models.resolve", must_not_run)
-    monkeypatch.setattr("harness.pytest_plugin.resolve", must_not_run)
+    monkeypatch.setattr("harness.plugin_session.resolve", must_not_run)
     result = pytester.runpytest_inprocess(str(ROOT / "hypotheses"), "--list-claims", "-p", "no:cacheprovider")
     assert result.ret == 0
     out = "\n".join(result.outlines)
@@ -329,7 +329,7 @@ def test_list_claims_honours_the_selection_and_lists_python_claims(pytester, tmp
     def must_not_run(*_args, **_kwargs):
         raise AssertionError("--list-claims loaded a model")
 
-    monkeypatch.setattr("harness.pytest_plugin.resolve", must_not_run)
+    monkeypatch.setattr("harness.plugin_session.resolve", must_not_run)
     mine = tmp_path / "test_mine.py"
     mine.write_text("import pytest\n\n\n@pytest.mark.phase1\ndef test_my_python_claim(model_run, assert_claim):\n"
                     "    raise AssertionError('listing runs nothing')\n")  # fmt: skip
