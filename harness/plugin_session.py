@@ -43,7 +43,8 @@ def work_root(config: pytest.Config) -> Path:
 
 
 def reports_dir(config: pytest.Config) -> Path:
-    return REPORTS_DIR if work_root(config) == WORK_ROOT else work_root(config) / "reports"
+    """Where run folders go (`REPORTS_DIR` in this checkout)."""
+    return work_root(config) / REPORTS_DIR.relative_to(WORK_ROOT)
 
 
 def runs_claims(config: pytest.Config) -> bool:
