@@ -21,8 +21,10 @@ DISCOVERY = synthetic_split("discovery")[:6]
 @pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-llama"])
 @pytest.mark.parametrize("mode", ["zero", "mean"])
 def test_a_stacked_condition_equals_the_same_condition_alone(load_model, model, mode):
-    """Per problem (to 1e-5 nats: a batched product may round differently by batch size; at the
-    default sizes it is bit for bit): head and head-by-thought components, batches and stacks."""
+    """Per problem, head and head-by-thought components, batches and stacks. To 1e-4 nats, not
+    bit for bit: a stack is a batch of another size, whose matrix products may block and round
+    differently (1.0e-5 nats apart on an AMD EPYC with one thread); the heads' own drops here
+    are over 100 times larger."""
     run = ModelRun(load_model(model), TEST, DISCOVERY, ResultCache(None), requested_batch_size=4)
     parts = [Component(Head(0, 1)), Component(Head(3, 5)), Component(Head(1, 2), 0), Component(Head(1, 2), 4),
              Component(Head(2, 7), 5)]  # fmt: skip
@@ -33,8 +35,8 @@ def test_a_stacked_condition_equals_the_same_condition_alone(load_model, model, 
         causal.MAX_STACKED_ROWS = previous
     for part, row in zip(parts, together):
         alone = run.answer_logprobs(part.spec(mode))
-        np.testing.assert_allclose(row, alone, rtol=0, atol=1e-5, err_msg=str(part))
-    assert np.abs(together[0] - together[1]).max() > 1e-4, "each slice ablates its own head"
+        np.testing.assert_allclose(row, alone, rtol=0, atol=1e-4, err_msg=str(part))
+    assert np.abs(together[0] - together[1]).max() > 1e-2, "each slice ablates its own head"
 
 
 def test_stacked_results_are_cached_per_component(load_model):

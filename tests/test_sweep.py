@@ -120,7 +120,9 @@ def test_the_screens_path_runs_from_every_head_ablated_to_clean(load_model, name
     path's derivative (a central difference)."""
     run = ModelRun(load_model(name), TEST, DISCOVERY, ResultCache(tmp_path), len(TEST))
     every = AblateHeads(tuple(run.every_head), ("latent",), "zero")
-    np.testing.assert_array_equal(_path_logprobs(run.codi, 1.0), run.answer_logprobs(Baseline()))
+    # Not bit for bit: the interpolated head output is a new tensor fed to the output projection,
+    # whose matrix product may take another kernel path (1.07e-6 nats apart on an AMD EPYC).
+    np.testing.assert_allclose(_path_logprobs(run.codi, 1.0), run.answer_logprobs(Baseline()), rtol=0, atol=1e-5)
     np.testing.assert_allclose(_path_logprobs(run.codi, 0.0), run.answer_logprobs(every), atol=1e-5)
     means = head_means(run)
     mean_every = AblateHeads(tuple(run.every_head), ("latent",), "mean")
