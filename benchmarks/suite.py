@@ -30,16 +30,16 @@ from pathlib import Path
 
 import torch
 
-from harness.arch import Head
-from harness.attention import AttentionOverride
-from harness.codi import CODIModel
-from harness.data import Problem, held_out_splits
-from harness.discovery import head_metrics, model_hub_position, record_latent_attention, top_heads
-from harness.evaluation import EvalResult, Intervene, evaluate
-from harness.interventions import HeadAblation, HeadCapture
-from harness.models import SHIPPED, load
-from harness.report import read_claims
-from harness.runtime import ThoughtPatch, encode_questions, run_latents
+from harness.data.problems import Problem, held_out_splits
+from harness.interventions.attention import AttentionOverride
+from harness.interventions.hooks import HeadAblation, HeadCapture
+from harness.measures.discovery import head_metrics, model_hub_position, record_latent_attention, top_heads
+from harness.measures.evaluation import EvalResult, Intervene, evaluate
+from harness.report.folder import read_claims
+from harness.runtime.arch import Head
+from harness.runtime.codi import CODIModel
+from harness.runtime.loop import ThoughtPatch, encode_questions, run_latents
+from harness.runtime.models import SHIPPED, load
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -17,13 +17,13 @@ import json
 import sys
 import time
 
-from harness.cache import ResultCache
-from harness.causal import components, race, stacked, stacked_logprobs
-from harness.data import held_out_splits
-from harness.evaluation import teacher_forced
-from harness.experiments import ModelRun
-from harness.models import SHIPPED, load
-from harness.specs import Baseline, installer
+from harness.data.problems import held_out_splits
+from harness.interventions.specs import Baseline, installer
+from harness.measures.causal import components, race, stacked, stacked_logprobs
+from harness.measures.evaluation import teacher_forced
+from harness.measures.runner import ModelRun
+from harness.runtime.cache import ResultCache
+from harness.runtime.models import SHIPPED, load
 
 
 def measure(name: str, sample: int) -> dict:

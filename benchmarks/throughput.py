@@ -10,9 +10,9 @@ import json
 
 import torch
 
-from harness.data import load_problems
-from harness.evaluation import evaluate
-from harness.models import load
+from harness.data.problems import load_problems
+from harness.measures.evaluation import evaluate
+from harness.runtime.models import load
 
 
 def main() -> int:

@@ -1,5 +1,5 @@
-"""Command line: `python -m harness {train,evaluate,rank-heads,sweep,claims,init} ...` (see harness/cli.py)."""
+"""Command line: `python -m harness {train,evaluate,rank-heads,sweep,claims,init} ...` (see harness/commands/cli.py)."""
 
-from harness.cli import main
+from harness.commands.cli import main
 
 raise SystemExit(main())

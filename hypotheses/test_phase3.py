@@ -2,7 +2,7 @@
 
 import pytest
 
-from harness.pytest_plugin import claim_params
+from harness.plugin.suite import claim_params
 
 
 @pytest.mark.parametrize("claim", claim_params(3))

@@ -2,7 +2,7 @@
 CODI-LLaMA-3.2-1B, in the published one-file hub format with a local base directory, loaded
 through the real hub-format path; then a baseline, a no-op intervention, the zero-ablation of
 the seed's heads, norm-matched noise at the hub thought and the hub attention pattern, each
-timed, on the first N GSM8K test problems. No network. See harness/fullsize.py.
+timed, on the first N GSM8K test problems. No network. See harness/commands/fullsize.py.
 
 python scripts/fullsize_smoke.py --arch llama --dtype bfloat16 --n 4 --max-new-tokens 16 --json
 python scripts/fullsize_smoke.py --arch gpt2 --device cuda --dtype bfloat16 --n 1319 --max-new-tokens 256 \\
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from harness.fullsize import HubFiles, build_checkpoint, smoke
-from harness.models import DTYPES
+from harness.commands.fullsize import HubFiles, build_checkpoint, smoke
+from harness.runtime.models import DTYPES
 
 BUILT = "built.json"
 

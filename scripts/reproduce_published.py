@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-from harness.codi import ModelLoadError
-from harness.data import DataError, load_problems
-from harness.evaluation import REFERENCE_BATCH_SIZE, evaluate
-from harness.models import MODEL_SPECS, default_batch_size, load
-from harness.report import read_claims
+from harness.data.problems import DataError, load_problems
+from harness.measures.evaluation import REFERENCE_BATCH_SIZE, evaluate
+from harness.report.folder import read_claims
+from harness.runtime.codi import ModelLoadError
+from harness.runtime.models import MODEL_SPECS, default_batch_size, load
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLISHED = {"codi-gpt2": 0.437, "codi-llama": 0.556}

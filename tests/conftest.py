@@ -9,9 +9,9 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from harness.arch import Head
-from harness.interventions import leftover_hooks
-from harness.training import build_tiny
+from harness.commands.training import build_tiny
+from harness.interventions.hooks import leftover_hooks
+from harness.runtime.arch import Head
 
 _MODELS = []
 

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from harness.arch import Head
-from harness.attention import AttentionOverride, AttentionRecord, rewritten_thoughts
-from harness.data import synthetic_split
-from harness.interventions import InterventionError
-from harness.runtime import encode_questions, generate, run_latents
+from harness.data.problems import synthetic_split
+from harness.interventions.attention import AttentionOverride, AttentionRecord, rewritten_thoughts
+from harness.interventions.hooks import InterventionError
+from harness.runtime.arch import Head
+from harness.runtime.loop import encode_questions, generate, run_latents
 
 PROBLEMS = synthetic_split("test")[:5]
 

@@ -13,12 +13,12 @@ from collections import Counter
 
 import pytest
 
-from harness.report import read_claims
+from harness.report.folder import read_claims
 
 CLAIMS = """
 import pytest
-from harness.stats import PairedEffect
-from harness.verdicts import claim_result
+from harness.statistics.effects import PairedEffect
+from harness.statistics.verdicts import claim_result
 
 CASES = [  # id, effect, CI: threshold 10, refuted below 2
     ("a-supported", 12.0, 11.0, 13.0),
@@ -63,7 +63,7 @@ def test_the_rendered_report_counts_each_verdict_in_its_own_category(pytester, t
     test_file.write_text(CLAIMS)
     report = tmp_path / "report"
     result = pytester.runpytest_subprocess(
-        str(test_file), "-p", "harness.pytest_plugin", "-p", "no:cacheprovider", "--report-dir", str(report),
+        str(test_file), "-p", "harness.plugin.suite", "-p", "no:cacheprovider", "--report-dir", str(report),
         "--cache-dir", str(tmp_path / "cache"), "--model", "tiny-gpt2", "--n-problems", "20",
     )  # fmt: skip
     assert result.ret == 1, result.outlines[-20:] + result.errlines[-20:]

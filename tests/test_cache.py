@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from harness import cache as cache_module
-from harness.cache import ResultCache, content_key
-from harness.data import synthetic_split
-from harness.experiments import ModelRun
-from harness.paths import PatchPath
-from harness.specs import AblateHeads, PatchThoughts
+from harness.data.problems import synthetic_split
+from harness.interventions.paths import PatchPath
+from harness.interventions.specs import AblateHeads, PatchThoughts
+from harness.measures.runner import ModelRun
+from harness.runtime import cache as cache_module
+from harness.runtime.cache import ResultCache, content_key
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,7 +102,7 @@ _KILLED_WRITER = """
 import io, sys, time
 from pathlib import Path
 import numpy as np
-from harness.cache import ResultCache
+from harness.runtime.cache import ResultCache
 
 directory, key, marker = sys.argv[1:]
 real_save = np.save
@@ -157,7 +157,7 @@ _RACER = """
 import sys, time
 from pathlib import Path
 import numpy as np
-from harness.cache import ResultCache
+from harness.runtime.cache import ResultCache
 
 directory, key, calls, ready, go = sys.argv[1:]
 Path(ready).touch()

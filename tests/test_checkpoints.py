@@ -11,14 +11,14 @@ from tokenizers import processors
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from harness import models
-from harness.cache import ResultCache
-from harness.cli import USAGE_ERROR, main
-from harness.codi import CODIModel, ModelLoadError, check_tokenizer, load_base, make_prj, save_codi, wrap_lora
-from harness.data import synthetic_split
-from harness.fullsize import build_tokenizer, shape_of
-from harness.runtime import encode_questions, generate, run_latents
-from harness.tokenizer import build_word_tokenizer
+from harness.commands.cli import USAGE_ERROR, main
+from harness.commands.fullsize import build_tokenizer, shape_of
+from harness.data.problems import synthetic_split
+from harness.data.tokenizer import build_word_tokenizer
+from harness.runtime import models
+from harness.runtime.cache import ResultCache
+from harness.runtime.codi import CODIModel, ModelLoadError, check_tokenizer, load_base, make_prj, save_codi, wrap_lora
+from harness.runtime.loop import encode_questions, generate, run_latents
 
 BASES = {
     "gpt2": lambda v: GPT2LMHeadModel(GPT2Config(vocab_size=v, n_embd=64, n_layer=2, n_head=4, n_positions=256)),

@@ -5,16 +5,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from harness.arch import Head
-from harness.cache import ResultCache
-from harness.claims import REGISTRY, ClaimError, check_against_model, evaluate_claim, load_registry
-from harness.codi import ModelLoadError
-from harness.data import synthetic_split
-from harness.experiments import ModelRun
-from harness.kinds.attention_pattern import PatternParams, scoped_heads
-from harness.models import seed_heads
-from harness.stats import accuracy_drop
-from harness.verdicts import ClaimResult, criterion, judge, point_judge
+from harness.data.problems import synthetic_split
+from harness.judgment.claims import REGISTRY, ClaimError, check_against_model, evaluate_claim, load_registry
+from harness.judgment.kinds.attention_pattern import PatternParams, scoped_heads
+from harness.measures.causal import heads_for
+from harness.measures.runner import ModelRun
+from harness.runtime.arch import Head
+from harness.runtime.cache import ResultCache
+from harness.runtime.codi import ModelLoadError
+from harness.runtime.models import seed_heads
+from harness.statistics.effects import accuracy_drop
+from harness.statistics.verdicts import ClaimResult, criterion, judge, point_judge
 
 ENTRY = """
 [[claim]]
@@ -255,7 +256,7 @@ def test_seed_head_lists_of_the_real_models():
 
 def test_a_gates_own_gate_is_checked_first(monkeypatch, tmp_path):
     """a <- b <- c: c runs only when b and a are SUPPORTED; when a is not, c reports a."""
-    import harness.pytest_plugin as plugin
+    import harness.plugin.suite as plugin
 
     text = (ENTRY.replace("x.1", "a") + ENTRY.replace("x.1", "b") + 'gate = "a"\n'
             + ENTRY.replace("x.1", "c") + 'gate = "b"\n')  # fmt: skip
@@ -292,9 +293,9 @@ def test_every_view_of_a_criterion_says_where_refuted_starts():
 def test_a_registry_claims_refute_at_decides_where_refuted_starts(tmp_path, monkeypatch):
     """A claim "drop > 10" with refute_at 2 and a CI of [3, 8]: below the threshold but above
     refute_at, so INCONCLUSIVE (REFUTED only once the CI is below 2)."""
-    from harness import claims as claims_module
-    from harness.kinds import KINDS, Kind, Measured, Params, Section
-    from harness.stats import PairedEffect
+    from harness.judgment import claims as claims_module
+    from harness.judgment.kinds import KINDS, Kind, Measured, Params, Section
+    from harness.statistics.effects import PairedEffect
 
     ci = {"low": 3.0, "high": 8.0}
 
@@ -318,14 +319,14 @@ def test_heads_shorter_than_a_claims_n_heads_say_so(random_codi, tmp_path):
     """--heads naming fewer heads than a claim's n_heads are used as they are, and the row's
     source says how many of how many (they were silently fewer)."""
     run = ModelRun(random_codi, [], synthetic_split("discovery")[:4], ResultCache(tmp_path), heads=[Head(1, 2)])
-    assert run.heads_for((), 3) == ([Head(1, 2)], "--heads (1 of the 3 asked)")
-    assert run.heads_for((), 1) == ([Head(1, 2)], "--heads")
+    assert heads_for(run, (), 3) == ([Head(1, 2)], "--heads (1 of the 3 asked)")
+    assert heads_for(run, (), 1) == ([Head(1, 2)], "--heads")
 
 
 def test_the_random_control_runs_only_where_a_verdict_reads_it(random_codi, tmp_path, monkeypatch):
     """A claim neither judged against the control nor asking for one measures no random head
     sets (they were 20 by default, most of a named-heads claim's run); judged against it, 20."""
-    import harness.kinds.head_ablation as ablation
+    import harness.judgment.kinds.head_ablation as ablation
 
     asked = []
     monkeypatch.setattr(ablation, "random_head_sets", lambda run, like, n: asked.append(n) or [])

@@ -6,16 +6,16 @@ import sys
 import pandas as pd
 import pytest
 
-from harness.claims import load_registry
-from harness.cli import USAGE_ERROR, build_parser, main
-from harness.codi import save_codi
+from harness.commands.cli import USAGE_ERROR, build_parser, main
+from harness.judgment.claims import load_registry
+from harness.runtime.codi import save_codi
 
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
     import torch
 
-    from harness.training import build_tiny
+    from harness.commands.training import build_tiny
 
     torch.manual_seed(0)
     return save_codi(build_tiny("gpt2").eval(), tmp_path_factory.mktemp("m") / "random-gpt2")
@@ -102,7 +102,7 @@ def test_claims_command_validates_and_lists(capsys, tmp_path):
 
 def test_every_train_option_reaches_the_training_config(monkeypatch, tmp_path):
     """A train option the CLI parses but does not pass on is silently ignored (--init-from was)."""
-    import harness.training
+    import harness.commands.training
 
     seen = {}
 
@@ -111,7 +111,7 @@ def test_every_train_option_reaches_the_training_config(monkeypatch, tmp_path):
         (tmp_path / "out").mkdir()
         (tmp_path / "out" / "card.json").write_text('{"accuracy": {}}')
 
-    monkeypatch.setattr(harness.training, "train", fake_train)
+    monkeypatch.setattr(harness.commands.training, "train", fake_train)
     args = ["train", "--arch", "llama", "--out", str(tmp_path / "out"), "--seed", "3", "--data-seed", "4",
             "--teacher-steps", "0", "--codi-steps", "7", "--batch-size", "5", "--lr", "0.5", "--distill-weight", "2.5",
             "--n-latent", "4", "--threads", "2", "--init-from", "fixtures/models/tiny-llama"]  # fmt: skip

@@ -1,19 +1,20 @@
-"""Learned-subspace interchange (`harness/das.py`, the `das` kind, `PatchSubspace`)."""
+"""Learned-subspace interchange (`harness/measures/das.py`, the `das` kind, `PatchSubspace`)."""
 
 import numpy as np
 import pytest
 import torch
 
-from harness.cache import ResultCache
-from harness.claims import ClaimError, parse_claim
-from harness.das import PatchSubspace, fit_subspace, random_basis
-from harness.data import synthetic_split
-from harness.experiments import ModelRun
-from harness.interchange import clean_thoughts, interchange, interchange_pairs
-from harness.interventions import InterventionError
-from harness.kinds import das as das_kind
-from harness.runtime import answer_logprobs, encode_questions, run_latents
-from harness.specs import PatchThoughts
+from harness.data.problems import synthetic_split
+from harness.interventions.hooks import InterventionError
+from harness.interventions.specs import PatchThoughts
+from harness.interventions.subspace import PatchSubspace
+from harness.judgment.claims import ClaimError, parse_claim
+from harness.judgment.kinds import das as das_kind
+from harness.measures.das import fit_subspace, random_basis
+from harness.measures.interchange import clean_thoughts, interchange, interchange_pairs
+from harness.measures.runner import ModelRun
+from harness.runtime.cache import ResultCache
+from harness.runtime.loop import answer_logprobs, encode_questions, run_latents
 
 TEST = synthetic_split("test")[:24]
 DISCOVERY = synthetic_split("discovery")[:24]

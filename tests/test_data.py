@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from harness.data import (
+from harness.data.problems import (
     GSM8K_PATH,
     DataError,
     held_out_splits,

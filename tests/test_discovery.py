@@ -1,9 +1,15 @@
 import numpy as np
 import pytest
 
-from harness.arch import Head
-from harness.data import synthetic_split
-from harness.discovery import LatentAttention, head_metrics, model_hub_position, record_latent_attention, top_heads
+from harness.data.problems import synthetic_split
+from harness.measures.discovery import (
+    LatentAttention,
+    head_metrics,
+    model_hub_position,
+    record_latent_attention,
+    top_heads,
+)
+from harness.runtime.arch import Head
 
 
 def _attention(k=4, n_layers=2, n_heads=3):

@@ -3,8 +3,8 @@
 import re
 from pathlib import Path
 
-from harness.claims import REGISTRY
-from harness.report import read_claims
+from harness.judgment.claims import REGISTRY
+from harness.report.folder import read_claims
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "writing-hypotheses.md"

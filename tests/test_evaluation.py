@@ -2,11 +2,11 @@ from unittest import mock
 
 import torch
 
-from harness.arch import Head
-from harness.data import synthetic_split
-from harness.evaluation import PrefixStore, answer_token_index, evaluate, mean_patch, thought_means
-from harness.interventions import HeadAblation
-from harness.runtime import encode_questions, run_latents
+from harness.data.problems import synthetic_split
+from harness.interventions.hooks import HeadAblation
+from harness.measures.evaluation import PrefixStore, answer_token_index, evaluate, mean_patch, thought_means
+from harness.runtime.arch import Head
+from harness.runtime.loop import encode_questions, run_latents
 
 
 def test_answer_token_index_finds_where_the_last_number_starts(random_codi):

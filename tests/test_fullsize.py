@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from harness.codi import check_tokenizer, wrap_lora
-from harness.fullsize import build_tokenizer, shape_of
+from harness.commands.fullsize import build_tokenizer, shape_of
+from harness.runtime.codi import check_tokenizer, wrap_lora
 
 ROOT = Path(__file__).resolve().parent.parent
 # parameters of gpt2 and of Llama-3.2-1B (tied embeddings), before CODI's 3 extra rows

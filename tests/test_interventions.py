@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conftest import zeroed_attention
-from harness.arch import Head, SiteError, blocks, parse_heads
-from harness.data import synthetic_split
-from harness.interventions import ActivationCapture, HeadAblation, HeadCapture, InterventionError, residual_sites
-from harness.runtime import encode_questions, generate, position_ids, run_latents
+from harness.data.problems import synthetic_split
+from harness.interventions.hooks import ActivationCapture, HeadAblation, HeadCapture, InterventionError, residual_sites
+from harness.runtime.arch import Head, SiteError, blocks, parse_heads
+from harness.runtime.loop import encode_questions, generate, position_ids, run_latents
 
 PROBLEMS = synthetic_split("test")[:6]
 
@@ -118,7 +118,7 @@ def test_activation_capture_equals_a_full_recompute_of_the_hidden_states(random_
 def test_hooks_are_handed_their_own_pass_and_none_outside_a_step(random_codi):
     """Each hook gets the pass it runs in (question + bot at 0, then one thought per pass), and a
     forward that bypasses `CODIModel.step` is refused instead of reading an earlier pass's offset."""
-    from harness.codi import PassError
+    from harness.runtime.codi import PassError
 
     seen = []
     handle = blocks(random_codi.lm)[0].register_forward_pre_hook(

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness.pytest_plugin import FLIPPED
-from harness.report import read_claims
+from harness.plugin.suite import FLIPPED
+from harness.report.folder import read_claims
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOW = ROOT / ".github" / "workflows" / "claims-nightly.yml"
@@ -117,7 +117,7 @@ def test_fail_on_flip_exits_6_when_a_verdict_changed_since_the_last_run(
 
 
 MINE = """
-from harness.specs import AblateHeads
+from harness.interventions.specs import AblateHeads
 
 
 def test_mine_recorded(model_run, assert_claim):  # the registry claim's condition: read from the cache

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.claims import load_registry
-from harness.cli import USAGE_ERROR, main
-from harness.pytest_entry import asks_for_claims
-from harness.report import read_claims
+from harness.commands.cli import USAGE_ERROR, main
+from harness.judgment.claims import load_registry
+from harness.plugin.entry import asks_for_claims
+from harness.report.folder import read_claims
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("harness", "fixtures")
@@ -81,7 +81,7 @@ def test_the_wheel_carries_every_file_of_its_packages_and_the_pytest_entry_point
     for shipped in ("fixtures/data/gsm8k/test.jsonl", "fixtures/models/tiny-gpt2/model.safetensors",
                     "fixtures/models/tiny-llama/tokenizer.json"):  # fmt: skip
         assert shipped in names
-    assert "[pytest11]\ncodi = harness.pytest_entry" in declared
+    assert "[pytest11]\ncodi = harness.plugin.entry" in declared
 
 
 def test_a_claim_runs_from_a_folder_of_its_own_with_the_installed_package(venv, tmp_path):
@@ -91,8 +91,9 @@ def test_a_claim_runs_from_a_folder_of_its_own_with_the_installed_package(venv, 
     folder = tmp_path / "my-claims"
     assert "cd my-claims && pytest" in made.stdout
 
-    where = ("import json, harness, fixtures, harness.data as d; print(json.dumps({'harness': harness.__file__, "
-             "'fixtures': fixtures.__file__, 'gsm8k': str(d.GSM8K_PATH), 'work': str(d.WORK_ROOT)}))")  # fmt: skip
+    where = ("import json, harness, fixtures, harness.data.problems as d; "
+             "print(json.dumps({'harness': harness.__file__, 'fixtures': fixtures.__file__, "
+             " 'gsm8k': str(d.GSM8K_PATH), 'work': str(d.WORK_ROOT)}))")  # fmt: skip
     paths = json.loads(_run([str(python), "-c", where], folder).stdout)
     for name in ("harness", "fixtures", "gsm8k"):  # the wheel's, not this checkout's (an editable install)
         assert Path(paths[name]).is_relative_to(site_packages), paths
@@ -122,7 +123,7 @@ import sys
 
 def test_alone(pytestconfig):
     assert pytestconfig.getoption("model") == "mine"
-    assert "harness.pytest_plugin" not in sys.modules and gc.get_freeze_count() == 0
+    assert "harness.plugin.suite" not in sys.modules and gc.get_freeze_count() == 0
 """
 
 
@@ -137,7 +138,7 @@ def test_the_entry_point_leaves_an_unrelated_suite_alone(venv, tmp_path):
 
 
 def test_a_checkout_keeps_reports_cache_and_registry_in_itself_wherever_it_runs_from(tmp_path):
-    where = ("import harness.cache as c, harness.claims as r, harness.report as p; "
+    where = ("import harness.runtime.cache as c, harness.judgment.claims as r, harness.report.folder as p; "
              "print(c.DEFAULT_DIR, r.REGISTRY, p.REPORTS_DIR)")  # fmt: skip
     run = subprocess.run([sys.executable, "-c", where], cwd=tmp_path, env={**_clean_env(), "PYTHONPATH": str(ROOT)},
                          capture_output=True, text=True, timeout=120)  # fmt: skip
@@ -175,7 +176,7 @@ def test_codi_registry_turns_the_plugin_on_and_is_read_relative_to_its_file(pyte
     assert main(["init", str(pytester.path)]) == 0
     monkeypatch.chdir(pytester.mkdir("sub"))  # the registry is the ini file's neighbour, not the working directory's
     (pytester.path / "test_claims.py").rename(pytester.path / "test_starter.py")  # tests/test_claims.py is imported
-    result = pytester.runpytest_inprocess("-p", "harness.pytest_plugin", "--list-claims", str(pytester.path))
+    result = pytester.runpytest_inprocess("-p", "harness.plugin.suite", "--list-claims", str(pytester.path))
     assert result.ret == 0, result.outlines[-10:] + result.errlines[-10:]
     assert f"2 claims in {pytester.path / 'claims.toml'}" in result.outlines
     assert sum("test_starter.py" not in line and "  phase 1  " in line for line in result.outlines) == 2
@@ -188,7 +189,7 @@ def test_a_project_using_this_checkout_keeps_its_report_and_cache_in_itself(pyte
     assert main(["init", str(pytester.path)]) == 0
     (pytester.path / "test_claims.py").rename(pytester.path / "test_starter.py")  # tests/test_claims.py is imported
     before = set((ROOT / "reports").glob("*")) if (ROOT / "reports").exists() else set()
-    args = ("-p", "harness.pytest_plugin", "--model", "tiny-gpt2", "--n-problems", "12", "-k", "thoughts-carry")
+    args = ("-p", "harness.plugin.suite", "--model", "tiny-gpt2", "--n-problems", "12", "-k", "thoughts-carry")
     result = pytester.runpytest_inprocess(*args)
     assert result.ret in (0, 1), result.outlines[-10:]
     (folder,) = [d for d in (pytester.path / "reports").iterdir() if d.is_dir() and not d.is_symlink()]

@@ -1,19 +1,19 @@
-"""Path patching through the thought loop (`PatchPath`, `harness/paths.py`) against the ordinary
+"""Path patching through the thought loop (`PatchPath`, `harness/interventions/paths.py`) against the ordinary
 patch, the unpatched run and a hand-built two-cache computation; its claims kind."""
 
 import numpy as np
 import pytest
 import torch
 
-from harness.cache import ResultCache
-from harness.claims import ClaimError, evaluate_claim, parse_claim
-from harness.data import format_number, synthetic_split
-from harness.experiments import ModelRun
-from harness.interventions import InterventionError
-from harness.kinds.thought_flow import flow_matrix
-from harness.paths import PatchPath
-from harness.runtime import _ones, answer_targets, encode_questions, run_latents
-from harness.specs import AblateHeads, Baseline, PatchThoughts
+from harness.data.problems import format_number, synthetic_split
+from harness.interventions.hooks import InterventionError
+from harness.interventions.paths import PatchPath
+from harness.interventions.specs import AblateHeads, Baseline, PatchThoughts
+from harness.judgment.claims import ClaimError, evaluate_claim, parse_claim
+from harness.judgment.kinds.thought_flow import flow_matrix
+from harness.measures.runner import ModelRun
+from harness.runtime.cache import ResultCache
+from harness.runtime.loop import _ones, answer_targets, encode_questions, run_latents
 
 TEST = synthetic_split("test")[:16]
 DISCOVERY = synthetic_split("discovery")[:8]

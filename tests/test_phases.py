@@ -6,13 +6,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.arch import Head
-from harness.attribution import CATEGORIES, integrated_gradients, token_category
-from harness.claims import load_registry
-from harness.data import synthetic_split
-from harness.probes import chance, control_labels, critical_layer, first_result, probe_correct
-from harness.report import read_claims
-from harness.tiers import assign_tiers, tier_sizes
+from harness.data.problems import synthetic_split
+from harness.judgment.claims import load_registry
+from harness.measures.attribution import CATEGORIES, integrated_gradients, token_category
+from harness.measures.probes import chance, control_labels, critical_layer, first_result, probe_correct
+from harness.measures.tiers import assign_tiers, tier_sizes
+from harness.report.folder import read_claims
+from harness.runtime.arch import Head
 
 ROOT = Path(__file__).resolve().parent.parent
 LATE = [c.id for c in load_registry() if c.phase > 1 and c.metric != "das"]  # das: its own test (it trains)

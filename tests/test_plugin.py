@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.arch import Head
-from harness.claims import load_registry
-from harness.evaluation import evaluate
-from harness.interventions import HeadAblation
-from harness.progress import LOG_INTERVAL_S, bar, show_on
-from harness.report import read_claims
-from harness.stats import accuracy_drop
+from harness.interventions.hooks import HeadAblation
+from harness.judgment.claims import load_registry
+from harness.measures.evaluation import evaluate
+from harness.report.folder import read_claims
+from harness.runtime.arch import Head
+from harness.runtime.progress import LOG_INTERVAL_S, bar, show_on
+from harness.statistics.effects import accuracy_drop
 
 ROOT = Path(__file__).resolve().parent.parent
 N = 40
@@ -116,7 +116,7 @@ def test_top3_effect_equals_an_independent_recomputation(pytester, tmp_path, loa
     _run(pytester, suite_args, tmp_path / "r", tmp_path / "cache", "-k", "1.1-top3-causal")
     claim = read_claims(tmp_path / "r")["claims"][0]
     codi = load_model("tiny-gpt2")
-    from harness.data import synthetic_split
+    from harness.data.problems import synthetic_split
 
     problems = synthetic_split("test")[:N]
     heads = [Head(int(h[1:].split("H")[0]), int(h.split("H")[1])) for h in claim["details"]["heads"]]
@@ -179,7 +179,7 @@ def test_a_bar_written_to_a_log_redraws_at_most_every_30_s():
 
 
 _PYTHON_CLAIM = """
-from harness.specs import AblateHeads, PatchThoughts
+from harness.interventions.specs import AblateHeads, PatchThoughts
 
 
 def test_python_claim_of_mine(model_run, assert_claim):

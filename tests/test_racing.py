@@ -1,4 +1,4 @@
-"""Stacked sweep conditions and the racing sweep (`harness/causal.py`)."""
+"""Stacked sweep conditions and the racing sweep (`harness/measures/causal.py`)."""
 
 import json
 
@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from harness import causal
-from harness.arch import Head
-from harness.cache import ResultCache
-from harness.causal import Component, components, race, stacked, stacked_logprobs
-from harness.data import Problem, synthetic_split
-from harness.experiments import ModelRun
-from harness.interventions import InterventionError
+from harness.data.problems import Problem, synthetic_split
+from harness.interventions.hooks import InterventionError
+from harness.measures import causal
+from harness.measures.causal import Component, components, race, stacked, stacked_logprobs
+from harness.measures.runner import ModelRun
+from harness.runtime.arch import Head
+from harness.runtime.cache import ResultCache
 
 TEST = synthetic_split("test")[:10]
 DISCOVERY = synthetic_split("discovery")[:6]
@@ -110,7 +110,7 @@ def test_the_causal_ranking_races_on_the_discovery_split_only(monkeypatch, load_
 
 
 def test_the_sweep_command_races_and_refuses_what_a_sweep_would_not_read(capsys):
-    from harness.cli import USAGE_ERROR, main
+    from harness.commands.cli import USAGE_ERROR, main
 
     assert main(["sweep", "--racing", "--n-problems", "50"]) == USAGE_ERROR
     assert "--n-problems does not apply to this sweep (the discovery split is fixed)" in capsys.readouterr().err

@@ -11,11 +11,11 @@ import torch
 from test_checkpoints import hub_checkpoint  # noqa: F401 - the published-format checkpoint fixture
 from test_scale import _script
 
-from harness import models
-from harness.cli import USAGE_ERROR, main
-from harness.data import synthetic_split
-from harness.evaluation import REFERENCE_BATCH_SIZE, evaluate, teacher_forced
-from harness.runtime import decode_ids, encode_questions, generate, run_latents
+from harness.commands.cli import USAGE_ERROR, main
+from harness.data.problems import synthetic_split
+from harness.measures.evaluation import REFERENCE_BATCH_SIZE, evaluate, teacher_forced
+from harness.runtime import models
+from harness.runtime.loop import decode_ids, encode_questions, generate, run_latents
 
 MAX_NEW_TOKENS = 6
 

@@ -9,9 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness import error_analysis, report, runinfo
-from harness.data import Problem
-from harness.experiments import Condition
+from harness.data.problems import Problem
+from harness.judgment import error_analysis
+from harness.measures.runner import Condition
+from harness.report import folder as report
+from harness.report import runinfo
 
 CONFIG = {"seed": 0, "device": "cpu", "dtype": "float32", "reference_batching": False, "registry_hash": "r1",
           "claim_code_hash": "c1"}  # fmt: skip
@@ -133,8 +135,8 @@ def test_operations_are_read_from_the_solution_not_the_question():
 
 
 def test_claims_json_keeps_small_p_values_and_writes_nan_as_null(tmp_path):
-    from harness.stats import PairedEffect
-    from harness.verdicts import claim_result
+    from harness.statistics.effects import PairedEffect
+    from harness.statistics.verdicts import claim_result
 
     rows = [
         claim_result(PairedEffect(8.5, 6.3, 10.7, 2.3e-14, 1000, "McNemar exact"), id="tiny-p", statement="s",
@@ -153,8 +155,8 @@ def test_claims_json_keeps_small_p_values_and_writes_nan_as_null(tmp_path):
 
 
 def test_the_ablation_table_keeps_one_row_per_condition_and_measure():
-    from harness.kinds import head_ablation
-    from harness.verdicts import ClaimResult
+    from harness.judgment.kinds import head_ablation
+    from harness.statistics.verdicts import ClaimResult
 
     def row(cid: str, measure: str, effect: float) -> ClaimResult:
         details = {"heads": ["L0H1"], "heads_from": "claim", "positions": ["latent"], "mode": "zero", "n_draws": 1,
@@ -173,8 +175,8 @@ def test_the_ablation_table_keeps_one_row_per_condition_and_measure():
 def test_holm_adjusts_within_each_model_and_phase(tmp_path):
     """Holm's step-down correction over a (model, phase) family: three phase-1 claims share
     one family; a phase-2 claim and another model's claim are families of their own."""
-    from harness.stats import PairedEffect
-    from harness.verdicts import claim_result
+    from harness.statistics.effects import PairedEffect
+    from harness.statistics.verdicts import claim_result
 
     def row(cid: str, p: float, model: str = "m", phase: int = 1):
         effect = PairedEffect(8.5, 6.3, 10.7, p, 100, "McNemar exact")
@@ -190,9 +192,9 @@ def test_holm_adjusts_within_each_model_and_phase(tmp_path):
 def test_the_point_estimate_line_is_named_as_such():
     """Under INCONCLUSIVE the seed's criterion on the point estimate ("supported") is labelled,
     not a bare second verdict."""
-    from harness.report_page import claims_table
-    from harness.stats import PairedEffect
-    from harness.verdicts import claim_result
+    from harness.report.page import claims_table
+    from harness.statistics.effects import PairedEffect
+    from harness.statistics.verdicts import claim_result
 
     row = claim_result(PairedEffect(12.0, 8.0, 16.0, 0.01, 100, "McNemar exact"), id="c", statement="s", model="m",
                        threshold=10.0, direction="greater")  # fmt: skip

@@ -15,11 +15,11 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from harness import report
-from harness.claims import load_registry
-from harness.cli import USAGE_ERROR, main
-from harness.fullsize import build_tokenizer, shape_of
-from harness.report import read_claims
+from harness.commands.cli import USAGE_ERROR, main
+from harness.commands.fullsize import build_tokenizer, shape_of
+from harness.judgment.claims import load_registry
+from harness.report import folder as report
+from harness.report.folder import read_claims
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD_LINE = json.dumps({"question": "Tom has 3 apples . how many apples ?", "answer": "<<3=3>> #### 3"})
@@ -90,9 +90,9 @@ def test_cli_usage_errors(bad, args, message, data_error, capsys, monkeypatch):
     def must_not_run(*_args, **_kwargs):
         raise AssertionError("long work started before the input was checked")
 
-    monkeypatch.setattr("harness.evaluation.evaluate", must_not_run)
+    monkeypatch.setattr("harness.measures.evaluation.evaluate", must_not_run)
     if data_error:
-        monkeypatch.setattr("harness.models.load", must_not_run)
+        monkeypatch.setattr("harness.runtime.models.load", must_not_run)
     assert main(["evaluate", *_fill(args, bad)]) == USAGE_ERROR
     captured = capsys.readouterr()
     errors = [line for line in captured.err.splitlines() if "error" in line.lower()]  # not transformers' bars
@@ -250,10 +250,10 @@ def test_a_hub_warning_is_printed_once():
     (its connection retries used to appear twice)."""
     script = (
         "import logging, huggingface_hub\n"
-        "from harness.cli import main\n"
+        "from harness.commands.cli import main\n"
         "assert main(['evaluate', '--max-new-tokens', '0']) == 4\n"
         "logging.getLogger('huggingface_hub.utils._http').warning('retrying in 1s')\n"
-        "logging.getLogger('harness.cache').warning('cache entry unreadable')\n"
+        "logging.getLogger('harness.runtime.cache').warning('cache entry unreadable')\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -310,8 +310,8 @@ def test_list_claims_shows_every_parameter_and_loads_no_model(pytester, tmp_path
     def must_not_run(*_args, **_kwargs):
         raise AssertionError("--list-claims loaded a model")
 
-    monkeypatch.setattr("harness.models.resolve", must_not_run)
-    monkeypatch.setattr("harness.plugin_session.resolve", must_not_run)
+    monkeypatch.setattr("harness.runtime.models.resolve", must_not_run)
+    monkeypatch.setattr("harness.plugin.session.resolve", must_not_run)
     result = pytester.runpytest_inprocess(str(ROOT / "hypotheses"), "--list-claims", "-p", "no:cacheprovider")
     assert result.ret == 0
     out = "\n".join(result.outlines)
@@ -329,7 +329,7 @@ def test_list_claims_honours_the_selection_and_lists_python_claims(pytester, tmp
     def must_not_run(*_args, **_kwargs):
         raise AssertionError("--list-claims loaded a model")
 
-    monkeypatch.setattr("harness.plugin_session.resolve", must_not_run)
+    monkeypatch.setattr("harness.plugin.session.resolve", must_not_run)
     mine = tmp_path / "test_mine.py"
     mine.write_text("import pytest\n\n\n@pytest.mark.phase1\ndef test_my_python_claim(model_run, assert_claim):\n"
                     "    raise AssertionError('listing runs nothing')\n")  # fmt: skip

@@ -5,9 +5,9 @@ import copy
 import pytest
 import torch
 
-from harness.data import synthetic_split
-from harness.positions import PositionError
-from harness.runtime import encode_questions, generate, norm_matched_noise, position_ids, run_latents
+from harness.data.problems import synthetic_split
+from harness.runtime.loop import encode_questions, generate, norm_matched_noise, position_ids, run_latents
+from harness.runtime.positions import PositionError
 
 
 def _full_recompute(codi, batch):

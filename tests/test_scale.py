@@ -10,10 +10,10 @@ import pytest
 import torch
 from test_checkpoints import hub_checkpoint  # noqa: F401 - the published-format checkpoint fixture
 
-from harness.cli import USAGE_ERROR, main
-from harness.data import synthetic_split
-from harness.evaluation import evaluate
-from harness.models import (
+from harness.commands.cli import USAGE_ERROR, main
+from harness.data.problems import synthetic_split
+from harness.measures.evaluation import evaluate
+from harness.runtime.models import (
     AUTO_BATCH_TOKENS,
     CPU_BATCH_SIZE,
     MAX_AUTO_BATCH,
@@ -127,7 +127,7 @@ def test_xdist_workers_group_claims_by_model(pytester):
         """
     )
     result = pytester.runpytest_subprocess(
-        *("-p", "harness.pytest_plugin", "-n", "1", "--dist", "loadgroup", "-v"),
+        *("-p", "harness.plugin.suite", "-n", "1", "--dist", "loadgroup", "-v"),
         *("--model", "tiny-gpt2", "--model", "tiny-llama"),
     )
     result.assert_outcomes(passed=6)

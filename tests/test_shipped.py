@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.evaluation import evaluate, mean_patch, thought_means
-from harness.models import MODEL_SPECS, SHIPPED
-from harness.training import teacher_accuracy
+from harness.commands.training import teacher_accuracy
+from harness.measures.evaluation import evaluate, mean_patch, thought_means
+from harness.runtime.models import MODEL_SPECS, SHIPPED
 
 CARD_FIELDS = {"config", "data_seed", "command", "wall_time_s", "accuracy", "train_config"}
 

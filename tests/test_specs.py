@@ -7,18 +7,32 @@ import pytest
 import torch
 
 from conftest import zeroed_attention
-from harness.arch import Head, SiteError
-from harness.cache import ResultCache
-from harness.claims import evaluate_claim, parse_claim
-from harness.data import format_number, synthetic_split
-from harness.evaluation import evaluate
-from harness.experiments import ModelRun
-from harness.interventions import HeadAblation, HeadCapture, InterventionError
-from harness.kinds.head_ablation import random_head_sets
-from harness.positions import PositionError
-from harness.runtime import ThoughtPatch, answer_logprobs, answer_targets, encode_questions, position_ids, run_latents
-from harness.specs import NOISE_SEED_STRIDE, AblateHeads, AttentionPattern, PatchThoughts, derangement, with_draw
-from harness.stats import accuracy_drop
+from harness.data.problems import format_number, synthetic_split
+from harness.interventions.hooks import HeadAblation, HeadCapture, InterventionError
+from harness.interventions.specs import (
+    NOISE_SEED_STRIDE,
+    AblateHeads,
+    AttentionPattern,
+    PatchThoughts,
+    derangement,
+    with_draw,
+)
+from harness.judgment.claims import evaluate_claim, parse_claim
+from harness.judgment.kinds.head_ablation import random_head_sets
+from harness.measures.evaluation import evaluate
+from harness.measures.runner import ModelRun
+from harness.runtime.arch import Head, SiteError
+from harness.runtime.cache import ResultCache
+from harness.runtime.loop import (
+    ThoughtPatch,
+    answer_logprobs,
+    answer_targets,
+    encode_questions,
+    position_ids,
+    run_latents,
+)
+from harness.runtime.positions import PositionError
+from harness.statistics.effects import accuracy_drop
 
 TEST = synthetic_split("test")[:24]
 DISCOVERY = synthetic_split("discovery")[:12]

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest, wilcoxon
 
-from harness.stats import (
+from harness.statistics.effects import (
     accuracy_above,
     accuracy_drop,
     difference_of_draws,

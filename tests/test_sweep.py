@@ -12,22 +12,22 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
-from harness.arch import Head
-from harness.attribution import path_attributions
-from harness.cache import ResultCache
-from harness.causal import causal_ranking, components, head_means, screen_estimates, screened
-from harness.claims import evaluate_claim, parse_claim
-from harness.cli import main
-from harness.codi import CODIModel
-from harness.data import format_number, synthetic_split
-from harness.experiments import ModelRun
-from harness.interventions import HeadAblation, HeadCapture, HeadInterpolation
-from harness.kinds import ClaimError
-from harness.kinds import sweep as sweep_kind
-from harness.kinds.sweep import sweep_table, top_overlap
-from harness.runtime import answer_logprobs, encode_questions, run_latents
-from harness.specs import AblateHeads, Baseline
-from harness.training import build_tiny
+from harness.commands.cli import main
+from harness.commands.training import build_tiny
+from harness.data.problems import format_number, synthetic_split
+from harness.interventions.hooks import HeadAblation, HeadCapture, HeadInterpolation
+from harness.interventions.specs import AblateHeads, Baseline
+from harness.judgment.claims import evaluate_claim, parse_claim
+from harness.judgment.kinds import ClaimError
+from harness.judgment.kinds import sweep as sweep_kind
+from harness.judgment.kinds.sweep import sweep_table, top_overlap
+from harness.measures.attribution import path_attributions
+from harness.measures.causal import causal_ranking, components, head_means, heads_for, screen_estimates, screened
+from harness.measures.runner import ModelRun
+from harness.runtime.arch import Head
+from harness.runtime.cache import ResultCache
+from harness.runtime.codi import CODIModel
+from harness.runtime.loop import answer_logprobs, encode_questions, run_latents
 
 TEST = synthetic_split("test")[:8]
 DISCOVERY = synthetic_split("discovery")[:8]
@@ -203,9 +203,9 @@ def test_the_causal_ranking_is_the_discovery_sweep_and_feeds_head_claims(load_mo
         AblateHeads((h,), ("latent",), "zero"))) for h in run.every_head}  # fmt: skip
     best = sorted(drops, key=lambda h: -drops[h])[:3]  # the full sweep's top 3
     assert list(ranked.name[:3]) == best
-    heads, source = run.heads_for((), 3, "causal")
+    heads, source = heads_for(run, (), 3, "causal")
     assert [str(h) for h in heads] == best and source == "causal ranking"
-    assert run.heads_for((), 3)[1] == "ranking"  # the attention ranking stays the default
+    assert heads_for(run, (), 3)[1] == "ranking"  # the attention ranking stays the default
 
 
 def test_a_claim_at_one_thought_takes_the_heads_that_matter_at_that_thought(load_model, tmp_path):
@@ -220,7 +220,7 @@ def test_a_claim_at_one_thought_takes_the_heads_that_matter_at_that_thought(load
                  for h in run.every_head}  # fmt: skip
         best[where] = sorted(drops, key=lambda h: -drops[h])[:3]
     assert best["latent"] != best["CT1"], "a case where the two resolutions disagree"
-    heads, source = run.heads_for((), 3, "causal", ("CT1",))
+    heads, source = heads_for(run, (), 3, "causal", ("CT1",))
     assert [str(h) for h in heads] == best["CT1"] and source == "causal ranking at CT1"
     experiment = {"ranking": "causal", "positions": ["CT1"]}
     claim = parse_claim({"id": "c", "phase": 3, "statement": "s", "metric": "ablation_drop", "threshold": 0.0,

@@ -8,16 +8,16 @@ import random
 import numpy as np
 import torch
 
-from harness.cache import ResultCache
-from harness.claims import evaluate_claim, parse_claim
-from harness.data import load_gsm8k, synthetic_split
-from harness.evaluation import evaluate
-from harness.experiments import ModelRun
-from harness.interchange import _STEP, clean_thoughts, counterfactual, interchange, interchange_pairs
-from harness.kinds import logit_lens
-from harness.lens import SOURCES, chance_targets, hits, lens_tokens, step_results, step_tokens
-from harness.probes import chance, step_probes
-from harness.runtime import ThoughtPatch
+from harness.data.problems import load_gsm8k, synthetic_split
+from harness.judgment.claims import evaluate_claim, parse_claim
+from harness.judgment.kinds import logit_lens
+from harness.measures.evaluation import evaluate
+from harness.measures.interchange import _STEP, clean_thoughts, counterfactual, interchange, interchange_pairs
+from harness.measures.lens import SOURCES, chance_targets, hits, lens_tokens, step_results, step_tokens
+from harness.measures.probes import chance, step_probes
+from harness.measures.runner import ModelRun
+from harness.runtime.cache import ResultCache
+from harness.runtime.loop import ThoughtPatch
 
 PROBLEMS = synthetic_split("test")[:8]
 

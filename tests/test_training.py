@@ -2,8 +2,8 @@ import itertools
 
 import torch
 
-from harness.data import synthetic_training_stream
-from harness.training import build_tiny, codi_losses
+from harness.commands.training import build_tiny, codi_losses
+from harness.data.problems import synthetic_training_stream
 
 
 def test_a_short_codi_run_lowers_each_loss():

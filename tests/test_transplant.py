@@ -4,13 +4,13 @@ least-squares maps against known maps, and cross-architecture runs on the shippe
 import pytest
 import torch
 
-from harness.arch import Head
-from harness.data import synthetic_split
-from harness.evaluation import evaluate
-from harness.interventions import HeadAblation, InterventionError, leftover_hooks
-from harness.models import load
-from harness.runtime import encode_questions, generate, run_latents
-from harness.transplant import HeadTransplant, LinearMap, fit_linear_map, paired_states
+from harness.data.problems import synthetic_split
+from harness.interventions.hooks import HeadAblation, InterventionError, leftover_hooks
+from harness.interventions.transplant import HeadTransplant, LinearMap, fit_linear_map, paired_states
+from harness.measures.evaluation import evaluate
+from harness.runtime.arch import Head
+from harness.runtime.loop import encode_questions, generate, run_latents
+from harness.runtime.models import load
 
 TEST = synthetic_split("test")
 N_DECODE = 5

@@ -1,0 +1,175 @@
+"""Learned-subspace interchange (metric `das`, distributed alignment search; `harness/measures/das.py`).
+
+For every thought and rank (1, 2, 4, 8, 16, up to the claim's `max_rank`) a subspace is trained on the discovery split's
+interchange pairs (the base problem with a source that has another start value: same
+operations, other intermediate values) so that swapping it in from the source gives the
+source's answer. The claim's subspace is the thought and rank (at most `max_rank`) with the
+best interchange-intervention accuracy on the discovery pairs; the effect is its accuracy on
+the test pairs (the share of valid pairs whose answer becomes the source's, %), beside the
+whole thought's interchange and `n_random` random subspaces of the same rank (the control).
+Pairs count where the model answers both problems right unpatched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+
+from harness.data.problems import data_hash
+from harness.judgment.kinds.base import Kind, Measured, Params, Section, nan_effect
+from harness.judgment.kinds.interchange import interchanged, no_pairs_note, pairs, pairs_used, sources_correct
+from harness.measures.das import DAS_STEPS, RANKS, fit_subspace, random_basis
+from harness.measures.interchange import clean_thoughts, interchange
+from harness.measures.runner import ModelRun
+from harness.runtime.positions import thought_number
+from harness.statistics.effects import mean_with_ci
+from harness.statistics.verdicts import ClaimResult
+
+
+@dataclass(frozen=True)
+class DasParams(Params):
+    thought: str = "best"  # CT<i>, or best: the thought with the best discovery accuracy
+    max_rank: int = 8  # the subspace's rank is chosen among 1, 2, 4, 8, 16 up to this
+    n_random: int = 20  # random subspaces of the same rank at the same thought (the control)
+    against_control: bool = False  # threshold: a margin above the control's 95th percentile
+    steps: int = DAS_STEPS  # optimiser steps per subspace (64 discovery pairs each)
+
+    def validate(self, given: set[str]) -> None:
+        if self.thought != "best" and thought_number(self.thought) is None:
+            raise ValueError(f"thought is CT<i> or best, not {self.thought!r}")
+        if self.max_rank not in RANKS:
+            raise ValueError(f"max_rank is one of {', '.join(map(str, RANKS))}, got {self.max_rank}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if self.n_random < 0 or (self.against_control and self.n_random < 2):
+            raise ValueError("n_random must be at least 0 (at least 2 with against_control)")
+
+    def check_model(self, geo, n_latent: int, model: str) -> None:
+        if self.thought != "best" and thought_number(self.thought) >= n_latent:
+            raise ValueError(f"{model} has thoughts CT0..CT{n_latent - 1}, not {self.thought}")
+
+
+def _discovery(run: ModelRun) -> ModelRun:
+    return run.remember("discovery_run", run.on_discovery)
+
+
+def valid_pairs(run: ModelRun) -> np.ndarray:
+    """[n_pairs] whether the model answers the base and its source right, unpatched."""
+    return (run.baseline.correct[pairs(run)[0]] == 1) & (sources_correct(run) == 1)
+
+
+def subspace(run: ModelRun, thought: int, rank: int, steps: int = DAS_STEPS) -> torch.Tensor:
+    """The learned rank-`rank` subspace of CT_thought, fitted on the discovery pairs: [rank, d], cached."""
+    disc = _discovery(run)
+
+    def compute() -> np.ndarray:
+        indices, sources = pairs(disc)
+        bases = [disc.problems[i] for i in indices]
+        donor = clean_thoughts(run.codi, sources, run.batch_size)
+        return fit_subspace(run.codi, bases, sources, donor, thought, rank, run.seed, steps, run.progress).numpy()
+
+    key = disc.key(kind="das_subspace", thought=thought, rank=rank, steps=steps, seed=run.seed)
+    return torch.from_numpy(disc.cached(key, f"DAS subspace CT{thought} rank {rank}", compute))
+
+
+def moved(run: ModelRun, thought: int, basis: torch.Tensor, what: str) -> np.ndarray:
+    """Per valid pair of `run`'s problems: whether interchanging `basis`'s subspace of
+    CT_thought from the source gives the source's answer: [n_valid] bool, cached (keyed by the
+    basis itself)."""
+    indices, sources = pairs(run)
+    bases = [run.problems[i] for i in indices]
+
+    def compute() -> np.ndarray:
+        donor = run.remember(("source_thoughts", data_hash(sources)),
+                             lambda: clean_thoughts(run.codi, sources, run.batch_size))  # fmt: skip
+        result, _ = interchange(run.codi, bases, sources, (thought,), run.batch_size, run.progress, basis, donor)
+        return np.array([r.correct for r in result.records])
+
+    digest = hashlib.sha256(basis.numpy().astype(np.float32).tobytes()).hexdigest()[:16]
+    key = run.key(kind="das_interchange", thought=thought, basis=digest, sources=data_hash(sources))
+    return run.cached(key, f"subspace interchange CT{thought} ({what})", compute)[valid_pairs(run)] == 1
+
+
+def grid(run: ModelRun, thoughts: list[int], steps: int = DAS_STEPS, max_rank: int = RANKS[-1]) -> list[dict]:
+    """Each thought and rank up to `max_rank` (no subspace the claim could not choose is
+    fitted): accuracy (%) on the discovery pairs, where the subspace was fitted (and where the
+    claim's thought and rank are chosen)."""
+    disc = _discovery(run)
+    return [{"thought": f"CT{t}", "rank": rank,
+             "discovery": 100 * float(moved(disc, t, subspace(run, t, rank, steps), f"rank {rank}").mean())}
+            for t in thoughts for rank in RANKS if rank <= max_rank]  # fmt: skip
+
+
+def measure(p: DasParams, run: ModelRun, measure: str) -> Measured:
+    details = {"heads": [], "mode": "learned-subspace interchange", "max_rank": p.max_rank}
+    for split in (run, _discovery(run)):
+        if not pairs(split)[0]:
+            note = no_pairs_note(split) + (" of the discovery split" if split is not run else "")
+            return Measured(nan_effect(0), {**details, "positions": [], "note": note})
+    details["mode"] += f" on {pairs_used(run, int(valid_pairs(run).sum()))}"
+    if not valid_pairs(run).any():
+        return Measured(nan_effect(0), {**details, "positions": [], "note": "no pair answered right on both sides"})
+    thoughts = list(range(run.n_latent)) if p.thought == "best" else [thought_number(p.thought)]
+    rows = grid(run, thoughts, p.steps, p.max_rank)
+    best = max(rows, key=lambda r: (r["discovery"], -r["rank"]))
+    t, rank = thought_number(best["thought"]), best["rank"]
+    whole = 100 * float(interchanged(run, (t,))[0][valid_pairs(run)].mean())
+    for row in rows:  # the chosen thought on the test pairs, every rank
+        if row["thought"] == best["thought"]:
+            basis = subspace(run, t, row["rank"], p.steps)
+            row.update(test=100 * float(moved(run, t, basis, f"rank {row['rank']}").mean()),
+                       whole_thought=whole)  # fmt: skip
+    chosen = subspace(run, t, rank, p.steps)
+    values = moved(run, t, chosen, f"rank {rank}")
+    generator = torch.Generator().manual_seed(run.seed)
+    d = chosen.shape[1]
+    null = [
+        100 * float(moved(run, t, random_basis(d, rank, generator), f"random rank {rank}, draw {i}").mean())
+        for i in range(p.n_random)
+    ]
+    details.update(positions=[best["thought"]], rank=rank, grid=rows, discovery_accuracy=best["discovery"],
+                   whole_thought=whole, units="% of pairs")  # fmt: skip
+    return Measured(mean_with_ci(100.0 * values.astype(float), seed=run.seed), details, null or None)
+
+
+def section(results: list[ClaimResult], runs: dict[str, ModelRun]) -> Section:
+    frames = {}
+    for r in results:
+        if "grid" in r.details:
+            frames.setdefault(r.model, pd.DataFrame(r.details["grid"]))
+    if not frames:
+        return Section("Learned-subspace interchange (DAS)", {})
+    fig = Figure(figsize=(5.5 * len(frames), 3.8), layout="constrained")
+    for ax, (model, table) in zip(np.atleast_1d(fig.subplots(1, len(frames))), frames.items()):
+        for j, (thought, g) in enumerate(table.groupby("thought", sort=False)):
+            ax.plot(g["rank"], g["discovery"], color=f"C{j}", lw=1, alpha=0.6, label=f"{thought} (discovery)")
+        chosen = table.dropna(subset=["test"]) if "test" in table else table.iloc[:0]
+        if len(chosen):
+            name = chosen.thought.iloc[0]
+            ax.plot(chosen["rank"], chosen["test"], "ko-", lw=2, label=f"{name} (test pairs)")
+            ax.axhline(chosen["whole_thought"].iloc[0], color="black", ls=":", lw=1, label=f"{name} whole thought")
+        ax.set_xscale("log", base=2)
+        ranks = sorted(table["rank"].unique())
+        ax.set_xticks(ranks, [str(r) for r in ranks])
+        ax.set(xlabel="subspace rank", ylabel="answer becomes the source's (% of pairs)", ylim=(0, None),
+               title=f"{model}: learned-subspace interchange")  # fmt: skip
+        ax.legend(fontsize=7, ncols=2)
+    table = pd.concat([t.assign(model=m) for m, t in frames.items()], ignore_index=True)
+    return Section("Learned-subspace interchange (DAS)", {"das": table}, {"das": fig})
+
+
+KIND = Kind(
+    "das",
+    DasParams,
+    measure,
+    section,
+    "a learned low-rank subspace of a thought interchanged from a counterfactual source: share of answers that follow",
+    measures=("accuracy",),
+    effect_unit="a share of pairs",
+    error_analysis=False,
+)

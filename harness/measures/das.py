@@ -1,0 +1,90 @@
+"""Learned-subspace interchange (distributed alignment search, Geiger et al. 2024; Wu et al.'s
+pyvene is the field's reference implementation) on a continuous thought.
+
+A rank-r subspace of thought CT_t is the span of the first r rows of an orthogonal rotation
+(torch's `orthogonal` parametrization of a d x d linear map). Interchanging it takes a base
+problem's thought x_b and its counterfactual source's x_s to x_b + B^T B (x_s - x_b), B the r
+rows: the source's coordinates in the subspace, the base's elsewhere. The rotation is trained
+so that the patched base run gives the answer the source's intermediate values imply (the
+gold answer of the source, teacher-forced after eot), on discovery pairs only, with the model
+frozen. pyvene wraps HF modules position by position; the thought loop feeds each thought back
+through `prj`, so the subspace is applied where `runtime.run_latents` takes its thought patch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import orthogonal
+
+from harness.data.problems import Problem, format_number
+from harness.interventions.subspace import subspace_patch
+from harness.measures.evaluation import PrefixStore
+from harness.runtime.codi import CODIModel
+from harness.runtime.loop import answer_logprobs, encode_questions, run_latents
+from harness.runtime.progress import bar
+
+RANKS = (1, 2, 4, 8, 16)
+DAS_STEPS = 60  # optimiser steps per (thought, rank)
+DAS_BATCH = 64
+DAS_LR = 1e-2
+
+
+@contextlib.contextmanager
+def frozen(codi: CODIModel) -> Iterator[None]:
+    """The model's weights out of the autograd graph while a subspace is trained."""
+    flags = [p.requires_grad for p in codi.parameters()]
+    for p in codi.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(codi.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+def random_basis(d: int, rank: int, generator: torch.Generator) -> torch.Tensor:
+    """A uniformly random rank-`rank` subspace: [rank, d] orthonormal rows (QR of a Gaussian)."""
+    q, _ = torch.linalg.qr(torch.randn(d, rank, generator=generator))
+    return q.T.contiguous()
+
+
+def fit_subspace(
+    codi: CODIModel,
+    bases: list[Problem],
+    sources: list[Problem],
+    source_thoughts: torch.Tensor,  # [N, K, d] the sources' clean thoughts
+    thought: int,
+    rank: int,
+    seed: int = 0,
+    steps: int = DAS_STEPS,
+    progress: bool = False,
+    lr: float = DAS_LR,
+) -> torch.Tensor:
+    """The rank-`rank` subspace of CT_thought whose interchange makes each base run give its
+    source's answer (mean teacher-forced log-probability, Adam): [rank, d] orthonormal rows."""
+    d = source_thoughts.shape[-1]
+    torch.manual_seed(seed)
+    rotation = orthogonal(nn.Linear(d, d, bias=False))
+    optimiser = torch.optim.Adam(rotation.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    prefixes = PrefixStore()
+    batches = [list(range(s, min(s + DAS_BATCH, len(bases)))) for s in range(0, len(bases), DAS_BATCH)]
+    encoded = [encode_questions(codi, [bases[i].question for i in rows]) for rows in batches]
+    answers = [[format_number(sources[i].answer) for i in rows] for rows in batches]
+    with frozen(codi):
+        for _ in bar(range(steps), desc=f"DAS CT{thought} rank {rank}", disable=not progress):
+            b = int(torch.randint(len(batches), (1,), generator=generator))
+            with torch.no_grad():
+                prefix = prefixes.get(codi, encoded[b], batches[b])
+            basis = rotation.weight[:rank]  # [r, d]
+            patch = subspace_patch(thought, basis, source_thoughts[batches[b], thought])
+            state = run_latents(codi, encoded[b], patch, prefix=prefix)
+            loss = -answer_logprobs(codi, state, answers[b], copy_cache=False).mean()
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    return rotation.weight[:rank].detach().clone()

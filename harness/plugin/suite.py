@@ -1,0 +1,403 @@
+"""The pytest plugin that turns claims into tests: options, markers, fixtures, verdict outcomes,
+and the report written at the end of a session.
+
+SUPPORTED passes; REFUTED fails with the numbers; INCONCLUSIVE is reported as its own outcome
+('I', "inconclusive") and does not fail the run. The registry and every claim's parameters are
+checked when the session starts: a mistake is one line and exit status 4 before any model runs.
+
+Fixtures for claim tests (registry rows and researchers' own Python claims alike):
+`model_run` (the `ModelRun` of the test's `model_name`), `run_claim(claim)` (a registry claim
+measured, phase gates applied) and `assert_claim(result)` (records the row for the report,
+then passes, fails or reports INCONCLUSIVE).
+
+This checkout's conftest.py loads it (or `-p harness.plugin.suite`); an installed package's
+`pytest11` entry point (`harness.plugin.entry`) loads it only for a run that names a registry
+or a report folder.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from harness.data.problems import DataError
+from harness.interventions.hooks import InterventionError, leftover_hooks
+from harness.judgment.claims import PHASES, Claim, ClaimError, check_against_model, evaluate_claim, load_registry
+from harness.measures.runner import ModelRun
+from harness.plugin.entry import INI, INI_HELP
+from harness.plugin.html import HtmlBridge
+from harness.plugin.session import Progress, Uncaptured, load_runs, registry_path, reports_dir, runs_claims
+from harness.report.folder import KEEP_REPORTS, new_run_dir, prune_reports, read_claims, write_report
+from harness.report.runinfo import run_info
+from harness.runtime.arch import SiteError
+from harness.runtime.codi import ModelLoadError
+from harness.runtime.models import SHIPPED
+from harness.runtime.positions import PositionError
+from harness.runtime.progress import show_on
+from harness.statistics.verdicts import ClaimResult
+
+_REGISTRY: dict[str, Claim] = {}  # the session's claims by id, loaded in `pytest_configure`
+FLIPPED = 6  # the exit status of --fail-on-flip
+
+
+def claim_params(phase: int | None = None) -> list:
+    """The registry's claims of one phase (default: every phase) as pytest parameters: id =
+    claim id, marker = phase. One test over every phase keeps a researcher's new claim from
+    going unrun because no test file asks for its phase."""
+    return [
+        pytest.param(c, id=c.id, marks=getattr(pytest.mark, c.marker))
+        for c in _REGISTRY.values()
+        if phase is None or c.phase == phase
+    ]
+
+
+RESULT_KEY = "codi_claim_result"
+_STATE = pytest.StashKey[dict]()
+
+
+class Inconclusive(Exception):
+    """Raised by a claim test whose CI straddles its criteria."""
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("codi", "CODI hypotheses")
+    group.addoption(
+        "--model", action="append", help="shipped name (repeatable) or checkpoint path; default both tiny models"
+    )
+    group.addoption("--base", help="base model (HF id or directory) for hub-format checkpoints")
+    group.addoption(
+        "--n-latent",
+        type=int,
+        help="continuous thoughts of a hub-format checkpoint (default 6; the format does not record it; "
+        "refused where the checkpoint records another)",
+    )
+    group.addoption(
+        "--data", default=None, help="synthetic, gsm8k or a .jsonl path (default: ours synthetic, hub-format gsm8k)"
+    )
+    group.addoption("--n-problems", type=int, default=1000, help="problems from the test split (default 1000)")
+    group.addoption(
+        "--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1; with -n, cuda is one GPU per worker"
+    )
+    group.addoption("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight dtype")
+    group.addoption(
+        "--heads",
+        help="critical heads instead of the ranking, e.g. L4H5,L5H30,L5H28, or 'seed' for the seed analysis's list",
+    )
+    group.addoption("--seed", type=int, default=0, help="seed for controls, noise and the bootstrap")
+    group.addoption(
+        "--batch-size", type=int, help="problems per batched pass (default 128 on CPU; on CUDA, what memory holds)"
+    )
+    group.addoption("--report-dir", help="where the report goes (default reports/<run-id>/)")
+    group.addoption(
+        "--fail-on-flip",
+        action="store_true",
+        help=f"exit status {FLIPPED} when a verdict changed against the baseline (in place of 0 or 1; a usage "
+        "error or an interrupted run keeps its own status)",
+    )
+    group.addoption(
+        "--compare-to",
+        help="an earlier report folder to compare verdicts with (default: the newest earlier run of the same "
+        "configuration that measured each claim)",
+    )
+    group.addoption(
+        "--keep-reports",
+        type=int,
+        help=f"run folders kept under reports/ (default {KEEP_REPORTS}; older ones are deleted)",
+    )
+    group.addoption("--no-cache", action="store_true", help="recompute every result")
+    group.addoption(
+        "--cache-dir", help="result cache directory (default .cache/results beside the registry's pytest configuration)"
+    )
+    group.addoption("--no-gates", action="store_true", help="run phase-2 claims even when phase 1's gate is not met")
+    group.addoption(
+        "--reference-batching",
+        action="store_true",
+        help="the official evaluator's batching (128 in data order; results depend on the batch), cached apart "
+        "from default runs",
+    )
+    group.addoption(
+        "--registry",
+        help=f"the claims registry (default: {INI} in the pytest configuration, else hypotheses/claims.toml); "
+        "naming one turns the plugin on",
+    )
+    parser.addini(INI, INI_HELP)  # also here: the plugin runs without its entry point too (conftest.py, -p)
+    group.addoption(
+        "--list-claims",
+        action="store_true",
+        help="print every claim (id, phase, kind, parameters with defaults, statement) and exit; loads no model",
+    )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    for phase in PHASES:
+        config.addinivalue_line("markers", f"phase{phase}: claims of phase {phase} of the seed plan")
+    state = {"enabled": runs_claims(config), "runs": {}, "collector": _Collector(), "recorded": set()}
+    config.pluginmanager.register(state["collector"], "codi-claims-collector")
+    config.pluginmanager.register(HtmlBridge(state), "codi-claims-html")
+    config.stash[_STATE] = state
+    if config.getoption("list_claims"):  # collect (so -k / -m select) and list; load no model
+        state["listing"] = state["enabled"] = True
+        try:
+            _REGISTRY.clear()
+            _REGISTRY.update({c.id: c for c in load_registry(registry_path(config))})
+        except ClaimError as e:
+            raise pytest.UsageError(str(e)) from None
+        return
+    if not state["enabled"]:
+        return
+    # torch and transformers leave ~10^6 long-lived objects; pytest garbage-collects 5 times at
+    # the end (its unraisable-exception check), 1.5 s on a warm 10 s run: exempt what exists now
+    gc.freeze()
+    try:
+        claims = load_registry(registry_path(config))
+        _REGISTRY.clear()
+        _REGISTRY.update({c.id: c for c in claims})
+        state["runs"], state["data"] = load_runs(config)
+        for name, run in state["runs"].items():
+            run.peers = {other: r for other, r in state["runs"].items() if other != name}
+            if not hasattr(config, "workerinput"):  # an xdist worker's output reaches no terminal
+                run.on_measured = Progress(config)
+            check_against_model(claims, run.geometry, run.n_latent, name)
+    except (ClaimError, ModelLoadError, DataError, InterventionError, SiteError) as e:
+        raise pytest.UsageError(str(e)) from None
+    if hasattr(config, "workerinput"):  # xdist workers measure; the controller reports
+        return
+    compare_to = config.getoption("compare_to")
+    if compare_to:
+        try:
+            read_claims(Path(compare_to))
+        except (OSError, ValueError) as e:
+            raise pytest.UsageError(f"--compare-to {compare_to}: no readable claims.json there ({e})") from None
+    keep = config.getoption("keep_reports")
+    if keep is not None and keep < 1:
+        raise pytest.UsageError(f"--keep-reports must be at least 1, got {keep}")
+    if keep is not None and config.getoption("report_dir"):
+        raise pytest.UsageError("--keep-reports prunes reports/; a --report-dir folder is yours and never pruned")
+    if config.getoption("collectonly"):  # nothing will be measured: no report folder
+        return
+    chosen = config.getoption("report_dir")
+    if chosen and (Path(chosen) / "claims.json").exists():
+        raise pytest.UsageError(f"--report-dir {chosen} already holds a report; choose a new folder")
+    report_dir = Path(chosen or new_run_dir(reports_dir(config)))
+    state["report_dir"] = report_dir
+    report_dir.mkdir(parents=True, exist_ok=True)
+    if config.pluginmanager.hasplugin("html") and not config.getoption("htmlpath"):
+        config.option.htmlpath = str(report_dir / "report.html")
+        config.option.self_contained_html = True
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "model_name" in metafunc.fixturenames:
+        state = metafunc.config.stash[_STATE]
+        names = list(state["runs"]) or (metafunc.config.getoption("model") or list(SHIPPED))
+        # one xdist group per model (`--dist loadgroup`): one worker measures one model; marks
+        # set here exist before any collection hook (xdist's worker reads them in its own)
+        params = [pytest.param(name, marks=pytest.mark.xdist_group(name)) for name in names]
+        metafunc.parametrize("model_name", params, scope="session")
+
+
+@pytest.fixture
+def model_run(request: pytest.FixtureRequest, model_name: str) -> ModelRun:
+    """The session's run of the test's model: `measure(spec)`, `paired(spec)`, `effect(...)`."""
+    state = request.config.stash[_STATE]
+    if not state["enabled"]:
+        _refuse(
+            f"the claims plugin is off for this run (it turns on for tests under hypotheses/, with --registry "
+            f"FILE, {INI} in the pytest configuration or --report-dir DIR): name your registry or a report folder"
+        )
+    return state["runs"][model_name]
+
+
+def _unmet_gate(claim: Claim, run: ModelRun) -> ClaimResult | None:
+    """The first claim up `claim`'s chain of gates that is not SUPPORTED on `run` (a gate's own
+    gate first: a claim whose gate could not run cannot run either), else None."""
+    if claim.gate is None:
+        return None
+    gate = _REGISTRY[claim.gate]
+    unmet = _unmet_gate(gate, run)
+    if unmet is not None:
+        return unmet
+    result = evaluate_claim(gate, run)
+    return result if result.verdict != "SUPPORTED" else None
+
+
+@pytest.fixture
+def run_claim(request: pytest.FixtureRequest, model_run: ModelRun) -> Callable[[Claim], ClaimResult]:
+    """`run_claim(claim)`: a registry claim measured on the test's model. A phase-2 claim whose
+    gate is not SUPPORTED is skipped with the reason (unless --no-gates)."""
+
+    def run(claim: Claim) -> ClaimResult:
+        gate = None if request.config.getoption("no_gates") else _unmet_gate(claim, model_run)
+        if gate is not None:
+            pytest.skip(
+                f"phase {gate.phase} gate not met: {gate.id} is {gate.verdict} for {model_run.name} "
+                f"(effect {gate.effect:+.1f} {gate.units}, 95% CI {gate.ci_low:+.1f} to {gate.ci_high:+.1f}); "
+                "pivot to distributed analysis (or force with --no-gates)"
+            )
+        return evaluate_claim(claim, model_run)
+
+    return run
+
+
+@pytest.fixture
+def assert_claim(request: pytest.FixtureRequest) -> Callable[[ClaimResult], ClaimResult]:
+    """`assert_claim(result)`: record the row for the report, then pass (SUPPORTED), fail with
+    the numbers (REFUTED) or report INCONCLUSIVE. Also asserts that no hook was left behind.
+
+    The row travels with the test report (user properties), so the report is written by
+    whichever process collects the reports: the session itself, or the xdist controller.
+    """
+    state = request.config.stash[_STATE]
+
+    def check(result: ClaimResult) -> ClaimResult:
+        where, own = request.node.nodeid, getattr(getattr(request.node, "callspec", None), "params", {})
+        if own.get("model_name", result.model) != result.model:
+            _refuse(f"{where}: a result for {result.model} recorded by {own['model_name']}'s test")
+        if (result.id, result.model) in state["recorded"]:
+            _refuse(f"{where}: claim {result.id!r} on {result.model} is recorded twice: give each its own id")
+        state["recorded"].add((result.id, result.model))
+        run = state["runs"].get(result.model)
+        leftovers = leftover_hooks(run.codi) if run is not None and run.model.loaded else []
+        assert not leftovers, f"an intervention left hooks behind: {leftovers}"
+        row = json.loads(json.dumps(result.as_row(), default=float))  # plain types: rows cross to xdist's controller
+        request.node.user_properties.append((RESULT_KEY, row))
+        if result.verdict == "REFUTED":
+            pytest.fail(result.message(), pytrace=False)
+        if result.verdict == "INCONCLUSIVE":
+            raise Inconclusive(result.message())
+        return result
+
+    return check
+
+
+class _Collector:
+    """Gathers claim results from test reports (this session's or the xdist workers')."""
+
+    def __init__(self) -> None:
+        self.results: list[ClaimResult] = []
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when == "call":
+            self.results += [ClaimResult(**row) for key, row in report.user_properties if key == RESULT_KEY]
+
+
+def _refuse(message: str) -> None:
+    """Stop the run as a usage error (exit status 4, one line): what a claim asked for cannot run."""
+    pytest.exit(f"ERROR: {message}", returncode=pytest.ExitCode.USAGE_ERROR)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    """Progress bars inside a claim's evaluations show past the output capture; a condition a
+    Python claim names that the model cannot run (a head or thought out of range, parts that
+    would override each other) is a usage error, not a finding."""
+    state = item.config.stash.get(_STATE, {})
+    if not state.get("enabled"):
+        return (yield)
+    try:
+        if item.config.get_verbosity() < -1:
+            return (yield)
+        with show_on(Uncaptured(item.config)):
+            return (yield)
+    except (InterventionError, SiteError, PositionError) as e:
+        _refuse(f"{item.nodeid}: {e}")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    if call.excinfo is not None and call.excinfo.errisinstance(Inconclusive):
+        report.outcome = "passed"
+        report.inconclusive = str(call.excinfo.value)
+        report.longrepr = None
+    return report
+
+
+def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config):
+    if getattr(report, "inconclusive", None) and report.when == "call":
+        return "inconclusive", "I", "INCONCLUSIVE"
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session: pytest.Session) -> bool | None:
+    """--list-claims: the claims the selection (-k, -m, paths) keeps, registry claims with every
+    parameter and Python claims by test id, each with its models; nothing runs."""
+    if not session.config.stash.get(_STATE, {}).get("listing"):
+        return None
+    registry, python = {}, {}
+    for item in session.items:
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        model = params.get("model_name", "")
+        if isinstance(params.get("claim"), Claim):
+            registry.setdefault(params["claim"].id, (params["claim"], []))[1].append(model)
+        else:
+            where = f"{os.path.relpath(item.path)}::{getattr(item, 'originalname', item.name)}"
+            python.setdefault(where, []).append(model)
+    reporter = session.config.pluginmanager.getplugin("terminalreporter")
+    for claim, models in registry.values():
+        reporter.write_line(f"{claim.describe()}\n    models: {', '.join(dict.fromkeys(models))}")
+    for nodeid, models in python.items():
+        reporter.write_line(f"{nodeid}  Python claim  models: {', '.join(dict.fromkeys(m for m in models if m))}")
+    path, total = registry_path(session.config), len(_REGISTRY)
+    count = f"{len(registry)}" if len(registry) == total else f"{len(registry)} of {total}"
+    shown = f"{count} claims in {path}"
+    reporter.write_line(shown + (f"; {len(python)} Python claim tests" if python else ""))
+    return True
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    state = session.config.stash.get(_STATE, {})
+    results = state["collector"].results if state else []
+    if results and "report_dir" in state:
+        config = session.config
+        run = run_info(
+            state["report_dir"].name,
+            seed=config.getoption("seed"),
+            device=config.getoption("device"),
+            dtype=config.getoption("dtype"),
+            reference_batching=config.getoption("reference_batching"),
+            registry=registry_path(config),
+            claim_files=[Path(a.split("::")[0]) for a in config.args],
+            data=state["data"],
+            runs=state["runs"],
+        )
+        compare_to = config.getoption("compare_to")
+        state["written"] = write_report(
+            state["report_dir"], results, state["runs"], run, Path(compare_to) if compare_to else None
+        )
+        usual = session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED)
+        if config.getoption("fail_on_flip") and state["written"].flips and usual:
+            session.exitstatus = state["flipped"] = FLIPPED  # what pytest exits with: a flip pages someone
+        if not config.getoption("report_dir"):
+            keep = config.getoption("keep_reports") or KEEP_REPORTS
+            state["pruned"] = prune_reports(reports_dir(config), keep, state["report_dir"])
+
+
+def pytest_html_results_summary(prefix: list, summary: list, postfix: list, session: pytest.Session) -> None:
+    written = session.config.stash.get(_STATE, {}).get("written")
+    if written:
+        prefix.append(written.html)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    state = config.stash.get(_STATE, {})
+    written = state.get("written")
+    if not written:
+        return
+    terminalreporter.section("CODI claims")
+    for line in written.lines:
+        terminalreporter.write_line(line)
+    if not config.pluginmanager.hasplugin("dsession"):  # under xdist the workers load, not this process
+        loaded = [name for name, run in state["runs"].items() if run.model.loaded]
+        terminalreporter.write_line(f"models loaded: {', '.join(loaded) or 'none (every result was in the cache)'}")
+    terminalreporter.write_line(f"report: {written.directory}")
+    if state.get("flipped"):
+        terminalreporter.write_line(f"exit status {FLIPPED} (--fail-on-flip): {len(written.flips)} verdict(s) changed")

@@ -1,0 +1,2 @@
+"""The report folder: claims.json / .csv, each kind's CSVs and figures, summary.md, the HTML page's
+pieces."""
