@@ -24,7 +24,7 @@ from harness.data.problems import Problem, format_number
 from harness.interventions.subspace import subspace_patch
 from harness.measures.evaluation import PrefixStore
 from harness.runtime.codi import CODIModel
-from harness.runtime.loop import answer_logprobs, encode_questions, run_latents
+from harness.runtime.loop import answer_logprobs, encode_questions, pause_latents, run_latents
 from harness.runtime.progress import bar
 
 RANKS = (1, 2, 4, 8, 16)
@@ -71,18 +71,19 @@ def fit_subspace(
     rotation = orthogonal(nn.Linear(d, d, bias=False))
     optimiser = torch.optim.Adam(rotation.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
-    prefixes = PrefixStore()
+    prefixes, paused = PrefixStore(), {}
     batches = [list(range(s, min(s + DAS_BATCH, len(bases)))) for s in range(0, len(bases), DAS_BATCH)]
     encoded = [encode_questions(codi, [bases[i].question for i in rows]) for rows in batches]
     answers = [[format_number(sources[i].answer) for i in rows] for rows in batches]
     with frozen(codi):
         for _ in bar(range(steps), desc=f"DAS CT{thought} rank {rank}", disable=not progress):
             b = int(torch.randint(len(batches), (1,), generator=generator))
-            with torch.no_grad():
-                prefix = prefixes.get(codi, encoded[b], batches[b])
+            if b not in paused:  # the thoughts before the trained one never change: run them once
+                with torch.no_grad():
+                    paused[b] = pause_latents(codi, encoded[b], thought, prefixes.get(codi, encoded[b], batches[b]))
             basis = rotation.weight[:rank]  # [r, d]
             patch = subspace_patch(thought, basis, source_thoughts[batches[b], thought])
-            state = run_latents(codi, encoded[b], patch, prefix=prefix)
+            state = run_latents(codi, encoded[b], patch, resume=paused[b])
             loss = -answer_logprobs(codi, state, answers[b], copy_cache=False).mean()
             optimiser.zero_grad()
             loss.backward()

@@ -102,42 +102,80 @@ def _next_step(codi: CODIModel, mask: torch.Tensor, next_pos: torch.Tensor, cach
     return codi.step(mask, next_pos[:, None], cache, **inputs)
 
 
-def run_latents(
-    codi: CODIModel,
-    batch: Batch,
-    patch: LatentPatch | None = None,
-    n_thoughts: int | None = None,
-    prefix: Prefix | None = None,
-) -> LatentState:
-    """Question + bot in one pass (or a copy of `prefix`, that pass done before), then K
-    single-position passes over the continuous thoughts.
+@dataclass
+class LoopPoint:
+    """The latent loop paused before thought `step`, unpatched so far: a loop resumed here
+    (`run_latents(resume=...)`) skips the passes before it, as long as its patch leaves the
+    thoughts before `step` alone (a subspace trained at one thought)."""
 
-    `patch` (or, without one, the model's active `ThoughtPatch`) edits each thought before it
-    is fed back. `n_thoughts` stops after the first few (e.g. when only CT0 is read).
-    """
-    patch = patch or codi.thought_patch
+    step: int
+    cache: DynamicCache
+    attention_mask: torch.Tensor  # [B, T + step]
+    next_position: torch.Tensor  # [B]
+    hidden: torch.Tensor  # [B, d] final-normed state whose `prj` is thought `step`
+    bot_hidden: torch.Tensor  # [B, d]
+    thoughts: list[torch.Tensor]  # step x [B, d]
+    hiddens: list[torch.Tensor]  # (step + 1) x [B, d]
+
+
+def _start(codi: CODIModel, batch: Batch, prefix: Prefix | None) -> LoopPoint:
     mask = batch.attention_mask
     pos = position_ids(mask)
     if prefix is None:
         prefix = question_pass(codi, batch)
     else:
         prefix = Prefix(copy.deepcopy(prefix.cache), prefix.hidden)  # the loop extends its cache
-    cache = prefix.cache
-    hidden = prefix.hidden  # [B, d]
-    bot_hidden = hidden
     next_pos = torch.full_like(pos[:, -1], mask.shape[1]) if codi.reference_batching else pos[:, -1] + 1  # [B]
-    thoughts, hiddens = [], [hidden]
-    for i in range(codi.n_latent if n_thoughts is None else n_thoughts):
+    return LoopPoint(0, prefix.cache, mask, next_pos, prefix.hidden, prefix.hidden, [], [prefix.hidden])
+
+
+def _loop(codi: CODIModel, point: LoopPoint, patch: LatentPatch | None, stop: int) -> LoopPoint:
+    """Thoughts `point.step` .. `stop - 1`, each fed back through `prj` (and `patch`); extends
+    `point`'s cache in place."""
+    mask, next_pos, hidden = point.attention_mask, point.next_position, point.hidden
+    thoughts, hiddens = list(point.thoughts), list(point.hiddens)
+    for i in range(point.step, stop):
         thought = codi.prj(hidden)  # [B, d]
         if patch is not None:
             thought = patch(i, thought)
         thoughts.append(thought)
         mask = _ones(mask)
-        out = _next_step(codi, mask, next_pos, cache, inputs_embeds=thought[:, None])
+        out = _next_step(codi, mask, next_pos, point.cache, inputs_embeds=thought[:, None])
         hidden = out.last_hidden_state[:, -1]
         hiddens.append(hidden)
         next_pos = next_pos + 1
-    return LatentState(cache, mask, next_pos, torch.stack(thoughts, dim=1), bot_hidden, torch.stack(hiddens, dim=1))
+    return LoopPoint(stop, point.cache, mask, next_pos, hidden, point.bot_hidden, thoughts, hiddens)
+
+
+@torch.no_grad()
+def pause_latents(codi: CODIModel, batch: Batch, step: int, prefix: Prefix | None = None) -> LoopPoint:
+    """The unpatched loop run up to thought `step` (not included), to resume from many times."""
+    return _loop(codi, _start(codi, batch, prefix), None, step)
+
+
+def run_latents(
+    codi: CODIModel,
+    batch: Batch,
+    patch: LatentPatch | None = None,
+    n_thoughts: int | None = None,
+    prefix: Prefix | None = None,
+    resume: LoopPoint | None = None,
+) -> LatentState:
+    """Question + bot in one pass (or a copy of `prefix`, that pass done before), then K
+    single-position passes over the continuous thoughts.
+
+    `patch` (or, without one, the model's active `ThoughtPatch`) edits each thought before it
+    is fed back. `n_thoughts` stops after the first few (e.g. when only CT0 is read). `resume`
+    (from `pause_latents`) starts at its thought from a copy of its cache instead.
+    """
+    patch = patch or codi.thought_patch
+    if resume is None:
+        point = _start(codi, batch, prefix)
+    else:
+        point = LoopPoint(**{**vars(resume), "cache": copy.deepcopy(resume.cache)})
+    end = _loop(codi, point, patch, codi.n_latent if n_thoughts is None else n_thoughts)
+    return LatentState(end.cache, end.attention_mask, end.next_position, torch.stack(end.thoughts, dim=1),
+                       end.bot_hidden, torch.stack(end.hiddens, dim=1))  # fmt: skip
 
 
 class ThoughtPatch:
