@@ -4,17 +4,17 @@ import numpy as np
 import pytest
 import torch
 
-from harness.data.problems import synthetic_split
+from harness.data.problems import format_number, synthetic_split
 from harness.interventions.hooks import InterventionError
 from harness.interventions.specs import PatchThoughts
-from harness.interventions.subspace import PatchSubspace
+from harness.interventions.subspace import PatchSubspace, subspace_patch
 from harness.judgment.claims import ClaimError, parse_claim
 from harness.judgment.kinds import das as das_kind
 from harness.measures.das import fit_subspace, random_basis
 from harness.measures.interchange import clean_thoughts, interchange, interchange_pairs
 from harness.measures.runner import ModelRun
 from harness.runtime.cache import ResultCache
-from harness.runtime.loop import answer_logprobs, encode_questions, run_latents
+from harness.runtime.loop import answer_logprobs, encode_questions, pause_latents, run_latents
 
 TEST = synthetic_split("test")[:24]
 DISCOVERY = synthetic_split("discovery")[:24]
@@ -110,3 +110,23 @@ def test_das_claims_are_checked_at_load(experiment, message):
              "experiment": experiment}  # fmt: skip
     with pytest.raises(ClaimError, match=message):
         parse_claim(entry, "t")
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+@pytest.mark.parametrize("thought", [0, 3, 5])
+def test_a_loop_resumed_at_the_trained_thought_is_the_full_loop(load_model, name, thought):
+    """What DAS trains with: the thoughts before the trained one run once (`pause_latents`),
+    every step resumes there. Same passes on the same shapes: bit for bit."""
+    codi = load_model(name)
+    problems = synthetic_split("test")[:12]
+    batch = encode_questions(codi, [p.question for p in problems])
+    d = codi.lm.config.hidden_size
+    patch = subspace_patch(thought, random_basis(d, 4, torch.Generator().manual_seed(0)), torch.randn(12, d))
+    answers = [format_number(p.answer) for p in problems]
+    with torch.no_grad():
+        full = run_latents(codi, batch, patch)
+        resumed = run_latents(codi, batch, patch, resume=pause_latents(codi, batch, thought))
+        assert torch.equal(full.thoughts, resumed.thoughts) and torch.equal(full.hiddens, resumed.hiddens)
+        assert torch.equal(answer_logprobs(codi, full, answers), answer_logprobs(codi, resumed, answers))
+        unpatched = run_latents(codi, batch)
+    assert not torch.equal(unpatched.thoughts[:, thought], full.thoughts[:, thought]), "the patch acts"

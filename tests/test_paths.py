@@ -10,7 +10,9 @@ from harness.interventions.hooks import InterventionError
 from harness.interventions.paths import PatchPath
 from harness.interventions.specs import AblateHeads, Baseline, PatchThoughts
 from harness.judgment.claims import ClaimError, evaluate_claim, parse_claim
+from harness.judgment.kinds.interchange import pairs, sources_correct
 from harness.judgment.kinds.thought_flow import flow_matrix
+from harness.measures.interchange import interchange
 from harness.measures.runner import ModelRun
 from harness.runtime.cache import ResultCache
 from harness.runtime.loop import _ones, answer_targets, encode_questions, run_latents
@@ -106,6 +108,7 @@ def test_a_path_patch_composes_with_a_head_ablation(run):
         ({"test": "via_thoughts", "fraction": 0.3}, "fraction applies to test 'via_eot'"),
         ({"test": "cell", "source": "bot", "readers": ["eot"]}, "source is a thought"),
         ({"test": "via_thoughts", "mode": "zero", "n_draws": 3}, "n_draws applies to modes"),
+        ({"test": "via_thoughts", "mode": "interchange"}, "mode 'interchange' measures test 'cell'"),
     ],
 )
 def test_flow_claims_are_checked_at_load(experiment, message):
@@ -135,3 +138,45 @@ def test_flow_claims_measure_what_they_say(run):
     k = run.n_latent
     assert ("CT0", "CT1") in cells and ("CT1", "CT1") not in cells and (f"CT{k - 1}", "latent") not in cells
     assert len(cells) == k * (k - 1) // 2 + (k - 1) + 3 * k + 4  # single thoughts, latent, eot/answer/all
+
+
+@pytest.mark.parametrize("source", ["CT2", "latent"])
+def test_a_counterfactual_path_with_every_reader_is_whole_thought_interchange_and_with_none_the_base(run, source):
+    """Per pair: the source thought taken from the counterfactual problem's run, read by every
+    later position, equals interchanging that thought (the answer scored against the
+    counterfactual's); read by nobody, the base run. Bit for bit where both run the same
+    passes; against `interchange` (batched by length, another batch shape) within 1e-4 nats."""
+    cf = run.counterfactual_run()
+    assert 10 <= len(cf.problems) <= len(TEST) and len(cf.sources) == len(cf.problems)
+    everyone = ("latent", "eot", "answer")
+    whole = cf.measure(PatchThoughts((source,), "interchange"))
+    assert _same(cf.measure(PatchPath(source, everyone, "interchange")), whole)
+    assert _same(cf.measure(PatchPath(source, (), "interchange")), cf.baseline)
+    thoughts = tuple(range(run.n_latent)) if source == "latent" else (2,)
+    bases = [run.problems[[p.id for p in run.problems].index(q.id.split("|")[0])] for q in cf.problems]
+    reference, _ = interchange(run.codi, bases, cf.sources, thoughts, batch_size=4)
+    assert whole.correct.tolist() == [float(r.correct) for r in reference.records]
+    np.testing.assert_allclose(whole.answer_logprob, [r.answer_logprob for r in reference.records], atol=1e-4)
+    assert [q.answer for q in cf.problems] == [s.answer for s in cf.sources], "scored against the counterfactual"
+    if source == "latent":
+        assert whole.correct.mean() > cf.baseline.correct.mean(), "the whole loop from the source moves answers"
+
+
+def test_interchange_needs_a_counterfactual_run(run):
+    with pytest.raises(InterventionError, match="run.counterfactual_run"):
+        run.measure(PatchThoughts(("CT2",), "interchange"))
+
+
+def test_a_counterfactual_flow_claim_is_the_share_of_valid_pairs_that_move(run):
+    entry = {"id": "f", "phase": 3, "statement": "s", "metric": "thought_flow", "threshold": 10.0,
+             "direction": "greater", "experiment": {"test": "cell", "source": "CT2", "readers": ["answer"],
+                                                    "mode": "interchange"}}  # fmt: skip
+    result = evaluate_claim(parse_claim(entry, "t"), run)
+    valid = (run.baseline.correct[pairs(run)[0]] == 1) & (sources_correct(run) == 1)
+    moved = run.counterfactual_run().measure(PatchPath("CT2", ("answer",), "interchange")).correct[valid]
+    assert result.n == valid.sum() > 0 and result.effect == pytest.approx(100 * moved.mean(), abs=1e-9)
+    assert f"{valid.sum()} of {len(pairs(run)[0])} pairs right on both sides" in result.mode
+    cells = [r for r in result.details["flow"] if r["measure"] == "counterfactual"]
+    assert len(cells) == len(result.details["flow"]) > 0 and all(0 <= r["drop"] <= 100 for r in cells)
+    with pytest.raises(ClaimError, match="measure accuracy"):
+        parse_claim({**entry, "measure": "answer_logprob"}, "t")

@@ -6,7 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.data.problems import synthetic_split
+from harness.commands.fullsize import build_checkpoint
+from harness.data.counterfactuals import counterfactuals
+from harness.data.problems import held_out_splits, synthetic_split
 from harness.judgment.claims import load_registry
 from harness.measures.attribution import CATEGORIES, integrated_gradients, token_category
 from harness.measures.probes import chance, control_labels, critical_layer, first_result, probe_correct
@@ -145,3 +147,29 @@ def test_a_das_claim_end_to_end(pytester, tmp_path, suite_args):
     assert table[0].startswith("thought,rank,discovery,test,whole_thought")
     assert [line.split(",")[1] for line in table[1:]] == ["1", "2", "4", "8"]  # up to max_rank 8, not 16
     assert (tmp_path / "das" / "das.png").stat().st_size > 0
+
+
+def test_interchange_and_das_claims_on_a_published_format_checkpoint_with_gsm8k(pytester, tmp_path, suite_args):
+    """The published layout (random weights, bfloat16) on GSM8K: the counterfactual claims make
+    their pairs from the annotations, say how many and how many are answered right on both
+    sides, and, none being right, say so instead of an effect."""
+    files = build_checkpoint("gpt2", tmp_path / "hub", "bfloat16", tiny=True)
+    registry = tmp_path / "claims.toml"
+    registry.write_text(
+        '[[claim]]\nid = "i"\nphase = 3\nstatement = "s"\nmetric = "interchange"\nthreshold = 50.0\n'
+        'direction = "greater"\n\n'
+        '[[claim]]\nid = "d"\nphase = 3\nstatement = "s"\nmetric = "das"\nthreshold = 50.0\n'
+        'direction = "greater"\nexperiment = { thought = "CT1", steps = 2, n_random = 2 }\n'
+    )
+    model = ("--model", str(files.checkpoint.parent), "--base", str(files.base), "--data", "gsm8k")
+    result = _late(pytester, suite_args, tmp_path, "gsm8k", *model, "--dtype", "bfloat16", "--registry", str(registry),
+                   "--n-problems", "8")  # fmt: skip
+    assert result.ret in (0, 1), result.outlines[-20:] + result.errlines[-20:]
+    rows = {r["id"]: r for r in read_claims(tmp_path / "gsm8k")["claims"]}
+    made = counterfactuals(held_out_splits("gsm8k", 8)[0], seed=0)
+    assert len(made.pairs) >= 4
+    for row in rows.values():
+        assert (
+            f"0 of {len(made.pairs)} pairs right on both sides ({len(made.pairs)} of 8 problems paired)" in row["mode"]
+        )
+        assert row["details"]["note"] == "no pair answered right on both sides" and row["verdict"] == "INCONCLUSIVE"

@@ -22,7 +22,14 @@ from matplotlib.figure import Figure
 
 from harness.data.problems import data_hash
 from harness.judgment.kinds.base import Kind, Measured, Params, Section, nan_effect
-from harness.judgment.kinds.interchange import interchanged, no_pairs_note, pairs, pairs_used, sources_correct
+from harness.judgment.kinds.interchange import (
+    NO_VALID_PAIR,
+    interchanged,
+    no_pairs_note,
+    pairs,
+    pairs_used,
+    sources_correct,
+)
 from harness.measures.das import DAS_STEPS, RANKS, fit_subspace, random_basis
 from harness.measures.interchange import clean_thoughts, interchange
 from harness.measures.runner import ModelRun
@@ -113,7 +120,7 @@ def measure(p: DasParams, run: ModelRun, measure: str) -> Measured:
             return Measured(nan_effect(0), {**details, "positions": [], "note": note})
     details["mode"] += f" on {pairs_used(run, int(valid_pairs(run).sum()))}"
     if not valid_pairs(run).any():
-        return Measured(nan_effect(0), {**details, "positions": [], "note": "no pair answered right on both sides"})
+        return Measured(nan_effect(0), {**details, "positions": [], "note": NO_VALID_PAIR})
     thoughts = list(range(run.n_latent)) if p.thought == "best" else [thought_number(p.thought)]
     rows = grid(run, thoughts, p.steps, p.max_rank)
     best = max(rows, key=lambda r: (r["discovery"], -r["rank"]))

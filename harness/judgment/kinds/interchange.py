@@ -31,6 +31,7 @@ from harness.statistics.effects import mean_with_ci
 from harness.statistics.verdicts import ClaimResult
 
 OUTCOMES = ("counterfactual", "base", "neither")
+NO_VALID_PAIR = "no pair answered right on both sides"  # the note where no pair can be measured
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ def measure(p: InterchangeParams, run: ModelRun, measure: str) -> Measured:
     shares = outcomes(run, thoughts)
     details["mode"] += f" on {pairs_used(run, len(shares[p.outcome]))}"
     if not len(shares[p.outcome]):
-        return Measured(nan_effect(0), {**details, "note": "no pair that the model answers right on both sides"})
+        return Measured(nan_effect(0), {**details, "note": NO_VALID_PAIR})
     details.update({f"{o}_share": float(100 * v.mean()) for o, v in shares.items()})
     effect = mean_with_ci(100.0 * shares[p.outcome].astype(float), seed=run.seed)
     return Measured(effect, {**details, "units": "% of pairs"})

@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from harness.interventions.paths import PatchPath
 from harness.interventions.specs import PATCH_MODES, PatchThoughts, Spec
 from harness.judgment.kinds.base import Kind, Measured, Params, Section, choices, nan_effect
-from harness.judgment.kinds.interchange import no_pairs_note, pairs, pairs_used, sources_correct
+from harness.judgment.kinds.interchange import NO_VALID_PAIR, no_pairs_note, pairs, pairs_used, sources_correct
 from harness.measures.runner import Condition, ModelRun
 from harness.runtime.positions import thought_number
 from harness.statistics.effects import MEASURES, difference_of_draws, mean_with_ci
@@ -159,7 +159,7 @@ def measure(p: FlowParams, run: ModelRun, measure: str) -> Measured:
         details.update(positions=[source], readers=list(spec.readers), units="% of pairs",
                        mode=f"path interchange on {pairs_used(run, len(values))}")  # fmt: skip
         if not len(values):
-            return Measured(nan_effect(0), {**details, "note": "no pair answered right on both sides"})
+            return Measured(nan_effect(0), {**details, "note": NO_VALID_PAIR})
         return Measured(mean_with_ci(100.0 * values.astype(float), seed=run.seed), details)
     if p.test == "cell":
         spec = PatchPath(source, p.readers, p.mode)
