@@ -11,10 +11,12 @@ from harness.interventions.subspace import PatchSubspace, subspace_patch
 from harness.judgment.claims import ClaimError, parse_claim
 from harness.judgment.kinds import das as das_kind
 from harness.measures.das import fit_subspace, random_basis
+from harness.measures.evaluation import evaluate
 from harness.measures.interchange import clean_thoughts, interchange, interchange_pairs
-from harness.measures.runner import ModelRun
+from harness.measures.runner import MAX_NEW_TOKENS, ModelRun
 from harness.runtime.cache import ResultCache
 from harness.runtime.loop import answer_logprobs, encode_questions, pause_latents, run_latents
+from harness.runtime.positions import thought_number
 
 TEST = synthetic_split("test")[:24]
 DISCOVERY = synthetic_split("discovery")[:24]
@@ -82,6 +84,66 @@ def test_subspaces_are_fitted_on_discovery_pairs_only(load_model, monkeypatch):
     assert {(r["thought"], r["rank"]) for r in measured.details["grid"]} == {
         (f"CT{t}", r) for t in range(run.n_latent) for r in (1, 2)
     }
+
+
+def _das_claim(**experiment):
+    return parse_claim({"id": "d", "phase": 3, "statement": "s", "metric": "das", "threshold": 50.0,
+                        "direction": "greater", "experiment": experiment}, "t")  # fmt: skip
+
+
+def test_the_control_subspaces_are_random_draws_not_the_chosen_one(load_model, monkeypatch):
+    """Guards against the random-subspace control being drawn as the chosen subspace itself
+    (the learned subspace then sits at its own control's 100th percentile and an
+    `against_control` claim can never hold): every control basis is an orthonormal [rank, d]
+    draw of its own, spanning another subspace than the chosen one, and the control's values
+    are what those bases give."""
+    run = ModelRun(load_model("tiny-gpt2"), TEST, DISCOVERY, ResultCache(None), requested_batch_size=8)
+    calls = []
+    original = das_kind.moved
+
+    def spy(split, thought, basis, what):
+        out = original(split, thought, basis, what)
+        calls.append((split, thought, basis.clone(), what, out))
+        return out
+
+    monkeypatch.setattr(das_kind, "moved", spy)
+    claim = _das_claim(thought="CT2", max_rank=2, n_random=3, steps=2)
+    measured = das_kind.measure(claim.params, run, "accuracy")
+    thought, rank = thought_number(measured.details["positions"][0]), measured.details["rank"]
+    chosen = das_kind.subspace(run, thought, rank, steps=2)
+    assert any(split is run and torch.equal(basis, chosen) for split, _, basis, _, _ in calls), "the chosen one"
+    controls = [(basis, out) for split, t, basis, what, out in calls if what.startswith("random")]
+    assert len(controls) == 3 and all(split is run and t == thought for split, t, *_ in calls[-3:])
+    assert measured.null == pytest.approx([100 * float(out.mean()) for _, out in controls])
+    d = run.codi.lm.config.hidden_size
+    projector = lambda b: b.T @ b  # noqa: E731  the subspace itself, whatever its basis
+    for i, (basis, _) in enumerate(controls):
+        assert basis.shape == (rank, d)
+        torch.testing.assert_close(basis @ basis.T, torch.eye(rank), atol=1e-5, rtol=0)
+        gap = float(torch.linalg.matrix_norm(projector(basis) - projector(chosen)))
+        assert gap > 0.5, f"control draw {i} spans the chosen subspace (projectors {gap:.2g} apart)"
+        for other, _ in controls[:i]:
+            assert float(torch.linalg.matrix_norm(projector(basis) - projector(other))) > 0.5, "draws differ"
+
+
+def test_das_counts_only_pairs_right_on_both_sides(load_model, monkeypatch):
+    """Guards against DAS counting a pair where either side, not both, is answered right
+    unpatched: `valid_pairs` and the claim's n are the pairs whose base (the run's baseline)
+    and source (evaluated here, independently) are both right; the problems include pairs
+    right on one side only."""
+    run = ModelRun(load_model("tiny-gpt2"), TEST, DISCOVERY, ResultCache(None), requested_batch_size=8)
+    indices, sources = interchange_pairs(TEST, run.seed)
+    base_right = run.baseline.correct[indices] == 1
+    source_right = np.array([r.correct for r in evaluate(run.codi, sources, 8, max_new_tokens=MAX_NEW_TOKENS).records])
+    both = base_right & (source_right == 1)
+    assert (base_right != (source_right == 1)).sum() >= 2, "pairs right on one side only"
+    assert both.sum() >= 2
+    np.testing.assert_array_equal(das_kind.valid_pairs(run), both)
+    monkeypatch.setattr(das_kind, "fit_subspace", lambda codi, bases, sources, donor, thought, rank, *a, **k:
+                        random_basis(donor.shape[-1], rank, torch.Generator().manual_seed(rank)))  # fmt: skip
+    measured = das_kind.measure(_das_claim(thought="CT2", max_rank=1, n_random=0).params, run, "accuracy")
+    assert measured.effect.n == both.sum()
+    assert f"{both.sum()} of {len(indices)} pairs right on both sides" in measured.details["mode"]
 
 
 def test_a_subspace_spec_is_keyed_by_its_basis_and_acts_on_its_thought_only(load_model):

@@ -132,3 +132,67 @@ def test_the_sweep_command_races_and_refuses_what_a_sweep_would_not_read(capsys)
     assert out["split"] == "discovery" and out["n_problems"] == 300 and len(out["top"]) == 2
     assert len(out["rows"]) == 32 and out["problem_conditions"] == sum(r["problems"] for r in out["rows"])
     assert {r["position"] for r in out["rows"]} == {"latent"} and out["top"][0] == out["rows"][0]["head"]
+
+
+def _fake_drops(monkeypatch, drops: np.ndarray) -> tuple[FakeRun, list[Component]]:
+    """A fake run whose components' drops are given, [C, N], per problem."""
+    parts = [Component(Head(0, k)) for k in range(len(drops))]
+    problems = [Problem(f"p{i}", "q", "", 1.0, 1) for i in range(drops.shape[1])]
+    FakeRun.drops = {c: dict(zip((p.id for p in problems), row)) for c, row in zip(parts, drops)}
+    FakeRun.seen = []
+    monkeypatch.setattr(causal, "stacked", lambda run, alive, mode: -np.array(
+        [[FakeRun.drops[c][p.id] for p in run.problems] for c in alive]))  # fmt: skip
+    return FakeRun(None, problems, [], None), parts
+
+
+def _unpaired_upper(a: np.ndarray, b: np.ndarray) -> float:
+    """What an unpaired rule would take for the upper end of mean(a) - mean(b)."""
+    return float(a.mean() - b.mean() + causal.RACE_Z * np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b)))
+
+
+def _standard(x: np.ndarray) -> np.ndarray:
+    return (x - x.mean()) / x.std(ddof=1)
+
+
+def test_the_race_eliminates_on_paired_differences_when_drops_move_together(monkeypatch):
+    """Guards against the race eliminating components on unpaired differences (each sample's
+    own spread, as if independent): where every head's drop moves with a per-problem factor
+    far larger than their gaps, the paired differences separate the top 3 on the first
+    RACE_FIRST problems; unpaired ones never do on 300 (every component then runs them all)."""
+    rng = np.random.default_rng(0)
+    n, means = 300, np.array([1.0, 0.8, 0.6] + [0.3] * 9)
+    common = 2.0 * rng.standard_normal(n)  # a problem's difficulty, shared by every head
+    drops = means[:, None] + common[None, :] + 0.05 * rng.standard_normal((len(means), n))
+    first = drops[:, : causal.RACE_FIRST]
+    assert all(causal._paired_upper(first[k] - first[2]) < 0 for k in range(3, len(means)))
+    assert all(_unpaired_upper(drops[k], drops[2]) > 0 for k in range(3, len(means))), "unpaired: never separated"
+    run, parts = _fake_drops(monkeypatch, drops)
+    result = race(run, parts, n_top=3)
+    assert result.separated, f"not separated after {result.problem_conditions} problem-conditions"
+    assert result.top == parts[:3]
+    assert result.problem_conditions == len(parts) * causal.RACE_FIRST, "all eliminated after the first round"
+    assert (result.table.problems == causal.RACE_FIRST).all()
+
+
+def test_the_race_keeps_a_top_head_whose_paired_difference_does_not_exclude_it(monkeypatch):
+    """Guards against the race eliminating components on unpaired differences: heads C and D
+    are anti-correlated (C = 0.6 + z, D = 0.3 - z per problem) and C starts badly (z's mean
+    -0.6 on the first RACE_FIRST problems, 0 over all). On those problems the unpaired
+    interval of C - D lies below 0 but the paired one (whose spread is 2 sd(z), not
+    sqrt(2) sd(z)) does not: C stays in the race and ends in the full sweep's top 3, where an
+    unpaired rule drops it at once and puts D in its place."""
+    rng = np.random.default_rng(1)
+    n, k = 300, causal.RACE_FIRST
+    z = np.concatenate([_standard(rng.standard_normal(k)) - 0.6, _standard(rng.standard_normal(n - k))])
+    z[k:] += 0.6 * k / (n - k)  # z's mean over all problems: 0
+    flat = np.array([2.0, 1.5, 0.0, 0.0, 0.0, 0.0])[:, None] + 0.05 * rng.standard_normal((6, n))
+    drops = np.vstack([flat[:2], 0.6 + z, 0.3 - z, flat[2:]])  # A, B, C, D, then four at 0
+    c, d = drops[2, :k], drops[3, :k]
+    assert c.mean() < d.mean(), "D is the cut on the first problems"
+    assert _unpaired_upper(c, d) < 0 <= causal._paired_upper(c - d), "the case tells the two rules apart"
+    run, parts = _fake_drops(monkeypatch, drops)
+    result = race(run, parts, n_top=3)
+    full = sorted(parts, key=lambda part: -np.mean(list(FakeRun.drops[part].values())))[:3]
+    assert full == [parts[0], parts[1], parts[2]]
+    assert result.top == full, f"the race's top {[str(p) for p in result.top]}, the full sweep's {list(map(str, full))}"
+    assert result.table.set_index("component").problems["L0H2"] > k

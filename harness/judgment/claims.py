@@ -24,7 +24,7 @@ from harness.judgment.kinds.base import baseline_value, close_hint, coerce
 from harness.measures.runner import ModelRun
 from harness.runtime.arch import HeadGeometry
 from harness.statistics.effects import MEASURES, percentile_of
-from harness.statistics.verdicts import DIRECTIONS, ClaimResult, check_criteria, judge, point_judge
+from harness.statistics.verdicts import DIRECTIONS, ClaimResult, check_criteria, judge, not_judged, point_judge
 
 REGISTRY = WORK_ROOT / "hypotheses" / "claims.toml"
 PHASES = (1, 2, 3, 4)
@@ -227,3 +227,13 @@ def evaluate_claim(claim: Claim, run: ModelRun) -> ClaimResult:
         control_percentile=percentile_of(effect.effect, null) if null else None,
         details={**details, **({"control": null} if null else {})},
     )
+
+
+def unjudged(claim: Claim, run: ModelRun, why: str) -> ClaimResult:
+    """`claim`'s row on a model that cannot be judged (`why`), measured not at all."""
+    nan = float("nan")
+    row = ClaimResult(id=claim.id, phase=claim.phase, model=run.name, statement=claim.statement, metric=claim.metric,
+                      measure=claim.measure, effect=nan, ci_low=nan, ci_high=nan, threshold=claim.threshold,
+                      direction=claim.direction, p_value=nan, p_test="", verdict="", point_verdict="",
+                      n=len(run.problems), baseline=run.baseline.mean(claim.measure))  # fmt: skip
+    return not_judged(row, why)

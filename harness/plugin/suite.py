@@ -2,7 +2,9 @@
 and the report written at the end of a session.
 
 SUPPORTED passes; REFUTED fails with the numbers; INCONCLUSIVE is reported as its own outcome
-('I', "inconclusive") and does not fail the run. The registry and every claim's parameters are
+('I', "inconclusive") and does not fail the run. A model whose baseline accuracy is below
+--min-baseline is not judged: its rows are NOT JUDGED (skipped, with the reason) and the run
+exits with `NOT_JUDGED`. The registry and every claim's parameters are
 checked when the session starts: a mistake is one line and exit status 4 before any model runs.
 
 Fixtures for claim tests (registry rows and researchers' own Python claims alike):
@@ -27,11 +29,27 @@ import pytest
 
 from harness.data.problems import DataError
 from harness.interventions.hooks import InterventionError, leftover_hooks
-from harness.judgment.claims import PHASES, Claim, ClaimError, check_against_model, evaluate_claim, load_registry
+from harness.judgment.claims import (
+    PHASES,
+    Claim,
+    ClaimError,
+    check_against_model,
+    evaluate_claim,
+    load_registry,
+    unjudged,
+)
 from harness.measures.runner import ModelRun
 from harness.plugin.entry import INI, INI_HELP
 from harness.plugin.html import HtmlBridge
-from harness.plugin.session import Progress, Uncaptured, load_runs, registry_path, reports_dir, runs_claims
+from harness.plugin.session import (
+    MIN_BASELINE,
+    Progress,
+    Uncaptured,
+    load_runs,
+    registry_path,
+    reports_dir,
+    runs_claims,
+)
 from harness.report.folder import KEEP_REPORTS, new_run_dir, prune_reports, read_claims, write_report
 from harness.report.runinfo import run_info
 from harness.runtime.arch import SiteError
@@ -39,10 +57,11 @@ from harness.runtime.codi import ModelLoadError
 from harness.runtime.models import SHIPPED
 from harness.runtime.positions import PositionError
 from harness.runtime.progress import show_on
-from harness.statistics.verdicts import ClaimResult
+from harness.statistics.verdicts import NOT_JUDGED_VERDICT, ClaimResult, not_judged
 
 _REGISTRY: dict[str, Claim] = {}  # the session's claims by id, loaded in `pytest_configure`
 FLIPPED = 6  # the exit status of --fail-on-flip
+NOT_JUDGED = 7  # the exit status of a run with a model below --min-baseline (a broken load is no finding)
 
 
 def claim_params(phase: int | None = None) -> list:
@@ -69,7 +88,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--model", action="append", help="shipped name (repeatable) or checkpoint path; default both tiny models"
     )
-    group.addoption("--base", help="base model (HF id or directory) for hub-format checkpoints")
+    group.addoption("--base", action="append",
+                    help="base model (HF id or directory) of the hub-format checkpoints: once for all, or once per "
+                    "hub-format --model, in order")  # fmt: skip
     group.addoption(
         "--n-latent",
         type=int,
@@ -89,6 +110,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="critical heads instead of the ranking, e.g. L4H5,L5H30,L5H28, or 'seed' for the seed analysis's list",
     )
     group.addoption("--seed", type=int, default=0, help="seed for controls, noise and the bootstrap")
+    group.addoption(
+        "--min-baseline",
+        type=float,
+        default=MIN_BASELINE,
+        help=f"baseline accuracy (points) below which a model is not judged (default {MIN_BASELINE:g}; 0: off)",
+    )
     group.addoption(
         "--batch-size", type=int, help="problems per batched pass (default 128 on CPU; on CUDA, what memory holds)"
     )
@@ -174,6 +201,8 @@ def pytest_configure(config: pytest.Config) -> None:
             read_claims(Path(compare_to))
         except (OSError, ValueError) as e:
             raise pytest.UsageError(f"--compare-to {compare_to}: no readable claims.json there ({e})") from None
+    if not 0 <= config.getoption("min_baseline") < 100:
+        raise pytest.UsageError(f"--min-baseline is in [0, 100) points, got {config.getoption('min_baseline'):g}")
     keep = config.getoption("keep_reports")
     if keep is not None and keep < 1:
         raise pytest.UsageError(f"--keep-reports must be at least 1, got {keep}")
@@ -200,6 +229,21 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         # set here exist before any collection hook (xdist's worker reads them in its own)
         params = [pytest.param(name, marks=pytest.mark.xdist_group(name)) for name in names]
         metafunc.parametrize("model_name", params, scope="session")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Claim tests that received no claim (an empty registry, or the plugin off for this run)
+    would be skipped as `NOTSET` and the run would pass having measured nothing: a usage error."""
+    wanting = [i for i in items if "claim" in getattr(i, "fixturenames", ())]
+    claims = [i for i in wanting if isinstance(getattr(getattr(i, "callspec", None), "params", {}).get("claim"), Claim)]
+    if wanting and not claims:
+        where = registry_path(config) if config.stash[_STATE]["enabled"] else None
+        _refuse(
+            f"{wanting[0].nodeid.split('[')[0]} parametrizes no claim: "
+            + (f"{where} holds none it selects" if where else
+               f"the claims plugin is off for this run (name --registry FILE, {INI} or --report-dir DIR)")
+        )  # fmt: skip
 
 
 @pytest.fixture
@@ -240,7 +284,8 @@ def run_claim(request: pytest.FixtureRequest, model_run: ModelRun) -> Callable[[
                 f"(effect {gate.effect:+.1f} {gate.units}, 95% CI {gate.ci_low:+.1f} to {gate.ci_high:+.1f}); "
                 "pivot to distributed analysis (or force with --no-gates)"
             )
-        return evaluate_claim(claim, model_run)
+        why = _below_floor(request.config, model_run)
+        return unjudged(claim, model_run, why) if why else evaluate_claim(claim, model_run)
 
     return run
 
@@ -263,10 +308,15 @@ def assert_claim(request: pytest.FixtureRequest) -> Callable[[ClaimResult], Clai
             _refuse(f"{where}: claim {result.id!r} on {result.model} is recorded twice: give each its own id")
         state["recorded"].add((result.id, result.model))
         run = state["runs"].get(result.model)
+        why = _below_floor(request.config, run) if run is not None else None
+        if why and result.verdict != NOT_JUDGED_VERDICT:  # a Python claim on a model the floor rules out
+            result = not_judged(result, why)
         leftovers = leftover_hooks(run.codi) if run is not None and run.model.loaded else []
         assert not leftovers, f"an intervention left hooks behind: {leftovers}"
         row = json.loads(json.dumps(result.as_row(), default=float))  # plain types: rows cross to xdist's controller
         request.node.user_properties.append((RESULT_KEY, row))
+        if result.verdict == NOT_JUDGED_VERDICT:
+            pytest.skip(f"{result.id} on {result.model}: not judged: {result.details['note']}")
         if result.verdict == "REFUTED":
             pytest.fail(result.message(), pytrace=False)
         if result.verdict == "INCONCLUSIVE":
@@ -274,6 +324,20 @@ def assert_claim(request: pytest.FixtureRequest) -> Callable[[ClaimResult], Clai
         return result
 
     return check
+
+
+def _below_floor(config: pytest.Config, run: ModelRun) -> str | None:
+    """Why `run`'s model is not judged (its baseline accuracy is below --min-baseline), or None."""
+    floor = config.getoption("min_baseline")
+    if not floor:
+        return None
+    accuracy = run.baseline.mean("accuracy")
+    if accuracy >= floor:
+        return None
+    return (
+        f"baseline accuracy {accuracy:.1f}% on {len(run.problems)} problems is below --min-baseline {floor:g}: "
+        "check --base, --n-latent and --data (a model that solves nothing is no finding)"
+    )
 
 
 class _Collector:
@@ -374,7 +438,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             state["report_dir"], results, state["runs"], run, Path(compare_to) if compare_to else None
         )
         usual = session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED)
-        if config.getoption("fail_on_flip") and state["written"].flips and usual:
+        state["unjudged"] = {r.model: r.details["note"] for r in results if r.verdict == NOT_JUDGED_VERDICT}
+        if state["unjudged"] and usual:
+            session.exitstatus = NOT_JUDGED  # a model below the floor: neither a pass nor a finding
+        elif config.getoption("fail_on_flip") and state["written"].flips and usual:
             session.exitstatus = state["flipped"] = FLIPPED  # what pytest exits with: a flip pages someone
         if not config.getoption("report_dir"):
             keep = config.getoption("keep_reports") or KEEP_REPORTS
@@ -398,6 +465,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     if not config.pluginmanager.hasplugin("dsession"):  # under xdist the workers load, not this process
         loaded = [name for name, run in state["runs"].items() if run.model.loaded]
         terminalreporter.write_line(f"models loaded: {', '.join(loaded) or 'none (every result was in the cache)'}")
+    for model, why in state.get("unjudged", {}).items():
+        terminalreporter.write_line(f"{model} not judged: {why} (exit status {NOT_JUDGED})")
     terminalreporter.write_line(f"report: {written.directory}")
     if state.get("flipped"):
         terminalreporter.write_line(f"exit status {FLIPPED} (--fail-on-flip): {len(written.flips)} verdict(s) changed")

@@ -25,13 +25,13 @@ from harness.judgment.kinds.base import claims_figure
 from harness.report.page import forest_plot, page
 from harness.report.runinfo import COMPARABLE, MODEL_COMPARABLE, same_configuration
 from harness.statistics.effects import UNITS, holm
-from harness.statistics.verdicts import VERDICTS, ClaimResult, criterion, what_ran
+from harness.statistics.verdicts import NOT_JUDGED_VERDICT, VERDICTS, ClaimResult, criterion, what_ran
 
 REPORTS_DIR = WORK_ROOT / "reports"
 KEEP_REPORTS = 20
 COLUMNS = ["id", "phase", "model", "statement", "metric", "measure", "heads", "positions", "mode", "n", "baseline",
            "effect", "ci_low", "ci_high", "threshold", "refute_at", "direction", "p_value", "p_test", "p_holm",
-           "control_percentile", "verdict", "point_verdict"]  # fmt: skip
+           "control_percentile", "verdict", "point_verdict", "note"]  # fmt: skip
 
 
 def new_run_dir(root: Path) -> Path:
@@ -185,6 +185,8 @@ def _finding(r) -> str:
     units = r.unit or UNITS.get(r.measure, "")
     digits = 2 if r.measure == "answer_logprob" else 1
     ran = ", ".join(f"{k} {v}" for k, v in what_ran(r.heads, r.positions, r.mode))
+    if math.isnan(r.effect):
+        return f"**{r.id}** {r.verdict.lower()}: {r.statement}. Not measured: {_note(r) or 'no effect'}."
     return (
         f"**{r.id}** {r.verdict.lower()}: {r.statement}. Measured {r.effect:+.{digits}f} {units}"
         + ("" if r.unit else f" of {r.measure}")
@@ -240,11 +242,13 @@ def _summary_md(df, run: dict, flips: list[str], said: str, sections: dict[str, 
             "|---|---|---|---|---|---|---|---|",
         ]
         for r in df[df.model == name].itertuples():
-            ci = f"[{r.ci_low:+.2f}, {r.ci_high:+.2f}]"
+            measured = not math.isnan(r.effect)
+            effect = f"{r.effect:+.2f}" if measured else f"not measured: {_note(r) or 'no effect'}"
+            ci = f"[{r.ci_low:+.2f}, {r.ci_high:+.2f}]" if measured else "—"
             ran = "; ".join(v for _, v in what_ran(r.heads, r.positions, r.mode))
             needs = criterion(r.direction, r.threshold, r.refute_at)
             lines.append(
-                f"| {r.id} | {r.measure} | {ran} | {r.effect:+.2f} | {ci} | {needs} | {r.verdict} | {r.point_verdict} |"
+                f"| {r.id} | {r.measure} | {ran} | {effect} | {ci} | {needs} | {r.verdict} | {r.point_verdict} |"
             )
         lines += ["", "What was found:", ""]
         lines += [f"- {_finding(r)}" for r in df[df.model == name].itertuples()]
@@ -277,6 +281,7 @@ def write_report(
     df = pd.DataFrame([r.as_row() for r in results]).sort_values(["model", "phase", "id"], kind="stable")
     df = df.reset_index(drop=True)
     df["p_holm"] = np.nan
+    df["note"] = [_note(r) for r in df.itertuples()]  # why a row has no effect (claims.csv)
     for _, idx in df.groupby(["model", "phase"]).groups.items():
         df.loc[idx, "p_holm"] = holm(df.loc[idx, "p_value"].tolist())
     flips, said, used = compare(df, run, directory, compare_to)
@@ -289,7 +294,7 @@ def write_report(
     runs = {name: r for name, r in runs.items() if name in set(df.model)}
     sections: dict[str, Section] = {}
     for metric, kind in KINDS.items():  # each kind's section, from what its claims measured
-        measured = [r for r in results if r.metric == metric and r.model in runs]
+        measured = [r for r in results if r.metric == metric and r.model in runs and r.verdict != NOT_JUDGED_VERDICT]
         if measured:
             sections[metric] = kind.section(measured, runs)
             sections[metric].figures[f"claims_{metric}"] = claims_figure(measured, sections[metric].title)
@@ -318,11 +323,15 @@ def write_report(
     lines = []
     for r in df.itertuples():
         d = 2 if r.measure == "answer_logprob" else 1
+        if math.isnan(r.effect):  # not measured (or not judged): the reason, never "+nan"
+            what = "not judged" if r.verdict == NOT_JUDGED_VERDICT else "not measured"
+            lines.append(f"{r.verdict:12s} {r.id:32s} {r.model:12s} {what}: {_note(r) or 'no effect'}")
+            continue
         lines.append(
             f"{r.verdict:12s} {r.id:32s} {r.model:12s} effect {r.effect:+6.{d}f} "
             f"[{r.ci_low:+.{d}f}, {r.ci_high:+.{d}f}] {r.unit or UNITS.get(r.measure, '')}"
         )
-    lines += [f"  {r.id} on {r.model}: {_note(r)}" for r in df.itertuples() if _note(r)]
+    lines += [f"  {r.id} on {r.model}: {_note(r)}" for r in df.itertuples() if _note(r) and not math.isnan(r.effect)]
     lines.append(said)
     lines += [f"verdict changed: {f}" for f in flips]
     return Written(directory, page(df, run, images, flips, said), lines, flips)

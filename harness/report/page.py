@@ -14,7 +14,7 @@ from matplotlib.lines import Line2D
 from harness.statistics.effects import UNITS
 from harness.statistics.verdicts import refuted_beyond, what_ran
 
-COLOURS = {"SUPPORTED": "#1a7f37", "REFUTED": "#c62828", "INCONCLUSIVE": "#b58900"}
+COLOURS = {"SUPPORTED": "#1a7f37", "REFUTED": "#c62828", "INCONCLUSIVE": "#b58900", "NOT JUDGED": "#777777"}
 _UNIT_LABEL = {"points": "effect (accuracy points)", "nats": "effect (answer log-prob, nats)"}
 
 

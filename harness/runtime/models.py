@@ -223,11 +223,13 @@ def resolve(
     cache: ResultCache | None = None,
     keep: bool = True,
     reference_batching: bool = False,
+    name: str | None = None,
 ) -> LazyModel:
     """Check a `--model` value (and optional `--base`), its dtype and device, and where its
     files are, without loading its weights; fails with one line naming the problem. `keep`:
     a model loaded to record its facts stays loaded (a serial session runs every model).
-    `reference_batching`: the model runs the official evaluator's batching (`runtime`)."""
+    `reference_batching`: the model runs the official evaluator's batching (`runtime`).
+    `name`: the model's name in the run (default: its shipped name or folder)."""
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     try:
@@ -236,7 +238,7 @@ def resolve(
         raise ModelLoadError(f"unknown device {device!r}; e.g. cpu, cuda, cuda:1") from None
     if target.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"device {device!r} requested but CUDA is not available on this machine")
-    return LazyModel(_source(model, base, n_latent), dtype, device, cache, keep, reference_batching)
+    return LazyModel(_source(model, base, n_latent, name), dtype, device, cache, keep, reference_batching)
 
 
 def load(
@@ -253,14 +255,22 @@ def load(
     return resolve(model, base, n_latent, dtype, device, reference_batching=reference_batching).codi
 
 
-def _source(model: str, base: str | None, n_latent: int | None) -> Source:
+def is_hub_format(model: str) -> bool:
+    """Whether a --model value is a checkpoint in the published format (it needs a base model),
+    rather than one of ours (which records its own)."""
+    spec = MODEL_SPECS.get(model)
+    path = Path(spec.checkpoint if spec else model)
+    return not (path.is_dir() and (path / OWN_META).is_file())
+
+
+def _source(model: str, base: str | None, n_latent: int | None, name: str | None = None) -> Source:
     spec = MODEL_SPECS.get(model)
     source = spec.checkpoint if spec else model
     base = base or (spec.base if spec else None)
     if n_latent is not None and n_latent < 1:
         raise ModelLoadError(f"--n-latent must be at least 1, got {n_latent}")
     k = n_latent or (spec.n_latent if spec else DEFAULT_N_LATENT)
-    name = spec.name if spec else Path(model).name
+    name = name or (spec.name if spec else Path(model).name)
     path = Path(source)
     if path.is_dir() and (path / OWN_META).is_file():
         recorded = json.loads((path / OWN_META).read_text()).get("n_latent")

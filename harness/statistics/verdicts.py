@@ -7,11 +7,12 @@ rows land in the same claims table, CSVs and report.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from harness.statistics.effects import UNITS, PairedEffect
 
-VERDICTS = ("SUPPORTED", "REFUTED", "INCONCLUSIVE")
+NOT_JUDGED_VERDICT = "NOT JUDGED"  # a model below the baseline floor: no verdict at all
+VERDICTS = ("SUPPORTED", "REFUTED", "INCONCLUSIVE", NOT_JUDGED_VERDICT)
 DIRECTIONS = ("greater", "less")
 
 
@@ -91,6 +92,13 @@ class ClaimResult:
             f"(95% CI {self.ci_low:+.2f} to {self.ci_high:+.2f}; needs {needs}; "
             f"{self.p_test} p={self.p_value:.3g}{control}; n={self.n}" + (f"; {ran}" if ran else "") + ")"
         )
+
+
+def not_judged(result: ClaimResult, why: str) -> ClaimResult:
+    """`result` with no verdict and no effect: its model cannot be judged (`why`)."""
+    nan = float("nan")
+    return replace(result, effect=nan, ci_low=nan, ci_high=nan, p_value=nan, verdict=NOT_JUDGED_VERDICT,
+                   point_verdict="", control_percentile=None, details={"note": why})  # fmt: skip
 
 
 def refuted_beyond(direction: str, threshold: float, refute_at: float, digits: int = 2) -> str:
