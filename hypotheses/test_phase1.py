@@ -2,7 +2,7 @@
 
 import pytest
 
-from harness.plugin.suite import claim_params
+from harness import claim_params
 
 
 @pytest.mark.parametrize("claim", claim_params(1))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness.plugin.suite import FLIPPED
+from harness.plugin.suite import FLIPPED, NOT_JUDGED
 from harness.report.folder import read_claims
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,7 +62,7 @@ def test_the_nightly_page_names_the_workflow_and_every_exit_status():
     assert ".github/workflows/claims-nightly.yml" in doc
     assert all(block == WORKFLOW.read_text() for block in re.findall(r"```yaml\n(.*?)```", doc, re.S)), "one source"
     statuses = re.findall(r"^\| ([\d, ]+) \|", doc, re.M)
-    assert statuses == ["0", "1", "4", "5", str(FLIPPED), "2, 3"] and "--fail-on-flip" in doc
+    assert statuses == ["0", "1", "4", "5", str(FLIPPED), str(NOT_JUDGED), "2, 3"] and "--fail-on-flip" in doc
 
 
 CLAIM = """

@@ -96,7 +96,7 @@ def test_the_gate_skips_phase2_with_the_reason_and_no_gates_runs_it(pytester, tm
     rows = {r["id"]: r for r in read_claims(tmp_path / "forced")["claims"]}
     assert sorted(rows) == sorted([claim, lonely])
     assert rows[lonely]["verdict"] == "INCONCLUSIVE" and rows[lonely]["details"]["note"].startswith("needs a second")
-    forced.stdout.fnmatch_lines([f"*{lonely} on tiny-gpt2: needs a second model in the run*"])
+    forced.stdout.fnmatch_lines([f"INCONCLUSIVE {lonely} * tiny-gpt2 * not measured: needs a second model in the run"])
 
 
 def test_late_phases_end_to_end(pytester, tmp_path, suite_args):
@@ -161,7 +161,16 @@ def test_interchange_and_das_claims_on_a_published_format_checkpoint_with_gsm8k(
         '[[claim]]\nid = "d"\nphase = 3\nstatement = "s"\nmetric = "das"\nthreshold = 50.0\n'
         'direction = "greater"\nexperiment = { thought = "CT1", steps = 2, n_random = 2 }\n'
     )
-    model = ("--model", str(files.checkpoint.parent), "--base", str(files.base), "--data", "gsm8k")
+    model = (
+        "--model",
+        str(files.checkpoint.parent),
+        "--base",
+        str(files.base),
+        "--data",
+        "gsm8k",
+        "--min-baseline",
+        "0",
+    )
     result = _late(pytester, suite_args, tmp_path, "gsm8k", *model, "--dtype", "bfloat16", "--registry", str(registry),
                    "--n-problems", "8")  # fmt: skip
     assert result.ret in (0, 1), result.outlines[-20:] + result.errlines[-20:]

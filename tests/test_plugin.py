@@ -146,17 +146,6 @@ def test_usage_errors_exit_4_before_any_model_runs(pytester, tmp_path, args, mes
     assert not (tmp_path / "r").exists(), "a run that measured nothing leaves no report folder"
 
 
-def test_two_checkpoints_with_one_folder_name_are_refused(pytester, tmp_path, suite_args):
-    """runs/seed0/final and runs/seed1/final: keyed by name, the second replaced the first."""
-    import shutil
-
-    for seed in ("seed0", "seed1"):
-        shutil.copytree(ROOT / "fixtures" / "models" / "tiny-gpt2", tmp_path / seed / "final")
-    models = ["--model", str(tmp_path / "seed0" / "final"), "--model", str(tmp_path / "seed1" / "final")]
-    result = _run(pytester, suite_args, tmp_path / "r", tmp_path / "cache", *models)
-    assert result.ret == 4 and "two --model values are both named 'final'" in result.stderr.str()
-
-
 def test_collect_only_makes_no_report_folder(pytester, tmp_path, suite_args):
     result = _run(pytester, suite_args, tmp_path / "r", tmp_path / "cache", "--collect-only")
     assert result.ret == 0 and not (tmp_path / "r").exists()

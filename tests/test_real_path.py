@@ -81,7 +81,7 @@ def test_a_python_claim_on_a_model_below_the_floor_is_not_judged(pytester, tmp_p
 def test_each_hub_checkpoint_takes_its_own_base_and_names_stay_distinct(pytester, tmp_path, suite_args, hub_pair):
     models = [a for arch in ("gpt2", "llama") for a in ("--model", str(hub_pair[arch].checkpoint.parent))]
     bases = [a for arch in ("gpt2", "llama") for a in ("--base", str(hub_pair[arch].base))]
-    common = ("--data", "gsm8k", "--n-problems", "4", "--registry", _registry(tmp_path), "-k", "ct1-logprob",
+    common = ("--data", "gsm8k", "--n-problems", "2", "--registry", _registry(tmp_path), "-k", "ct1-logprob",
               "--min-baseline", "0")  # fmt: skip
     result = pytester.runpytest_subprocess(*suite_args(tmp_path / "r", tmp_path / "c", *models, *bases, *common))
     assert result.ret in (0, 1), result.outlines[-20:] + result.errlines[-20:]

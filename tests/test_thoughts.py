@@ -3,16 +3,14 @@ in (and only there), interchange patching patches each base with its own source'
 (and with source = base changes no answer), counterfactual pairs keep the operations, and the
 step probes find a planted step result at its thought and layer."""
 
-import random
-
 import numpy as np
 import torch
 
-from harness.data.problems import load_gsm8k, synthetic_split
+from harness.data.problems import synthetic_split
 from harness.judgment.claims import evaluate_claim, parse_claim
 from harness.judgment.kinds import logit_lens
 from harness.measures.evaluation import evaluate
-from harness.measures.interchange import _STEP, clean_thoughts, counterfactual, interchange, interchange_pairs
+from harness.measures.interchange import clean_thoughts, interchange, interchange_pairs
 from harness.measures.lens import SOURCES, chance_targets, hits, lens_tokens, step_results, step_tokens
 from harness.measures.probes import chance, step_probes
 from harness.measures.runner import ModelRun
@@ -47,22 +45,6 @@ def test_step_results_and_tokens_from_both_cot_formats(load_model):
     codi = load_model("tiny-gpt2")
     tokens = step_tokens(codi, [problem, gsm], 4)
     assert tokens[1, 2] == -1 and codi.tokenizer.decode([tokens[1, 0]]).strip() == "24"
-
-
-def test_counterfactuals_keep_the_wording_and_operations_and_change_the_answer():
-    problems = synthetic_split("test")[:200]
-    bases, sources = interchange_pairs(problems, seed=0)
-    assert len(bases) > 150
-    for i, source in zip(bases, sources):
-        base = problems[i]
-        ops = [(op, k) for _, op, k, _ in _STEP.findall(base.cot)]
-        assert [(op, k) for _, op, k, _ in _STEP.findall(source.cot)] == ops
-        assert len(base.question.split()) == len(source.question.split())
-        differ = [(a, b) for a, b in zip(base.question.split(), source.question.split()) if a != b]
-        assert len(differ) == 1 and differ[0] == (_STEP.findall(base.cot)[0][0], _STEP.findall(source.cot)[0][0])
-        assert source.answer == step_results(source)[-1] != base.answer
-    rng = random.Random(0)
-    assert all(counterfactual(p, rng) is None for p in load_gsm8k()[:100]), "GSM8K problems make no pair"
 
 
 def test_interchange_with_source_equal_to_base_changes_no_answer(load_model):

@@ -39,7 +39,7 @@ INCONCLUSIVE is its own outcome. A claim TOML cannot say is a test like this one
 
 import pytest
 
-from harness.plugin.suite import claim_params
+from harness import claim_params
 
 
 @pytest.mark.parametrize("claim", claim_params())
