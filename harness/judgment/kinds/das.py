@@ -87,19 +87,25 @@ def subspace(run: ModelRun, thought: int, rank: int, steps: int = DAS_STEPS) -> 
 def moved(run: ModelRun, thought: int, basis: torch.Tensor, what: str) -> np.ndarray:
     """Per valid pair of `run`'s problems: whether interchanging `basis`'s subspace of
     CT_thought from the source gives the source's answer: [n_valid] bool, cached (keyed by the
-    basis itself)."""
+    basis itself). Only the valid pairs run (the runtime is batch-invariant: the same answers
+    as running every pair and keeping those)."""
     indices, sources = pairs(run)
-    bases = [run.problems[i] for i in indices]
+    valid = valid_pairs(run)
+    bases = [run.problems[i] for i, v in zip(indices, valid) if v]
+    kept = [s for s, v in zip(sources, valid) if v]
+    if not kept:
+        return np.zeros(0, dtype=bool)
 
     def compute() -> np.ndarray:
         donor = run.remember(("source_thoughts", data_hash(sources)),
                              lambda: clean_thoughts(run.codi, sources, run.batch_size))  # fmt: skip
-        result, _ = interchange(run.codi, bases, sources, (thought,), run.batch_size, run.progress, basis, donor)
+        mask = torch.from_numpy(valid)
+        result, _ = interchange(run.codi, bases, kept, (thought,), run.batch_size, run.progress, basis, donor[mask])
         return np.array([r.correct for r in result.records])
 
     digest = hashlib.sha256(basis.numpy().astype(np.float32).tobytes()).hexdigest()[:16]
-    key = run.key(kind="das_interchange", thought=thought, basis=digest, sources=data_hash(sources))
-    return run.cached(key, f"subspace interchange CT{thought} ({what})", compute)[valid_pairs(run)] == 1
+    key = run.key(kind="das_interchange", thought=thought, basis=digest, sources=data_hash(kept))
+    return run.cached(key, f"subspace interchange CT{thought} ({what})", compute) == 1
 
 
 def grid(run: ModelRun, thoughts: list[int], steps: int = DAS_STEPS, max_rank: int = RANKS[-1]) -> list[dict]:
