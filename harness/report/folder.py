@@ -87,7 +87,8 @@ def compare(df: pd.DataFrame, run: dict, directory: Path, compare_to: Path | Non
     configuration (model fingerprints, data hash, n, seed, device, dtype, registry hash) that
     measured it, so neither an ad-hoc run nor a `-k` subset in between hides or fakes a flip;
     `compare_to` names one run instead."""
-    rows = {(r.id, r.model): r.verdict for r in df.itertuples()}
+    # a row that was not judged, now or then, has no verdict to flip (its model failed the floor)
+    rows = {(r.id, r.model): r.verdict for r in df.itertuples() if r.verdict != NOT_JUDGED_VERDICT}
     before: dict[tuple[str, str], tuple[str, str]] = {}  # claim -> (verdict, run id)
     if compare_to is not None:
         earlier = read_claims(compare_to)
@@ -110,7 +111,7 @@ def compare(df: pd.DataFrame, run: dict, directory: Path, compare_to: Path | Non
     for path, earlier in candidates:
         for c in earlier["claims"]:
             key = (c["id"], c["model"])
-            if key in rows and key not in before:
+            if key in rows and key not in before and c["verdict"] != NOT_JUDGED_VERDICT:
                 before[key] = (c["verdict"], path.name)
     used = list(dict.fromkeys(name for _, name in before.values()))
     if not said:
