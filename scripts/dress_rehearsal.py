@@ -6,7 +6,8 @@ Each claim x model row must be judged, not judged by the baseline floor, or not 
 a reason; nothing may crash. With `--min-baseline 0` (the default here) the floor is off, so every
 kind runs its real-path code on models that solve nothing; `--min-baseline 5` shows the floor.
 
-    python scripts/dress_rehearsal.py --n-problems 8 [--min-baseline 0] [--out DIR] [--cache-dir DIR]
+    python scripts/dress_rehearsal.py --n-problems 8 [--min-baseline 0] [--max-new-tokens 16] [--out DIR]
+        [--cache-dir DIR]
 
 Prints one line per row and a JSON summary (rows by verdict, unmeasured rows with their reason,
 seconds); exits 1 if a row is missing, has no verdict, or has no effect and no reason.
@@ -36,6 +37,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n-problems", type=int, default=8)
     parser.add_argument("--min-baseline", default="0")
+    parser.add_argument("--max-new-tokens", default="16", help="random weights never stop: decode little (default 16)")
     parser.add_argument("--out", help="report folder (default: a temporary one)")
     parser.add_argument("--cache-dir", help="result cache (default: a temporary one); reuse one to resume a run")
     args = parser.parse_args()
@@ -44,7 +46,7 @@ def main() -> int:
     out = Path(args.out) if args.out else work / "report"
     command = [sys.executable, "-m", "pytest", str(ROOT / "hypotheses"), "-p", "no:cacheprovider", "-q",
                "--data", "gsm8k", "--dtype", "bfloat16", "--n-problems", str(args.n_problems),
-               "--min-baseline", args.min_baseline, "--no-gates", "--report-dir", str(out),
+               "--min-baseline", args.min_baseline, "--max-new-tokens", args.max_new_tokens, "--no-gates", "--report-dir", str(out),
                "--cache-dir", args.cache_dir or str(work / "cache")]  # fmt: skip
     for f in files.values():
         command += ["--model", str(f.checkpoint.parent), "--base", str(f.base)]

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from harness.data.problems import synthetic_split
+from harness.interventions import attention as attention_module
 from harness.interventions.attention import AttentionOverride, AttentionRecord, rewritten_thoughts
 from harness.interventions.hooks import InterventionError
 from harness.runtime.arch import Head
-from harness.runtime.loop import encode_questions, generate, run_latents
+from harness.runtime.loop import encode_questions, generate, question_pass, run_latents
 
 PROBLEMS = synthetic_split("test")[:5]
 
@@ -122,3 +123,30 @@ def test_two_overrides_on_one_layer_both_apply(random_codi):
 )  # fmt: skip
 def test_the_rewritten_queries_are_those_after_the_hub_and_target(pattern, hub, target, rewritten):
     assert rewritten_thoughts(pattern, hub, target, n_latent=6) == rewritten
+
+
+@torch.no_grad()
+def test_the_question_pass_runs_sdpa_under_a_plan(random_codi, monkeypatch):
+    """A plan reads or rewrites latent queries only: the question pass (no latent query) runs
+    SDPA, as without a plan, so its [B, H, T, T] probabilities are never built (on GSM8K's long
+    questions that pass dominated head discovery) and its cache is the baseline's bit for bit
+    at every real (unpadded) position; the latent passes still run the eager math."""
+    batch = encode_questions(random_codi, [p.question for p in PROBLEMS])
+    plain = question_pass(random_codi, batch)
+    eager = []
+    original = attention_module._eager_probs
+    monkeypatch.setattr(attention_module, "_eager_probs", lambda *a, **k: eager.append(1) or original(*a, **k))
+    heads = [Head(layer, 0) for layer in range(random_codi.geometry.n_layers)]
+    for plan in (AttentionRecord(random_codi, batch.positions(random_codi.n_latent)),
+                 AttentionOverride(random_codi, heads, "uniform", batch.positions(random_codi.n_latent))):  # fmt: skip
+        with plan:
+            under = question_pass(random_codi, batch)
+            assert not eager, "the question pass built eager probabilities"
+            run_latents(random_codi, batch)
+        assert len(eager) == random_codi.n_latent * random_codi.geometry.n_layers
+        eager.clear()
+        assert torch.equal(under.hidden, plain.hidden)
+        real = batch.attention_mask.bool()  # [B, T]: padding rows differ by mask form, and no query sees them
+        for mine, theirs in zip(under.cache.layers, plain.cache.layers):  # keys, values [B, H, T, hd]
+            for a, b in ((mine.keys, theirs.keys), (mine.values, theirs.values)):
+                assert torch.equal(a.transpose(1, 2)[real], b.transpose(1, 2)[real])

@@ -136,6 +136,7 @@ def test_top3_effect_equals_an_independent_recomputation(pytester, tmp_path, loa
         (["--heads", "L99H0"], "out of range"),
         (["--model", "/no/such/model"], "not found"),
         (["--n-problems", "0"], "must be positive"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be positive"),
     ],
 )
 def test_usage_errors_exit_4_before_any_model_runs(pytester, tmp_path, args, message, suite_args):

@@ -82,6 +82,7 @@ def test_each_hub_checkpoint_takes_its_own_base_and_names_stay_distinct(pytester
     models = [a for arch in ("gpt2", "llama") for a in ("--model", str(hub_pair[arch].checkpoint.parent))]
     bases = [a for arch in ("gpt2", "llama") for a in ("--base", str(hub_pair[arch].base))]
     common = ("--data", "gsm8k", "--n-problems", "2", "--registry", _registry(tmp_path), "-k", "ct1-logprob",
+              "--max-new-tokens", "8",  # random weights never stop: decode little
               "--min-baseline", "0")  # fmt: skip
     result = pytester.runpytest_subprocess(*suite_args(tmp_path / "r", tmp_path / "c", *models, *bases, *common))
     assert result.ret in (0, 1), result.outlines[-20:] + result.errlines[-20:]
@@ -169,3 +170,49 @@ def test_a_row_that_could_not_be_measured_says_why_everywhere(pytester, tmp_path
     assert row["effect"] is None and row["ci_low"] is None and row["note"] == why
     assert why in (tmp_path / "r" / "claims.csv").read_text()
     assert f"not measured: {why}" in (tmp_path / "r" / "summary.md").read_text()
+
+
+SMALL = (  # claims whose measures need more problems than a small run has
+    '[[claim]]\nid = "hub-final"\nphase = 3\nstatement = "s"\nmetric = "probe_layer"\nthreshold = 0.0\n'
+    'direction = "greater"\nexperiment = { test = "final_above_chance", label = "answer_last_digit" }\n\n'
+    '[[claim]]\nid = "hub-critical"\nphase = 3\nstatement = "s"\nmetric = "probe_layer"\nthreshold = 1.5\n'
+    'direction = "less"\nexperiment = { test = "critical_layer", label = "answer_last_digit" }\n\n'
+    '[[claim]]\nid = "step1"\nphase = 3\nstatement = "s"\nmetric = "probe_layer"\nthreshold = 5.0\n'
+    'direction = "greater"\nexperiment = { test = "step_selectivity", step = 1 }\n\n'
+    '[[claim]]\nid = "hard-vs-easy"\nphase = 4\nstatement = "s"\nmetric = "tier_drop"\nthreshold = 0.0\n'
+    'direction = "greater"\nexperiment = { compare = ["hard", "easy"] }\n'
+)
+
+
+def test_claims_a_small_run_cannot_measure_say_why_and_the_report_is_written(pytester, tmp_path, suite_args):
+    """On 4 problems no probe can be cross-validated (5 folds) and a difficulty tier is nearly
+    empty: each row is unmeasured with its reason (the dress rehearsal found the probes
+    crashing and the tier comparison silent), and the report is still written."""
+    registry = tmp_path / "small.toml"
+    registry.write_text(SMALL)
+    args = ("--model", "tiny-gpt2", "--n-problems", "4", "--registry", str(registry), "--min-baseline", "0")
+    result = pytester.runpytest_subprocess(*suite_args(tmp_path / "r", tmp_path / "c", *args))
+    assert result.ret in (0, 1), result.outlines[-30:]
+    rows = {r["id"]: r for r in read_claims(tmp_path / "r")["claims"]}
+    assert set(rows) == {"hub-final", "hub-critical", "step1", "hard-vs-easy"}
+    assert all(r["effect"] is None and r["verdict"] == "INCONCLUSIVE" for r in rows.values())
+    assert "a cross-validated probe needs 10" in rows["hub-final"]["note"]
+    assert "a cross-validated probe needs 10" in rows["hub-critical"]["note"]
+    assert "too few problems with a step 1" in rows["step1"]["note"]
+    assert "fewer than 2 to compare" in rows["hard-vs-easy"]["note"]
+    assert (tmp_path / "r" / "report.html").exists()
+
+
+def test_max_new_tokens_bounds_decoding_and_keys_every_result(load_model):
+    """--max-new-tokens reaches the decoder and the cache key: one token cannot hold
+    "The answer is: N", so nothing is answered right; 256 (the default) answers as before."""
+    from harness.data.problems import synthetic_split
+    from harness.measures.runner import MAX_NEW_TOKENS, ModelRun
+    from harness.runtime.cache import ResultCache
+
+    problems = synthetic_split("test")[:8]
+    runs = {n: ModelRun(load_model("tiny-gpt2"), problems, problems, ResultCache(None), 8, max_new_tokens=n)
+            for n in (1, MAX_NEW_TOKENS)}  # fmt: skip
+    assert runs[1].baseline.accuracy == 0 < runs[MAX_NEW_TOKENS].baseline.accuracy
+    assert runs[1].key(kind="x") != runs[MAX_NEW_TOKENS].key(kind="x")
+    assert runs[1].on_discovery().max_new_tokens == 1 and runs[1].describe()["max_new_tokens"] == 1

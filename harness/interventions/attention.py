@@ -2,8 +2,8 @@
 
 `AttentionOverride` rewrites the probabilities of chosen heads for queries at the latent
 positions (eager math, GQA-aware); `AttentionRecord` stores, for every head, where the latent
-queries put their mass (the input of head discovery). Layers with no chosen head keep SDPA.
-Rows stay normalised and causal, padding stays masked. A query that cannot see its target
+queries put their mass (the input of head discovery). Layers with no chosen head, and passes
+with no latent query, keep SDPA. Rows stay normalised and causal, padding stays masked. A query that cannot see its target
 (at or before the hub) keeps its own pattern and is counted in `kept_own`.
 """
 
@@ -45,8 +45,8 @@ def _eager_probs(module, query, key, mask, scaling) -> torch.Tensor:
 
 
 def _codi_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    plans = getattr(module, "codi_plans", [])
-    if not plans:
+    plans = [plan for plan in getattr(module, "codi_plans", []) if plan.acts_in(plan.codi.current_pass())]
+    if not plans:  # no latent query in this pass (the question pass): SDPA, as without a plan
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     probs = _eager_probs(module, query, key, attention_mask, scaling)
@@ -88,6 +88,11 @@ class _AttentionPlan(ABC):
     def _latent_queries(self, step: Pass) -> list[tuple[int, int]]:
         """(local query index, thought index) for the latent queries in pass `step`."""
         return step.local(list(self.pmap.latent))
+
+    def acts_in(self, step: Pass) -> bool:
+        """Whether pass `step` has a query this plan reads or rewrites (a latent one): the
+        others run SDPA, and the question pass never builds its [B, H, T, T] probabilities."""
+        return bool(self._latent_queries(step))
 
     @abstractmethod
     def apply(self, step: Pass, layer: int, probs: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:

@@ -23,11 +23,6 @@ def interchange_rows(basis: torch.Tensor, base: torch.Tensor, source: torch.Tens
     return base + (source - base) @ basis.T.to(base) @ basis.to(base)
 
 
-def subspace_patch(thought: int, basis: torch.Tensor, sources: torch.Tensor) -> LatentPatch:
-    """The thought patch that interchanges `basis`'s subspace of CT_thought with `sources` [B, d]."""
-    return lambda i, x: interchange_rows(basis, x, sources.to(x)) if i == thought else x
-
-
 @dataclass(frozen=True)
 class PatchSubspace(Spec):
     """A thought's coordinates in the row space of `basis` ([r, d] orthonormal rows, e.g. a

@@ -21,8 +21,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
 from harness.data.problems import Problem, format_number
-from harness.interventions.subspace import subspace_patch
-from harness.measures.evaluation import PrefixStore
+from harness.interventions.subspace import interchange_rows
 from harness.runtime.codi import CODIModel
 from harness.runtime.loop import answer_logprobs, encode_questions, pause_latents, run_latents
 from harness.runtime.progress import bar
@@ -52,40 +51,57 @@ def random_basis(d: int, rank: int, generator: torch.Generator) -> torch.Tensor:
     return q.T.contiguous()
 
 
-def fit_subspace(
+def fit_subspaces(
     codi: CODIModel,
     bases: list[Problem],
     sources: list[Problem],
     source_thoughts: torch.Tensor,  # [N, K, d] the sources' clean thoughts
     thought: int,
-    rank: int,
+    ranks: tuple[int, ...],
     seed: int = 0,
     steps: int = DAS_STEPS,
     progress: bool = False,
     lr: float = DAS_LR,
-) -> torch.Tensor:
-    """The rank-`rank` subspace of CT_thought whose interchange makes each base run give its
-    source's answer (mean teacher-forced log-probability, Adam): [rank, d] orthonormal rows."""
+) -> dict[int, torch.Tensor]:
+    """Per rank r, the rank-r subspace of CT_thought whose interchange makes each base run give
+    its source's answer (mean teacher-forced log-probability, Adam): [r, d] orthonormal rows.
+
+    Each rank has its own rotation, all from the same start (the seed) and trained on the same
+    batches, so a fit does not depend on which other ranks share it; they are stacked in one
+    batch (a block of rows per rank, each block's loss reaching only its own rotation): one
+    pass per step for all ranks instead of one per rank."""
+    assert ranks and len(set(ranks)) == len(ranks), f"distinct ranks expected, got {ranks}"
     d = source_thoughts.shape[-1]
-    torch.manual_seed(seed)
-    rotation = orthogonal(nn.Linear(d, d, bias=False))
-    optimiser = torch.optim.Adam(rotation.parameters(), lr=lr)
+    rotations = []
+    for _ in ranks:
+        torch.manual_seed(seed)
+        rotations.append(orthogonal(nn.Linear(d, d, bias=False)))
+    optimiser = torch.optim.Adam([w for r in rotations for w in r.parameters()], lr=lr)
     generator = torch.Generator().manual_seed(seed)
-    prefixes, paused = PrefixStore(), {}
+    paused = {}
     batches = [list(range(s, min(s + DAS_BATCH, len(bases)))) for s in range(0, len(bases), DAS_BATCH)]
-    encoded = [encode_questions(codi, [bases[i].question for i in rows]) for rows in batches]
-    answers = [[format_number(sources[i].answer) for i in rows] for rows in batches]
+    encoded = [encode_questions(codi, [bases[i].question for i in rows] * len(ranks)) for rows in batches]
+    answers = [[format_number(sources[i].answer) for i in rows] * len(ranks) for rows in batches]
+    label = f"DAS CT{thought} rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
     with frozen(codi):
-        for _ in bar(range(steps), desc=f"DAS CT{thought} rank {rank}", disable=not progress):
+        for _ in bar(range(steps), desc=label, disable=not progress):
             b = int(torch.randint(len(batches), (1,), generator=generator))
             if b not in paused:  # the thoughts before the trained one never change: run them once
                 with torch.no_grad():
-                    paused[b] = pause_latents(codi, encoded[b], thought, prefixes.get(codi, encoded[b], batches[b]))
-            basis = rotation.weight[:rank]  # [r, d]
-            patch = subspace_patch(thought, basis, source_thoughts[batches[b], thought])
+                    paused[b] = pause_latents(codi, encoded[b], thought)
+            donor = source_thoughts[batches[b], thought]  # [B, d]
+
+            def patch(i: int, x: torch.Tensor, donor: torch.Tensor = donor) -> torch.Tensor:
+                if i != thought:
+                    return x
+                blocks = x.view(len(ranks), -1, x.shape[-1])  # [R, B, d]: one block per rank
+                return torch.cat([interchange_rows(rotation.weight[:rank], block, donor.to(x))
+                                  for rotation, rank, block in zip(rotations, ranks, blocks)])  # fmt: skip
+
             state = run_latents(codi, encoded[b], patch, resume=paused[b])
-            loss = -answer_logprobs(codi, state, answers[b], copy_cache=False).mean()
+            logprobs = answer_logprobs(codi, state, answers[b], copy_cache=False)  # [R * B]
+            loss = -logprobs.view(len(ranks), -1).mean(1).sum()  # each rank's mean reaches its rotation only
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-    return rotation.weight[:rank].detach().clone()
+    return {rank: rotation.weight[:rank].detach().clone() for rotation, rank in zip(rotations, ranks)}

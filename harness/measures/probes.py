@@ -26,6 +26,7 @@ from harness.runtime.loop import encode_questions, run_latents
 from harness.runtime.progress import bar
 
 MAX_PROBE_STEPS = 4  # solution steps probed (the synthetic problems have 1-4)
+MIN_PROBE_PROBLEMS = 10  # fewer labelled problems than this: no 5-fold cross-validated probe
 
 MAGNITUDE_EDGES = (10, 30, 100, 1000)  # answer buckets: <10, 10-29, 30-99, 100-999, 1000+
 TARGETS = ("answer_last_digit", "answer_magnitude", "first_result_last_digit")
@@ -52,6 +53,13 @@ def probe_targets(problems: list[Problem]) -> dict[str, tuple[np.ndarray, np.nda
         "answer_magnitude": (np.digitize(np.abs(answers), MAGNITUDE_EDGES), answers),
         "first_result_last_digit": (np.array([-1 if np.isnan(f) else _last_digit(f) for f in firsts]), firsts),
     }
+
+
+def probed(labels: np.ndarray) -> np.ndarray:
+    """[N] bool: the problems a target's probe is fitted on, those with a label, or none when
+    fewer than MIN_PROBE_PROBLEMS have one (too few to cross-validate)."""
+    keep = labels >= 0
+    return keep if keep.sum() >= MIN_PROBE_PROBLEMS else np.zeros_like(keep)
 
 
 def control_labels(values: np.ndarray, labels: np.ndarray, seed: int) -> np.ndarray:
@@ -111,7 +119,7 @@ def step_probes(
     jobs = [(j, t, layer) for j in range(n_steps) for t in range(k) for layer in range(layers)]
     for j, t, layer in bar(jobs, desc="step probes", disable=not progress):
         keep = ~np.isnan(values[:, j])
-        if keep.sum() < 10:  # too few problems with this step to cross-validate
+        if keep.sum() < MIN_PROBE_PROBLEMS:
             continue
         y = np.array([_last_digit(v) for v in values[keep, j]])
         out[j, 0, t, layer, keep] = probe_correct(states[keep, t, layer], y, seed)
@@ -162,7 +170,7 @@ class ProbeResults:
     @classmethod
     def unpack(cls, packed: np.ndarray, problems: list[Problem]) -> ProbeResults:
         targets = probe_targets(problems)
-        keep = {t: targets[t][0] >= 0 for t in TARGETS}
+        keep = {t: probed(targets[t][0]) for t in TARGETS}
         task = {t: packed[i, 0][:, keep[t]] == 1 for i, t in enumerate(TARGETS)}
         control = {t: packed[i, 1][:, keep[t]] == 1 for i, t in enumerate(TARGETS)}
         return cls(task, control, {t: targets[t][0][keep[t]] for t in TARGETS}, keep)
@@ -170,6 +178,8 @@ class ProbeResults:
     def table(self) -> pd.DataFrame:
         rows = []
         for target, task in self.task.items():
+            if not task.shape[1]:  # not probed: too few problems have this target
+                continue
             for layer in range(task.shape[0]):
                 acc, ctrl = task[layer].mean(), self.control[target][layer].mean()
                 rows.append(
@@ -182,7 +192,8 @@ class ProbeResults:
                         "chance": 100 * chance(self.labels[target]),
                     }
                 )
-        return pd.DataFrame(rows)
+        columns = ["target", "layer", "accuracy", "control_accuracy", "selectivity", "chance"]
+        return pd.DataFrame(rows, columns=columns)
 
 
 def critical_layer(task: np.ndarray, control: np.ndarray) -> int:
@@ -198,13 +209,15 @@ def run_probes(states: np.ndarray, problems: list[Problem], seed: int, progress:
     jobs = [(t, layer) for t in TARGETS for layer in range(states.shape[1])]
     for target, layer in bar(jobs, desc="probes", disable=not progress):
         all_labels, values = targets[target]
-        keep = all_labels >= 0
+        keep = probed(all_labels)
         y = all_labels[keep]
         y_control = control_labels(values[keep], y, seed)
         if layer == 0:
             task[target] = np.zeros((states.shape[1], int(keep.sum())), dtype=bool)
             control[target] = np.zeros_like(task[target])
             labels[target], keeps[target] = y, keep
+        if not keep.any():
+            continue
         task[target][layer] = probe_correct(states[keep, layer], y, seed)
         control[target][layer] = probe_correct(states[keep, layer], y_control, seed)
     return ProbeResults(task, control, labels, keeps)

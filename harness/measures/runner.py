@@ -136,6 +136,7 @@ class ModelRun:
     _prefixes: PrefixStore = field(default_factory=PrefixStore)  # question passes, shared by interventions
     _memo: dict = field(default_factory=dict)  # in-memory results by name (`remember`)
     sources: list[Problem] | None = None  # each test problem's counterfactual (`counterfactual_run`)
+    max_new_tokens: int = MAX_NEW_TOKENS  # answer tokens decoded at most (part of every cache key)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, CODIModel):
@@ -157,7 +158,7 @@ class ModelRun:
         type (CPU and GPU kernels round differently, which can flip a close answer)."""
         decoding = {
             "greedy": True,
-            "max_new_tokens": MAX_NEW_TOKENS,
+            "max_new_tokens": self.max_new_tokens,
             "n_latent": self.n_latent,
             "device": self.model.device_type,
         }
@@ -214,7 +215,7 @@ class ModelRun:
                 self.codi,
                 self.problems,
                 self.batch_size,
-                max_new_tokens=MAX_NEW_TOKENS,
+                max_new_tokens=self.max_new_tokens,
                 progress=self.progress,
                 intervene=None if isinstance(spec, Baseline) else installer(spec, self),
                 prefixes=self._prefixes if spec.latent_only(self.n_latent) else None,
@@ -298,6 +299,7 @@ class ModelRun:
         return {
             "fingerprint": self.fingerprint,
             "n": len(self.problems),
+            "max_new_tokens": self.max_new_tokens,
             "data_hash": data_hash(self.problems),
             "baseline_accuracy": round(100 * self.baseline.accuracy, 1) if baseline_known else None,
             "heads": [str(h) for h in (self.heads or (top_heads(self.ranking, 3) if ranked else []))] or None,
@@ -347,7 +349,8 @@ class ModelRun:
         ranking is chosen on, disjoint from the test problems claims are measured on."""
         announce = self._on_discovery_measured
         return ModelRun(self.model, self.discovery, self.discovery, self.cache, self.requested_batch_size, self.seed,
-                        progress=self.progress, on_measured=announce, _prefixes=PrefixStore())  # fmt: skip
+                        progress=self.progress, on_measured=announce, _prefixes=PrefixStore(),
+                        max_new_tokens=self.max_new_tokens)  # fmt: skip
 
     def _on_discovery_measured(self, model: str, what: str, seconds: float, computed: bool) -> None:
         if self.on_measured is not None:  # the discovery run's measurements, announced as this run's
@@ -405,7 +408,8 @@ class ModelRun:
             ]  # fmt: skip
             sources = [pair.source for pair in made.pairs]
             return ModelRun(self.model, scored, self.discovery, self.cache, self.requested_batch_size, self.seed,
-                            self.heads, self.progress, self.on_measured, sources=sources)  # fmt: skip
+                            self.heads, self.progress, self.on_measured, sources=sources,
+                            max_new_tokens=self.max_new_tokens)  # fmt: skip
 
         return self.remember("counterfactual_run", build)
 

@@ -113,6 +113,9 @@ def load_runs(config: pytest.Config) -> tuple[dict[str, ModelRun], dict[str, str
     batch_size = config.getoption("batch_size")
     if batch_size is not None and batch_size <= 0:
         raise DataError(f"--batch-size must be positive, got {batch_size}")
+    max_new_tokens = config.getoption("max_new_tokens")
+    if max_new_tokens <= 0:
+        raise DataError(f"--max-new-tokens must be positive, got {max_new_tokens}")
     reference = config.getoption("reference_batching")
     if reference and batch_size not in (None, REFERENCE_BATCH_SIZE):
         raise DataError(f"--reference-batching runs the official batches of {REFERENCE_BATCH_SIZE}; drop --batch-size")
@@ -142,7 +145,15 @@ def load_runs(config: pytest.Config) -> tuple[dict[str, ModelRun], dict[str, str
         problems, discovery = splits[data[name]]
         heads = parse_heads(heads, geometry, model.name) if heads is not None else None
         runs[model.name] = ModelRun(
-            model, problems, discovery, cache, batch_size, config.getoption("seed"), heads, progress=serial
+            model,
+            problems,
+            discovery,
+            cache,
+            batch_size,
+            config.getoption("seed"),
+            heads,
+            progress=serial,
+            max_new_tokens=max_new_tokens,
         )
         sources[model.name] = data[name]
     return runs, sources

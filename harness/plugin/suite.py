@@ -38,7 +38,7 @@ from harness.judgment.claims import (
     load_registry,
     unjudged,
 )
-from harness.measures.runner import ModelRun
+from harness.measures.runner import MAX_NEW_TOKENS, ModelRun
 from harness.plugin.entry import INI, INI_HELP
 from harness.plugin.html import HtmlBridge
 from harness.plugin.session import (
@@ -119,6 +119,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--batch-size", type=int, help="problems per batched pass (default 128 on CPU; on CUDA, what memory holds)"
     )
+    group.addoption("--max-new-tokens", type=int, default=MAX_NEW_TOKENS,
+                    help=f"answer tokens decoded at most (default {MAX_NEW_TOKENS}; a cache key part)")  # fmt: skip
     group.addoption("--report-dir", help="where the report goes (default reports/<run-id>/)")
     group.addoption(
         "--fail-on-flip",

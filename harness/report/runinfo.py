@@ -13,12 +13,14 @@ import torch
 import transformers
 
 import harness
+from harness.measures.runner import MAX_NEW_TOKENS
 
 if TYPE_CHECKING:
     from harness.measures.runner import ModelRun
 
 COMPARABLE = ("seed", "device", "dtype", "reference_batching", "registry_hash", "claim_code_hash")  # and per model
-MODEL_COMPARABLE = ("fingerprint", "data_hash", "n", "forced_heads")  # weights, data, n, the heads --heads named
+MODEL_COMPARABLE = ("fingerprint", "data_hash", "n", "forced_heads", "max_new_tokens")  # weights, data, n, --heads
+MODEL_DEFAULTS = {"max_new_tokens": MAX_NEW_TOKENS}  # what a report from before a setting existed ran with
 
 
 def file_hash(path: Path) -> str:
@@ -76,7 +78,8 @@ def run_info(
 
 def comparable_key(run: dict) -> dict:
     """The part of a run's configuration two runs must share for their verdicts to be compared."""
-    models = {name: {k: m.get(k) for k in MODEL_COMPARABLE} for name, m in run.get("models", {}).items()}
+    models = {name: {k: m.get(k, MODEL_DEFAULTS.get(k)) for k in MODEL_COMPARABLE}
+              for name, m in run.get("models", {}).items()}  # fmt: skip
     return {**{k: run.get(k) for k in COMPARABLE}, "models": models}
 
 

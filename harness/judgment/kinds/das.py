@@ -30,7 +30,7 @@ from harness.judgment.kinds.interchange import (
     pairs_used,
     sources_correct,
 )
-from harness.measures.das import DAS_STEPS, RANKS, fit_subspace, random_basis
+from harness.measures.das import DAS_STEPS, RANKS, fit_subspaces, random_basis
 from harness.measures.interchange import clean_thoughts, interchange
 from harness.measures.runner import ModelRun
 from harness.runtime.positions import thought_number
@@ -70,18 +70,30 @@ def valid_pairs(run: ModelRun) -> np.ndarray:
     return (run.baseline.correct[pairs(run)[0]] == 1) & (sources_correct(run) == 1)
 
 
-def subspace(run: ModelRun, thought: int, rank: int, steps: int = DAS_STEPS) -> torch.Tensor:
-    """The learned rank-`rank` subspace of CT_thought, fitted on the discovery pairs: [rank, d], cached."""
+def ranks_upto(max_rank: int) -> tuple[int, ...]:
+    """The ranks a claim with this `max_rank` chooses among (no other is fitted)."""
+    return tuple(r for r in RANKS if r <= max_rank)
+
+
+def subspaces(run: ModelRun, thought: int, ranks: tuple[int, ...], steps: int = DAS_STEPS) -> dict[int, torch.Tensor]:
+    """The learned subspaces of CT_thought at each of `ranks`, fitted together on the discovery
+    pairs (`fit_subspaces`): rank -> [rank, d], cached as one [R, max rank, d] array."""
     disc = _discovery(run)
 
     def compute() -> np.ndarray:
         indices, sources = pairs(disc)
         bases = [disc.problems[i] for i in indices]
         donor = clean_thoughts(run.codi, sources, run.batch_size)
-        return fit_subspace(run.codi, bases, sources, donor, thought, rank, run.seed, steps, run.progress).numpy()
+        fitted = fit_subspaces(run.codi, bases, sources, donor, thought, ranks, run.seed, steps, run.progress)
+        packed = np.zeros((len(ranks), max(ranks), donor.shape[-1]), dtype=np.float32)
+        for j, rank in enumerate(ranks):
+            packed[j, :rank] = fitted[rank].numpy()
+        return packed
 
-    key = disc.key(kind="das_subspace", thought=thought, rank=rank, steps=steps, seed=run.seed)
-    return torch.from_numpy(disc.cached(key, f"DAS subspace CT{thought} rank {rank}", compute))
+    key = disc.key(kind="das_subspaces", thought=thought, ranks=list(ranks), steps=steps, seed=run.seed)
+    what = f"DAS subspaces CT{thought} ranks {', '.join(map(str, ranks))}"
+    packed = run.remember(("das_subspaces", key), lambda: disc.cached(key, what, compute))
+    return {rank: torch.from_numpy(packed[j, :rank].copy()) for j, rank in enumerate(ranks)}
 
 
 def moved(run: ModelRun, thought: int, basis: torch.Tensor, what: str) -> np.ndarray:
@@ -112,10 +124,9 @@ def grid(run: ModelRun, thoughts: list[int], steps: int = DAS_STEPS, max_rank: i
     """Each thought and rank up to `max_rank` (no subspace the claim could not choose is
     fitted): accuracy (%) on the discovery pairs, where the subspace was fitted (and where the
     claim's thought and rank are chosen)."""
-    disc = _discovery(run)
-    return [{"thought": f"CT{t}", "rank": rank,
-             "discovery": 100 * float(moved(disc, t, subspace(run, t, rank, steps), f"rank {rank}").mean())}
-            for t in thoughts for rank in RANKS if rank <= max_rank]  # fmt: skip
+    disc, ranks = _discovery(run), ranks_upto(max_rank)
+    return [{"thought": f"CT{t}", "rank": rank, "discovery": 100 * float(moved(disc, t, basis, f"rank {rank}").mean())}
+            for t in thoughts for rank, basis in subspaces(run, t, ranks, steps).items()]  # fmt: skip
 
 
 def measure(p: DasParams, run: ModelRun, measure: str) -> Measured:
@@ -132,12 +143,13 @@ def measure(p: DasParams, run: ModelRun, measure: str) -> Measured:
     best = max(rows, key=lambda r: (r["discovery"], -r["rank"]))
     t, rank = thought_number(best["thought"]), best["rank"]
     whole = 100 * float(interchanged(run, (t,))[0][valid_pairs(run)].mean())
+    fitted = subspaces(run, t, ranks_upto(p.max_rank), p.steps)
     for row in rows:  # the chosen thought on the test pairs, every rank
         if row["thought"] == best["thought"]:
-            basis = subspace(run, t, row["rank"], p.steps)
+            basis = fitted[row["rank"]]
             row.update(test=100 * float(moved(run, t, basis, f"rank {row['rank']}").mean()),
                        whole_thought=whole)  # fmt: skip
-    chosen = subspace(run, t, rank, p.steps)
+    chosen = fitted[rank]
     values = moved(run, t, chosen, f"rank {rank}")
     generator = torch.Generator().manual_seed(run.seed)
     d = chosen.shape[1]

@@ -25,7 +25,7 @@ from harness.judgment.kinds.logit_lens import lens_hits
 from harness.measures.evaluation import evaluate
 from harness.measures.interchange import interchange
 from harness.measures.lens import MAX_LENS_STEPS, position_names
-from harness.measures.runner import MAX_NEW_TOKENS, ModelRun
+from harness.measures.runner import ModelRun
 from harness.runtime.positions import thought_number
 from harness.statistics.effects import mean_with_ci
 from harness.statistics.verdicts import ClaimResult
@@ -92,7 +92,7 @@ def sources_correct(run: ModelRun) -> np.ndarray:
     sources = pairs(run)[1]
 
     def compute() -> np.ndarray:
-        result = evaluate(run.codi, sources, run.batch_size, max_new_tokens=MAX_NEW_TOKENS, progress=run.progress)
+        result = evaluate(run.codi, sources, run.batch_size, max_new_tokens=run.max_new_tokens, progress=run.progress)
         return np.array([r.correct for r in result.records])
 
     return run.cached(run.key(kind="interchange_sources", sources=data_hash(sources)),

@@ -32,11 +32,13 @@ from harness.judgment.kinds.base import (
 from harness.measures.causal import RANKINGS, heads_for
 from harness.measures.probes import (
     MAX_PROBE_STEPS,
+    MIN_PROBE_PROBLEMS,
     TARGETS,
     ProbeResults,
     all_thought_states,
     chance,
     critical_layer,
+    probe_targets,
     run_probes,
     step_probes,
     thought_states,
@@ -122,6 +124,10 @@ def measure(p: ProbeParams, run: ModelRun, measure: str) -> Measured:
         return Measured(mean_with_ci(100.0 * (task.astype(float) - control), seed=run.seed), details)
     probes = hub_probes(run)
     task, control = probes.task[p.label], probes.control[p.label]  # [L + 1, n]
+    if not task.shape[1]:
+        n = int((probe_targets(run.problems)[p.label][0] >= 0).sum())
+        note = f"{n} problem(s) have a {p.label!r} label: a cross-validated probe needs {MIN_PROBE_PROBLEMS}"
+        return Measured(nan_effect(0), {"label": p.label, "positions": [run.hub], "heads": [], "note": note})
     details = {"label": p.label, "hub": run.hub, "positions": [run.hub], "mode": f"probe ({p.label})",
                "critical_layer": critical_layer(task, control), "heads": []}  # fmt: skip
     if p.test == "final_above_chance":
@@ -160,7 +166,8 @@ def step_table(run: ModelRun) -> pd.DataFrame:
             acc, ctrl = 100 * task[have].mean(), 100 * control[have].mean()
             rows.append({"step": j + 1, "thought": f"CT{thought}", "layer": layer, "n": int(have.sum()),
                          "accuracy": acc, "control_accuracy": ctrl, "selectivity": acc - ctrl})  # fmt: skip
-    return pd.DataFrame(rows)
+    columns = ["step", "thought", "layer", "n", "accuracy", "control_accuracy", "selectivity"]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def _step_figure(model: str, table: pd.DataFrame) -> Figure:
@@ -205,7 +212,7 @@ def section(results: list[ClaimResult], runs: dict[str, ModelRun]) -> Section:
     if step_models:
         steps = {m: step_table(runs[m]) for m in step_models}
         tables["probe_steps"] = pd.concat([t.assign(model=m) for m, t in steps.items()], ignore_index=True)
-        figures.update({f"probe_steps_{m}": _step_figure(m, t) for m, t in steps.items()})
+        figures.update({f"probe_steps_{m}": _step_figure(m, t) for m, t in steps.items() if len(t)})
     return Section("Linear probes: the answer at the hub thought, each step's result at every thought (3.1)", tables,
                    figures)  # fmt: skip
 

@@ -61,6 +61,11 @@ def measure(p: TierParams, run: ModelRun, measure: str) -> Measured:
     }
     if p.compare is not None:
         a, b = (groups == name for name in p.compare)
+        small = [f"{name} has {int(m.sum())}" for name, m in zip(p.compare, (a, b)) if m.sum() < 2]
+        if small:
+            note = f"tier {' and '.join(small)} problem(s): fewer than 2 to compare"
+            details.update(compare=list(p.compare), note=note)
+            return Measured(nan_effect(int(min(a.sum(), b.sum()))), details)
         effect = difference_of_drops(base[a], ablated[a], base[b], ablated[b], seed=run.seed)
         return Measured(effect, {**details, "compare": list(p.compare)})
     in_tier = groups == p.tier
