@@ -46,7 +46,8 @@ def main() -> int:
     out = Path(args.out) if args.out else work / "report"
     command = [sys.executable, "-m", "pytest", str(ROOT / "hypotheses"), "-p", "no:cacheprovider", "-q",
                "--data", "gsm8k", "--dtype", "bfloat16", "--n-problems", str(args.n_problems),
-               "--min-baseline", args.min_baseline, "--max-new-tokens", args.max_new_tokens, "--no-gates", "--report-dir", str(out),
+               "--min-baseline", args.min_baseline, "--max-new-tokens", args.max_new_tokens, "--no-gates",
+               "--report-dir", str(out),
                "--cache-dir", args.cache_dir or str(work / "cache")]  # fmt: skip
     for f in files.values():
         command += ["--model", str(f.checkpoint.parent), "--base", str(f.base)]

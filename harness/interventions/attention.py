@@ -3,8 +3,9 @@
 `AttentionOverride` rewrites the probabilities of chosen heads for queries at the latent
 positions (eager math, GQA-aware); `AttentionRecord` stores, for every head, where the latent
 queries put their mass (the input of head discovery). Layers with no chosen head, and passes
-with no latent query, keep SDPA. Rows stay normalised and causal, padding stays masked. A query that cannot see its target
-(at or before the hub) keeps its own pattern and is counted in `kept_own`.
+with no latent query, keep SDPA. Rows stay normalised and causal, padding stays masked. A
+query that cannot see its target (at or before the hub) keeps its own pattern and is counted
+in `kept_own`.
 """
 
 from __future__ import annotations
