@@ -213,3 +213,28 @@ def test_a_loop_resumed_at_the_trained_thought_is_the_full_loop(load_model, name
         assert torch.equal(answer_logprobs(codi, full, answers), answer_logprobs(codi, resumed, answers))
         unpatched = run_latents(codi, batch)
     assert not torch.equal(unpatched.thoughts[:, thought], full.thoughts[:, thought]), "the patch acts"
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_the_counted_pairs_alone_give_what_every_pair_gives_kept_to_them(load_model, name):
+    """Interchange runs only the pairs it counts (right on both sides): the same per-pair
+    outcomes as interchanging every pair and keeping the counted ones, for whole thoughts and a
+    subspace. Other batches, other padding: equal answers, log-probs within 1e-4 nats."""
+    from harness.judgment.kinds import interchange as interchange_kind
+
+    run = ModelRun(load_model(name), TEST, DISCOVERY, ResultCache(None), requested_batch_size=8)
+    indices, sources = interchange_kind.pairs(run)
+    valid = interchange_kind.valid_pairs(run)
+    assert 2 <= valid.sum() < len(valid), "some pairs are left out"
+    bases = [run.problems[i] for i in indices]
+    every, stays = interchange(run.codi, bases, sources, (2,), batch_size=8)
+    counted = interchange_kind.interchanged(run, (2,))
+    np.testing.assert_array_equal(counted[0], np.array([r.correct for r in every.records])[valid])
+    np.testing.assert_array_equal(counted[1], np.asarray(stays)[valid])
+    np.testing.assert_allclose(counted[2], np.array([r.answer_logprob for r in every.records])[valid], atol=1e-4)
+    basis = random_basis(run.codi.lm.config.hidden_size, 4, torch.Generator().manual_seed(0))
+    donor = clean_thoughts(run.codi, sources, 8)
+    every, _ = interchange(run.codi, bases, sources, (2,), 8, basis=basis, donor=donor)
+    np.testing.assert_array_equal(
+        das_kind.moved(run, 2, basis, "x"), np.array([r.correct for r in every.records])[valid] == 1
+    )

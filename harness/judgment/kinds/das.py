@@ -28,7 +28,7 @@ from harness.judgment.kinds.interchange import (
     no_pairs_note,
     pairs,
     pairs_used,
-    sources_correct,
+    valid_pairs,
 )
 from harness.measures.das import DAS_STEPS, RANKS, fit_subspaces, random_basis
 from harness.measures.interchange import clean_thoughts, interchange
@@ -63,11 +63,6 @@ class DasParams(Params):
 
 def _discovery(run: ModelRun) -> ModelRun:
     return run.remember("discovery_run", run.on_discovery)
-
-
-def valid_pairs(run: ModelRun) -> np.ndarray:
-    """[n_pairs] whether the model answers the base and its source right, unpatched."""
-    return (run.baseline.correct[pairs(run)[0]] == 1) & (sources_correct(run) == 1)
 
 
 def ranks_upto(max_rank: int) -> tuple[int, ...]:
@@ -142,7 +137,7 @@ def measure(p: DasParams, run: ModelRun, measure: str) -> Measured:
     rows = grid(run, thoughts, p.steps, p.max_rank)
     best = max(rows, key=lambda r: (r["discovery"], -r["rank"]))
     t, rank = thought_number(best["thought"]), best["rank"]
-    whole = 100 * float(interchanged(run, (t,))[0][valid_pairs(run)].mean())
+    whole = 100 * float(interchanged(run, (t,))[0].mean())
     fitted = subspaces(run, t, ranks_upto(p.max_rank), p.steps)
     for row in rows:  # the chosen thought on the test pairs, every rank
         if row["thought"] == best["thought"]:

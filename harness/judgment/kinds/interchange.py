@@ -73,17 +73,29 @@ def pairs_used(run: ModelRun, valid: int) -> str:
     return f"{valid} of {n} pairs right on both sides ({n} of {len(run.problems)} problems paired)"
 
 
+def valid_pairs(run: ModelRun) -> np.ndarray:
+    """[n_pairs] whether the model answers the base and its source right, unpatched: the pairs
+    an interchange is counted on."""
+    return (run.baseline.correct[pairs(run)[0]] == 1) & (sources_correct(run) == 1)
+
+
 def interchanged(run: ModelRun, thoughts: tuple[int, ...]) -> np.ndarray:
-    """Each pair's base run with thoughts `thoughts` from its source: [3, n_pairs] (answer
-    is the counterfactual, answer is the base's, log-prob of the counterfactual), cached."""
+    """Each valid pair's base run with thoughts `thoughts` from its source: [3, n_valid] (answer
+    is the counterfactual, answer is the base's, log-prob of the counterfactual), cached. Only
+    the valid pairs run (the runtime is batch-invariant: the same answers as running every
+    pair and keeping those)."""
     indices, sources = pairs(run)
-    bases = [run.problems[i] for i in indices]
+    valid = valid_pairs(run)
+    bases = [run.problems[i] for i, v in zip(indices, valid) if v]
+    kept = [s for s, v in zip(sources, valid) if v]
+    if not kept:
+        return np.zeros((3, 0))
 
     def compute() -> np.ndarray:
-        result, stays = interchange(run.codi, bases, sources, thoughts, run.batch_size, run.progress)
+        result, stays = interchange(run.codi, bases, kept, thoughts, run.batch_size, run.progress)
         return np.array([[r.correct for r in result.records], stays, [r.answer_logprob for r in result.records]])
 
-    key = run.key(kind="interchange", thoughts=sorted(thoughts), sources=data_hash(sources))
+    key = run.key(kind="interchange", thoughts=sorted(thoughts), sources=data_hash(kept))
     return run.cached(key, f"interchange of thoughts {', '.join(f'CT{t}' for t in sorted(thoughts))}", compute)
 
 
@@ -117,8 +129,7 @@ def outcomes(run: ModelRun, thoughts: tuple[int, ...]) -> dict[str, np.ndarray]:
     """Per valid pair (both answered right unpatched), whether the patched answer is each
     outcome: {outcome: [n] bool}."""
     moved, stayed, _ = interchanged(run, thoughts).astype(float)
-    valid = (run.baseline.correct[pairs(run)[0]] == 1) & (sources_correct(run) == 1)
-    moved, stayed = moved[valid] == 1, stayed[valid] == 1
+    moved, stayed = moved == 1, stayed == 1
     return {"counterfactual": moved, "base": stayed, "neither": ~moved & ~stayed}
 
 

@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from harness.interventions.paths import PatchPath
 from harness.interventions.specs import PATCH_MODES, PatchThoughts, Spec
 from harness.judgment.kinds.base import Kind, Measured, Params, Section, choices, nan_effect
-from harness.judgment.kinds.interchange import NO_VALID_PAIR, no_pairs_note, pairs, pairs_used, sources_correct
+from harness.judgment.kinds.interchange import NO_VALID_PAIR, no_pairs_note, pairs, pairs_used, valid_pairs
 from harness.measures.runner import Condition, ModelRun
 from harness.runtime.positions import thought_number
 from harness.statistics.effects import MEASURES, difference_of_draws, mean_with_ci
@@ -115,8 +115,7 @@ def readable(source: str, column: str, n_latent: int) -> bool:
 def moved(run: ModelRun, spec: Spec) -> np.ndarray:
     """Per pair answered right on both sides unpatched: whether `spec` (mode interchange) moves
     the base's answer to its counterfactual source's: [n_valid] bool."""
-    valid = (run.baseline.correct[pairs(run)[0]] == 1) & (sources_correct(run) == 1)
-    return run.counterfactual_run().measure(spec).correct[valid] == 1
+    return run.counterfactual_run().measure(spec).correct[valid_pairs(run)] == 1
 
 
 def flow_matrix(run: ModelRun, mode: str, n_draws: int) -> list[dict]:
