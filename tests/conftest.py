@@ -1,3 +1,4 @@
+import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +35,16 @@ def no_hook_outlives_a_test(request):
     yield
     for codi in _MODELS + list(getattr(request.config, "_loaded_models", [])):
         assert not leftover_hooks(codi), f"left behind on {codi.name}: {leftover_hooks(codi)}"
+
+
+@pytest.fixture(autouse=True)
+def heap_unfrozen_after_an_inner_run(request):
+    """Claims-suite runs mostly run inside this process (pytester in-process: no second torch
+    import, about 5 s a run). The plugin freezes the heap it finds at the start of a run (a
+    fast exit for a real run); unfreeze it after, so that what an inner run left is collectable."""
+    yield
+    if "pytester" in request.fixturenames:
+        gc.unfreeze()
 
 
 HYPOTHESES = Path(__file__).resolve().parent.parent / "hypotheses"

@@ -62,7 +62,7 @@ def test_the_rendered_report_counts_each_verdict_in_its_own_category(pytester, t
     test_file = tmp_path / "test_fabricated_claims.py"
     test_file.write_text(CLAIMS)
     report = tmp_path / "report"
-    result = pytester.runpytest_subprocess(
+    result = pytester.runpytest_inprocess(
         str(test_file), "-p", "harness.plugin.suite", "-p", "no:cacheprovider", "--report-dir", str(report),
         "--cache-dir", str(tmp_path / "cache"), "--model", "tiny-gpt2", "--n-problems", "20",
     )  # fmt: skip

@@ -24,7 +24,7 @@ def test_the_worked_examples_run_and_land_in_the_report(pytester, tmp_path, suit
     report = tmp_path / "report"
     selected = "-k", "my-mean-ablation-ct2 or mean_ablation_and"
     args = suite_args(report, tmp_path / "cache", "--registry", str(registry), "--model", "tiny-gpt2", *selected)
-    result = pytester.runpytest_subprocess(*args, "--n-problems", "40", str(test_file))
+    result = pytester.runpytest_inprocess(*args, "--n-problems", "40", str(test_file))
     assert result.ret in (0, 1), result.outlines[-20:] + result.errlines[-20:]
     rows = {c["id"]: c for c in read_claims(report)["claims"]}
     assert set(rows) == {"my-mean-ablation-ct2", "my-composed-condition"}

@@ -81,7 +81,7 @@ def test_tiers_on_a_hand_made_table():
 
 
 def _late(pytester, suite_args, tmp_path, name, *args):
-    return pytester.runpytest_subprocess(*suite_args(tmp_path / name, tmp_path / "cache", "--n-problems", "12", *args))
+    return pytester.runpytest_inprocess(*suite_args(tmp_path / name, tmp_path / "cache", "--n-problems", "12", *args))
 
 
 def test_the_gate_skips_phase2_with_the_reason_and_no_gates_runs_it(pytester, tmp_path, suite_args):

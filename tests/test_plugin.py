@@ -22,7 +22,7 @@ PHASE1 = [c.id for c in load_registry() if c.phase == 1]
 
 def _run(pytester, suite_args, report_dir, cache_dir, *args):
     phase1 = ("-k", "phase1", "--model", "tiny-gpt2", "--n-problems", str(N))
-    return pytester.runpytest_subprocess(*suite_args(report_dir, cache_dir, *phase1, *args))
+    return pytester.runpytest_inprocess(*suite_args(report_dir, cache_dir, *phase1, *args))
 
 
 REFERENCE = Path(__file__).parent / "data" / "phase1_tiny-gpt2_n40.json"
@@ -194,6 +194,6 @@ def test_a_python_claim_that_cannot_run_as_written_is_a_usage_error(pytester, tm
     test_file = tmp_path / "test_mine.py"
     test_file.write_text(_PYTHON_CLAIM.format(body=body))
     args = suite_args(tmp_path / "r", tmp_path / "cache", "--model", "tiny-gpt2", "--n-problems", "12", "-k", "of_mine")
-    result = pytester.runpytest_subprocess(*args, str(test_file))
+    result = pytester.runpytest_inprocess(*args, str(test_file))
     assert result.ret == 4, result.outlines[-10:] + result.errlines[-10:]
     assert message in result.stdout.str() + result.stderr.str()

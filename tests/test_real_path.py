@@ -39,9 +39,7 @@ def test_a_model_below_the_baseline_floor_is_not_judged(pytester, tmp_path, suit
     """tiny-gpt2 solves about 77% of the problems: held to a floor of 99 points it is not judged,
     an accuracy and a log-prob claim alike; exit status 7; with the floor off it is judged."""
     args = ("--model", "tiny-gpt2", "--n-problems", "20", "--registry", _registry(tmp_path))
-    gated = pytester.runpytest_subprocess(
-        *suite_args(tmp_path / "gated", tmp_path / "c", *args, "--min-baseline", "99")
-    )
+    gated = pytester.runpytest_inprocess(*suite_args(tmp_path / "gated", tmp_path / "c", *args, "--min-baseline", "99"))
     assert gated.ret == 7, gated.outlines[-20:]
     rows = read_claims(tmp_path / "gated")["claims"]
     assert len(rows) == 2 and {r["verdict"] for r in rows} == {"NOT JUDGED"}
@@ -49,7 +47,7 @@ def test_a_model_below_the_baseline_floor_is_not_judged(pytester, tmp_path, suit
     gated.stdout.fnmatch_lines(["*tiny-gpt2 not judged: baseline accuracy *% on 20 problems is below --min-baseline 99:"
                                 " check --base, --n-latent and --data*(exit status 7)"])  # fmt: skip
     gated.stdout.fnmatch_lines(["NOT JUDGED * ct1-logprob * tiny-gpt2 * not judged: baseline accuracy*"])
-    judged = pytester.runpytest_subprocess(
+    judged = pytester.runpytest_inprocess(
         *suite_args(tmp_path / "judged", tmp_path / "c", *args, "--min-baseline", "0")
     )
     assert judged.ret in (0, 1)
@@ -58,7 +56,7 @@ def test_a_model_below_the_baseline_floor_is_not_judged(pytester, tmp_path, suit
         "REFUTED",
         "INCONCLUSIVE",
     }
-    bad = pytester.runpytest_subprocess(*suite_args(tmp_path / "bad", tmp_path / "c", *args, "--min-baseline", "-1"))
+    bad = pytester.runpytest_inprocess(*suite_args(tmp_path / "bad", tmp_path / "c", *args, "--min-baseline", "-1"))
     assert bad.ret == 4 and "--min-baseline is in [0, 100)" in bad.stderr.str()
 
 
@@ -72,7 +70,7 @@ def test_a_python_claim_on_a_model_below_the_floor_is_not_judged(pytester, tmp_p
         """
     )
     args = suite_args(tmp_path / "r", tmp_path / "c", "--model", "tiny-gpt2", "--n-problems", "12")
-    result = pytester.runpytest_subprocess(str(test), *args[1:], "--min-baseline", "99")
+    result = pytester.runpytest_inprocess(str(test), *args[1:], "--min-baseline", "99")
     assert result.ret == 7, result.outlines[-20:]
     (row,) = read_claims(tmp_path / "r")["claims"]
     assert row["verdict"] == "NOT JUDGED" and row["effect"] is None
@@ -84,15 +82,15 @@ def test_each_hub_checkpoint_takes_its_own_base_and_names_stay_distinct(pytester
     common = ("--data", "gsm8k", "--n-problems", "2", "--registry", _registry(tmp_path), "-k", "ct1-logprob",
               "--max-new-tokens", "8",  # random weights never stop: decode little
               "--min-baseline", "0")  # fmt: skip
-    result = pytester.runpytest_subprocess(*suite_args(tmp_path / "r", tmp_path / "c", *models, *bases, *common))
+    result = pytester.runpytest_inprocess(*suite_args(tmp_path / "r", tmp_path / "c", *models, *bases, *common))
     assert result.ret in (0, 1), result.outlines[-20:] + result.errlines[-20:]
     assert sorted(r["model"] for r in read_claims(tmp_path / "r")["claims"]) == ["gpt2-ckpt", "llama-ckpt"]
-    one = pytester.runpytest_subprocess(*suite_args(tmp_path / "one", tmp_path / "c", *models, *bases[:2], *common))
+    one = pytester.runpytest_inprocess(*suite_args(tmp_path / "one", tmp_path / "c", *models, *bases[:2], *common))
     assert one.ret == 4 and "has shape" in one.stderr.str(), "one base for both: the llama checkpoint does not fit"
-    three = pytester.runpytest_subprocess(*suite_args(tmp_path / "3", tmp_path / "c", *models, *bases, *bases[:2],
+    three = pytester.runpytest_inprocess(*suite_args(tmp_path / "3", tmp_path / "c", *models, *bases, *bases[:2],
                                                       *common))  # fmt: skip
     assert three.ret == 4 and "3 --base values for 2 hub-format --model values" in three.stderr.str()
-    ours = pytester.runpytest_subprocess(*suite_args(tmp_path / "o", tmp_path / "c", "--model", "tiny-gpt2",
+    ours = pytester.runpytest_inprocess(*suite_args(tmp_path / "o", tmp_path / "c", "--model", "tiny-gpt2",
                                                      *bases[:2], *common))  # fmt: skip
     assert ours.ret == 4 and "--base is for hub-format checkpoints" in ours.stderr.str()
 
@@ -103,12 +101,12 @@ def test_two_checkpoints_with_one_folder_name_get_distinct_names(pytester, tmp_p
         shutil.copytree(ROOT / "fixtures" / "models" / "tiny-gpt2", tmp_path / seed / "final")
     models = ["--model", str(tmp_path / "seed0" / "final"), "--model", str(tmp_path / "seed1" / "final")]
     args = ("--n-problems", "12", "--registry", _registry(tmp_path), "-k", "ct1-logprob")
-    result = pytester.runpytest_subprocess(*suite_args(tmp_path / "r", tmp_path / "cache", *models, *args))
+    result = pytester.runpytest_inprocess(*suite_args(tmp_path / "r", tmp_path / "cache", *models, *args))
     assert result.ret in (0, 1), result.outlines[-20:]
     rows = read_claims(tmp_path / "r")["claims"]
     assert sorted(r["model"] for r in rows) == ["seed0-final", "seed1-final"]
     assert rows[0]["effect"] == pytest.approx(rows[1]["effect"]), "the same weights, the same numbers"
-    twice = pytester.runpytest_subprocess(*suite_args(tmp_path / "t", tmp_path / "cache", *models[:2], *models[:2]))
+    twice = pytester.runpytest_inprocess(*suite_args(tmp_path / "t", tmp_path / "cache", *models[:2], *models[:2]))
     assert twice.ret == 4 and "is named twice" in twice.stderr.str()
 
 
@@ -122,7 +120,7 @@ def test_a_run_measures_the_registry_and_keeps_the_reports_of_its_own_folder(pyt
     )
     shutil.copy(ROOT / "hypotheses" / "test_phase1.py", pytester.path / "hypotheses" / "test_phase1.py")
     (pytester.path / "pytest.ini").write_text("[pytest]\naddopts = -p no:cacheprovider\n")
-    result = pytester.runpytest_subprocess("hypotheses", "-p", "harness.plugin.suite", "--model", "tiny-gpt2",
+    result = pytester.runpytest_inprocess("hypotheses", "-p", "harness.plugin.suite", "--model", "tiny-gpt2",
                                            "--n-problems", "12", "--no-cache")  # fmt: skip
     assert result.ret in (0, 1), result.outlines[-20:] + result.errlines[-20:]
     (report,) = [p for p in (pytester.path / "reports").iterdir() if p.is_dir() and not p.is_symlink()]
@@ -142,6 +140,7 @@ def test_a_run_that_parametrizes_no_claim_is_a_usage_error(pytester):
             pass
         """
     )
+    # a process of its own: no registry left by another run (in-process runs share the plugin module)
     result = pytester.runpytest_subprocess(str(test), "-p", "harness.plugin.suite", "-p", "no:cacheprovider")
     assert result.ret == 4, result.outlines[-20:]
     said = result.stdout.str() + result.stderr.str()
@@ -161,7 +160,7 @@ def test_a_row_that_could_not_be_measured_says_why_everywhere(pytester, tmp_path
                         'direction = "greater"\n')  # fmt: skip
     args = ("--model", "tiny-gpt2", "--data", str(data), "--n-problems", "10", "--registry", str(registry),
             "--min-baseline", "0")  # fmt: skip
-    result = pytester.runpytest_subprocess(*suite_args(tmp_path / "r", tmp_path / "c", *args))
+    result = pytester.runpytest_inprocess(*suite_args(tmp_path / "r", tmp_path / "c", *args))
     assert result.ret == 0, result.outlines[-20:]
     why = "no counterfactual pair among the 10 problems (10 no annotated steps)"
     result.stdout.fnmatch_lines([f"INCONCLUSIVE i * tiny-gpt2 * not measured: {why}"])
@@ -191,7 +190,7 @@ def test_claims_a_small_run_cannot_measure_say_why_and_the_report_is_written(pyt
     registry = tmp_path / "small.toml"
     registry.write_text(SMALL)
     args = ("--model", "tiny-gpt2", "--n-problems", "4", "--registry", str(registry), "--min-baseline", "0")
-    result = pytester.runpytest_subprocess(*suite_args(tmp_path / "r", tmp_path / "c", *args))
+    result = pytester.runpytest_inprocess(*suite_args(tmp_path / "r", tmp_path / "c", *args))
     assert result.ret in (0, 1), result.outlines[-30:]
     rows = {r["id"]: r for r in read_claims(tmp_path / "r")["claims"]}
     assert set(rows) == {"hub-final", "hub-critical", "step1", "hard-vs-easy"}
