@@ -4,6 +4,7 @@ the error analysis names."""
 
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -201,3 +202,25 @@ def test_the_point_estimate_line_is_named_as_such():
     df = pd.DataFrame([row.as_row()]).assign(p_holm=0.01)
     page = claims_table(df)
     assert row.verdict == "INCONCLUSIVE" and "point estimate alone: supported" in page
+
+
+def test_the_forest_plot_draws_rows_with_an_effect_and_counts_the_others():
+    """An unmeasured row has no point and no unit: drawn, it sat as an empty line in whatever
+    panel its measure's default unit named (a "% of pairs" claim under "accuracy points")."""
+    from harness.report.page import forest_plot
+    from harness.statistics.effects import PairedEffect
+    from harness.statistics.verdicts import claim_result
+
+    def row(effect, claim, unit=""):
+        result = claim_result(PairedEffect(effect, effect - 1, effect + 1, 0.01, 50, "t"), id=claim, statement="s",
+                              model="m", threshold=1.0, direction="greater")  # fmt: skip
+        return replace(result, unit=unit).as_row()  # a registry kind's unit (Python claims have the measure's)
+
+    nan = float("nan")
+    df = pd.DataFrame([row(4.0, "drop"), row(nan, "pairs-none", "% of pairs"), row(30.0, "pairs", "% of pairs")])
+    fig = forest_plot(df)
+    labels = {ax.get_xlabel(): [t.get_text() for t in ax.get_yticklabels()] for ax in fig.axes}
+    assert labels == {"effect (accuracy points)": ["drop · m"], "effect (% of pairs)": ["pairs · m"]}
+    assert "1 without an effect" in fig._suptitle.get_text()
+    empty = forest_plot(df.iloc[[1]])
+    assert len(empty.axes) == 0 and "no claim has an effect to plot" in empty.texts[0].get_text()

@@ -19,8 +19,16 @@ _UNIT_LABEL = {"points": "effect (accuracy points)", "nats": "effect (answer log
 
 
 def forest_plot(df: pd.DataFrame) -> Figure:
-    """Every claim x model: the effect with its 95% CI, coloured by verdict, with the
-    claim's threshold (|) and refute line (:); one panel per measure (points and nats differ)."""
+    """Every claim x model with an effect: the effect with its 95% CI, coloured by verdict, with
+    the claim's threshold (|) and refute line (:); one panel per unit (points and nats differ).
+    A row without an effect (not measured, not judged) has no point and no unit to be drawn
+    in: the table lists it with its reason, the figure counts it."""
+    left_out = int(df.effect.isna().sum())
+    df = df[df.effect.notna()]
+    if df.empty:
+        fig = Figure(figsize=(10, 1.5), layout="constrained")
+        fig.text(0.5, 0.5, f"no claim has an effect to plot ({left_out} without one: see the table)", ha="center")
+        return fig
     units = df.unit.where(df.unit != "", df.measure.map(UNITS))  # one panel per unit (points, nats, rho, ...)
     measures = list(dict.fromkeys(units))
     heights = [max(1.5, 0.28 * (units == m).sum() + 0.8) for m in measures]
@@ -49,7 +57,10 @@ def forest_plot(df: pd.DataFrame) -> Figure:
         Line2D([], [], color="black", ls=":", label="refute line"),
     ]
     fig.legend(handles=handles, fontsize=8, loc="outside lower center", ncols=5)
-    fig.suptitle("Every claim x model: effect and 95% CI, coloured by verdict")
+    title = "Every claim x model: effect and 95% CI, coloured by verdict"
+    if left_out:
+        title += f"\n({left_out} without an effect, not measured or not judged: in the table, not here)"
+    fig.suptitle(title)
     return fig
 
 
