@@ -238,3 +238,28 @@ def test_the_counted_pairs_alone_give_what_every_pair_gives_kept_to_them(load_mo
     np.testing.assert_array_equal(
         das_kind.moved(run, 2, basis, "x"), np.array([r.correct for r in every.records])[valid] == 1
     )
+
+
+def test_interchange_decodes_at_most_the_runs_max_new_tokens(load_model, monkeypatch):
+    """--max-new-tokens reaches the interchange evaluations (whole thoughts and subspaces), as
+    it reaches every other: one token answers nothing; the kinds pass the run's own value."""
+    from harness.judgment.kinds import interchange as interchange_kind
+
+    codi = load_model("tiny-gpt2")
+    bases, sources = _pairs(TEST)
+    every = tuple(range(codi.n_latent))  # all thoughts: many answers follow the source
+    short, _ = interchange(codi, bases, sources, every, 8, max_new_tokens=1)
+    full, _ = interchange(codi, bases, sources, every, 8)
+    assert not any(r.correct for r in short.records) and any(r.correct for r in full.records)
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["max_new_tokens"])
+        return interchange(*args, **kwargs)
+
+    monkeypatch.setattr(interchange_kind, "interchange", spy)
+    monkeypatch.setattr(das_kind, "interchange", spy)
+    run = ModelRun(codi, TEST, DISCOVERY, ResultCache(None), requested_batch_size=8, max_new_tokens=64)
+    interchange_kind.interchanged(run, (2,))
+    das_kind.moved(run, 2, random_basis(codi.lm.config.hidden_size, 4, torch.Generator().manual_seed(0)), "x")
+    assert seen == [64, 64]

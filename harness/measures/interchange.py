@@ -50,13 +50,14 @@ def interchange(
     progress: bool = False,
     basis: torch.Tensor | None = None,
     donor: torch.Tensor | None = None,
+    max_new_tokens: int = 256,
 ) -> tuple[EvalResult, list[bool]]:
     """Each base run with its thoughts `thoughts` (indices) taken from its source (with a
     `basis` [r, d] of orthonormal rows: only the thoughts' coordinates in its row space, the
     learned-subspace interchange of `harness.measures.das`): records scored against the *source's*
     answer (correct = counterfactual; answer_logprob = the counterfactual answer's), and
     whether each prediction is the base answer. `donor`: the sources' clean thoughts [N, K, d],
-    when they are already computed."""
+    when they are already computed. `max_new_tokens`: answer tokens decoded at most."""
     donor = clean_thoughts(codi, sources, batch_size) if donor is None else donor  # [N, K, d]
 
     def swap(rows: torch.Tensor, i: int, thought: torch.Tensor) -> torch.Tensor:
@@ -68,6 +69,8 @@ def interchange(
         return ThoughtPatch(codi, lambda i, thought: swap(rows, i, thought) if i in thoughts else thought)
 
     relabelled = [dataclasses.replace(b, answer=s.answer) for b, s in zip(bases, sources)]
-    result = evaluate(codi, relabelled, batch_size, progress=progress, intervene=intervene)
+    result = evaluate(
+        codi, relabelled, batch_size, max_new_tokens=max_new_tokens, progress=progress, intervene=intervene
+    )
     stays = [is_correct(r.pred, b.answer) for r, b in zip(result.records, bases)]
     return result, stays

@@ -107,7 +107,8 @@ def moved(run: ModelRun, thought: int, basis: torch.Tensor, what: str) -> np.nda
         donor = run.remember(("source_thoughts", data_hash(sources)),
                              lambda: clean_thoughts(run.codi, sources, run.batch_size))  # fmt: skip
         mask = torch.from_numpy(valid)
-        result, _ = interchange(run.codi, bases, kept, (thought,), run.batch_size, run.progress, basis, donor[mask])
+        result, _ = interchange(run.codi, bases, kept, (thought,), run.batch_size, run.progress, basis, donor[mask],
+                                max_new_tokens=run.max_new_tokens)  # fmt: skip
         return np.array([r.correct for r in result.records])
 
     digest = hashlib.sha256(basis.numpy().astype(np.float32).tobytes()).hexdigest()[:16]

@@ -92,7 +92,9 @@ def interchanged(run: ModelRun, thoughts: tuple[int, ...]) -> np.ndarray:
         return np.zeros((3, 0))
 
     def compute() -> np.ndarray:
-        result, stays = interchange(run.codi, bases, kept, thoughts, run.batch_size, run.progress)
+        result, stays = interchange(
+            run.codi, bases, kept, thoughts, run.batch_size, run.progress, max_new_tokens=run.max_new_tokens
+        )
         return np.array([[r.correct for r in result.records], stays, [r.answer_logprob for r in result.records]])
 
     key = run.key(kind="interchange", thoughts=sorted(thoughts), sources=data_hash(kept))
