@@ -24,6 +24,7 @@ from harness.data.problems import data_hash
 from harness.judgment.kinds.base import Kind, Measured, Params, Section, nan_effect
 from harness.judgment.kinds.interchange import (
     NO_VALID_PAIR,
+    counted_pairs,
     interchanged,
     no_pairs_note,
     pairs,
@@ -94,19 +95,16 @@ def subspaces(run: ModelRun, thought: int, ranks: tuple[int, ...], steps: int = 
 def moved(run: ModelRun, thought: int, basis: torch.Tensor, what: str) -> np.ndarray:
     """Per valid pair of `run`'s problems: whether interchanging `basis`'s subspace of
     CT_thought from the source gives the source's answer: [n_valid] bool, cached (keyed by the
-    basis itself). Only the valid pairs run (the runtime is batch-invariant: the same answers
-    as running every pair and keeping those)."""
-    indices, sources = pairs(run)
-    valid = valid_pairs(run)
-    bases = [run.problems[i] for i, v in zip(indices, valid) if v]
-    kept = [s for s, v in zip(sources, valid) if v]
+    basis itself). Only the valid pairs run (`counted_pairs`)."""
+    bases, kept = counted_pairs(run)
     if not kept:
         return np.zeros(0, dtype=bool)
 
     def compute() -> np.ndarray:
+        sources = pairs(run)[1]  # every pair's: the donor is shared by every subspace and draw
         donor = run.remember(("source_thoughts", data_hash(sources)),
                              lambda: clean_thoughts(run.codi, sources, run.batch_size))  # fmt: skip
-        mask = torch.from_numpy(valid)
+        mask = torch.from_numpy(valid_pairs(run))
         result, _ = interchange(run.codi, bases, kept, (thought,), run.batch_size, run.progress, basis, donor[mask],
                                 max_new_tokens=run.max_new_tokens)  # fmt: skip
         return np.array([r.correct for r in result.records])

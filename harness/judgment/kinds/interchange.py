@@ -79,15 +79,19 @@ def valid_pairs(run: ModelRun) -> np.ndarray:
     return (run.baseline.correct[pairs(run)[0]] == 1) & (sources_correct(run) == 1)
 
 
-def interchanged(run: ModelRun, thoughts: tuple[int, ...]) -> np.ndarray:
-    """Each valid pair's base run with thoughts `thoughts` from its source: [3, n_valid] (answer
-    is the counterfactual, answer is the base's, log-prob of the counterfactual), cached. Only
-    the valid pairs run (the runtime is batch-invariant: the same answers as running every
-    pair and keeping those)."""
+def counted_pairs(run: ModelRun) -> tuple[list[Problem], list[Problem]]:
+    """The valid pairs alone, (their bases, their sources) in pair order: what an interchange
+    runs (the runtime is batch-invariant: the same answers as running every pair and keeping
+    the valid ones)."""
     indices, sources = pairs(run)
     valid = valid_pairs(run)
-    bases = [run.problems[i] for i, v in zip(indices, valid) if v]
-    kept = [s for s, v in zip(sources, valid) if v]
+    return [run.problems[i] for i, v in zip(indices, valid) if v], [s for s, v in zip(sources, valid) if v]
+
+
+def interchanged(run: ModelRun, thoughts: tuple[int, ...]) -> np.ndarray:
+    """Each valid pair's base run with thoughts `thoughts` from its source: [3, n_valid] (answer
+    is the counterfactual, answer is the base's, log-prob of the counterfactual), cached."""
+    bases, kept = counted_pairs(run)
     if not kept:
         return np.zeros((3, 0))
 
