@@ -129,8 +129,10 @@ def test_the_rewritten_queries_are_those_after_the_hub_and_target(pattern, hub, 
 def test_the_question_pass_runs_sdpa_under_a_plan(random_codi, monkeypatch):
     """A plan reads or rewrites latent queries only: the question pass (no latent query) runs
     SDPA, as without a plan, so its [B, H, T, T] probabilities are never built (on GSM8K's long
-    questions that pass dominated head discovery) and its cache is the baseline's bit for bit
-    at every real (unpadded) position; the latent passes still run the eager math."""
+    questions that pass dominated head discovery) and its cache is the baseline's at every real
+    (unpadded) position; the latent passes still run the eager math. Within 1e-6, not bit for
+    bit: under a plan the mask comes in the eager form (additive), which SDPA may serve with
+    another kernel on another CPU (equal here)."""
     batch = encode_questions(random_codi, [p.question for p in PROBLEMS])
     plain = question_pass(random_codi, batch)
     eager = []
@@ -145,8 +147,8 @@ def test_the_question_pass_runs_sdpa_under_a_plan(random_codi, monkeypatch):
             run_latents(random_codi, batch)
         assert len(eager) == random_codi.n_latent * random_codi.geometry.n_layers
         eager.clear()
-        assert torch.equal(under.hidden, plain.hidden)
+        torch.testing.assert_close(under.hidden, plain.hidden, atol=1e-6, rtol=0)
         real = batch.attention_mask.bool()  # [B, T]: padding rows differ by mask form, and no query sees them
         for mine, theirs in zip(under.cache.layers, plain.cache.layers):  # keys, values [B, H, T, hd]
             for a, b in ((mine.keys, theirs.keys), (mine.values, theirs.values)):
-                assert torch.equal(a.transpose(1, 2)[real], b.transpose(1, 2)[real])
+                torch.testing.assert_close(a.transpose(1, 2)[real], b.transpose(1, 2)[real], atol=1e-6, rtol=0)
