@@ -126,8 +126,8 @@ def test_xdist_workers_group_claims_by_model(pytester):
             pass
         """
     )
-    result = pytester.runpytest_subprocess(
-        *("-p", "harness.plugin.suite", "-n", "1", "--dist", "loadgroup", "-v"),
+    result = pytester.runpytest_inprocess(  # the controller here; xdist starts its worker process
+        *("-p", "harness.plugin.suite", "-p", "no:benchmark", "-n", "1", "--dist", "loadgroup", "-v"),
         *("--model", "tiny-gpt2", "--model", "tiny-llama"),
     )
     result.assert_outcomes(passed=6)
